@@ -1,0 +1,70 @@
+"""ForwardBatch: everything one model forward needs, for a flattened batch of sequences.
+
+Tokens of all scheduled sequences are concatenated: prefill chunks (many tokens) and decode
+tokens (one per sequence) alike. Each sequence contributes `query_len` tokens at positions
+[context_len - query_len, context_len).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from engine.kv_cache.paged_cache import slots_for
+
+
+@dataclass(frozen=True)
+class SequenceChunk:
+    """One sequence's part of the step (input to ForwardBatch.build)."""
+
+    token_ids: list[int]  # the tokens computed this step
+    num_cached_tokens: int  # tokens of this sequence already in the KV cache
+    block_table: list[int]
+    needs_logits: bool  # the last token's logits are sampled
+
+
+@dataclass
+class SequenceSpan:
+    query_start: int  # offset of this sequence's first token in the flat batch
+    query_len: int
+    context_len: int  # KV length after this step
+    context_slots: torch.Tensor  # [context_len] flat KV slots of positions [0, context_len)
+
+
+@dataclass
+class ForwardBatch:
+    input_ids: torch.Tensor  # [num_tokens]
+    positions: torch.Tensor  # [num_tokens]
+    slots: torch.Tensor  # [num_tokens] KV slot each token is written to
+    spans: list[SequenceSpan]
+    logits_indices: torch.Tensor  # [num_logits] flat indices of the tokens whose logits are needed
+    long_context: torch.Tensor | None = None  # [num_tokens] bool, for longrope (set by the model)
+
+    @property
+    def num_tokens(self) -> int:
+        return int(self.input_ids.shape[0])
+
+    @classmethod
+    def build(cls, chunks: list[SequenceChunk], block_size: int, device: torch.device | str) -> ForwardBatch:
+        input_ids: list[int] = []
+        positions: list[int] = []
+        slots: list[int] = []
+        spans: list[SequenceSpan] = []
+        logits_indices: list[int] = []
+        for chunk in chunks:
+            start, query_len = chunk.num_cached_tokens, len(chunk.token_ids)
+            end = start + query_len
+            context = slots_for(chunk.block_table, 0, end, block_size)
+            spans.append(SequenceSpan(len(input_ids), query_len, end,
+                                      torch.tensor(context, dtype=torch.long, device=device)))
+            input_ids.extend(chunk.token_ids)
+            positions.extend(range(start, end))
+            slots.extend(context[start:end])
+            if chunk.needs_logits:
+                logits_indices.append(len(input_ids) - 1)
+
+        def as_tensor(values: list[int]) -> torch.Tensor:
+            return torch.tensor(values, dtype=torch.long, device=device)
+
+        return cls(as_tensor(input_ids), as_tensor(positions), as_tensor(slots), spans, as_tensor(logits_indices))

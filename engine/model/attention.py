@@ -1,0 +1,81 @@
+"""Grouped-query attention over a flattened batch, reading and writing the paged KV cache."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from engine.forward_batch import ForwardBatch, SequenceSpan
+from engine.kv_cache.paged_cache import PagedKVCache
+from engine.model.rotary import apply_rotary
+
+
+@dataclass
+class AttentionWeights:
+    qkv: torch.Tensor  # [(num_heads + 2 * num_kv_heads) * head_dim, hidden]
+    qkv_bias: torch.Tensor | None
+    o: torch.Tensor  # [hidden, num_heads * head_dim]
+    o_bias: torch.Tensor | None
+
+
+@dataclass(frozen=True)
+class AttentionShape:
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    sliding_window: int | None = None
+
+    @property
+    def scale(self) -> float:
+        return self.head_dim**-0.5
+
+
+def _span_mask(span: SequenceSpan, window: int | None, device: torch.device) -> torch.Tensor | None:
+    """Bool mask [query_len, context_len]: True where a query may attend a key (None: no masking)."""
+    if span.query_len == 1 and (window is None or span.context_len <= window):
+        return None
+    query_pos = torch.arange(span.context_len - span.query_len, span.context_len, device=device)[:, None]
+    key_pos = torch.arange(span.context_len, device=device)[None, :]
+    mask = key_pos <= query_pos
+    if window is not None:
+        mask &= key_pos > query_pos - window
+    return mask
+
+
+def attention(
+    x: torch.Tensor,
+    weights: AttentionWeights,
+    shape: AttentionShape,
+    layer: int,
+    batch: ForwardBatch,
+    cache: PagedKVCache,
+    cos_sin: tuple[torch.Tensor, torch.Tensor],
+) -> torch.Tensor:
+    """x: [num_tokens, hidden] -> [num_tokens, hidden]. Writes this step's keys/values to `cache`."""
+    num_tokens = x.shape[0]
+    q_size, kv_size = shape.num_heads * shape.head_dim, shape.num_kv_heads * shape.head_dim
+    qkv = F.linear(x, weights.qkv, weights.qkv_bias)
+    q = qkv[:, :q_size].view(num_tokens, shape.num_heads, shape.head_dim)
+    k = qkv[:, q_size : q_size + kv_size].view(num_tokens, shape.num_kv_heads, shape.head_dim)
+    v = qkv[:, q_size + kv_size :].view(num_tokens, shape.num_kv_heads, shape.head_dim)
+    cos, sin = cos_sin
+    q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+    cache.write(layer, batch.slots, k, v.contiguous())
+
+    group = shape.num_heads // shape.num_kv_heads
+    out = torch.empty_like(q)
+    for span in batch.spans:
+        rows = slice(span.query_start, span.query_start + span.query_len)
+        if span.query_len == span.context_len:  # whole sequence computed now: no cache read
+            keys, values = k[rows], v[rows]
+        else:
+            keys, values = cache.read(layer, span.context_slots)
+        q_heads = q[rows].transpose(0, 1)  # [heads, query_len, head_dim]
+        k_heads = keys.transpose(0, 1).repeat_interleave(group, dim=0)  # [heads, context_len, head_dim]
+        v_heads = values.transpose(0, 1).repeat_interleave(group, dim=0)
+        mask = _span_mask(span, shape.sliding_window, x.device)
+        attended = F.scaled_dot_product_attention(q_heads, k_heads, v_heads, attn_mask=mask, scale=shape.scale)
+        out[rows] = attended.transpose(0, 1)
+    return F.linear(out.reshape(num_tokens, q_size), weights.o, weights.o_bias)

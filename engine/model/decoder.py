@@ -1,0 +1,85 @@
+"""The decoder shared by every architecture: embeddings, layers of attention + FFN, final norm, head.
+
+The FFN of each layer is an `FFNUnit` (dense MLP) or an `MoEBlock` (experts as units). How the
+FFN is evaluated is delegated to `ffn_executor` so that a partitioned executor can run its
+pieces over CPU and GPU at once without the model knowing.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+
+from engine.forward_batch import ForwardBatch
+from engine.kv_cache.paged_cache import PagedKVCache
+from engine.model.attention import AttentionShape, AttentionWeights, attention
+from engine.model.config import ModelConfig
+from engine.model.ffn import ACTIVATIONS, FFNUnit
+from engine.model.moe import MoEBlock
+from engine.model.norms import Norm
+from engine.model.rotary import RotaryEmbedding
+
+FFN = FFNUnit | MoEBlock
+# (layer index, the layer's FFN, normed hidden states [num_tokens, hidden]) -> FFN output
+FFNExecutor = Callable[[int, FFN, torch.Tensor], torch.Tensor]
+
+
+@dataclass
+class DecoderLayer:
+    input_norm: Norm
+    attn: AttentionWeights
+    post_attention_norm: Norm
+    ffn: FFN
+
+
+@dataclass
+class DecoderModel:
+    config: ModelConfig
+    embed_tokens: torch.Tensor  # [vocab, hidden]
+    layers: list[DecoderLayer]
+    final_norm: Norm
+    lm_head: torch.Tensor  # [vocab, hidden]; the embedding itself when tied
+    lm_head_bias: torch.Tensor | None = None
+    ffn_executor: FFNExecutor | None = field(default=None, repr=False)
+
+    def __post_init__(self) -> None:
+        c = self.config
+        self.act = ACTIVATIONS[c.hidden_act]
+        self.rotary = RotaryEmbedding(c.rope, c.head_dim, c.max_position_embeddings)
+        self.attn_shape = AttentionShape(c.num_heads, c.num_kv_heads, c.head_dim, c.sliding_window)
+
+    @property
+    def device(self) -> torch.device:
+        return self.embed_tokens.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.embed_tokens.dtype
+
+    def run_ffn(self, layer_idx: int, ffn: FFN, h: torch.Tensor) -> torch.Tensor:
+        if self.ffn_executor is not None:
+            return self.ffn_executor(layer_idx, ffn, h)
+        return ffn(h, self.act)
+
+    def _long_context_mask(self, batch: ForwardBatch) -> torch.Tensor | None:
+        original_max = getattr(self.rotary, "original_max", None)
+        if original_max is None:
+            return None
+        flags = [span.context_len > original_max for span in batch.spans for _ in range(span.query_len)]
+        return torch.tensor(flags, dtype=torch.bool, device=self.device)
+
+    @torch.inference_mode()
+    def forward(self, batch: ForwardBatch, cache: PagedKVCache) -> torch.Tensor:
+        """Runs the batch, fills the KV cache, returns fp32 logits [len(logits_indices), vocab]."""
+        x = F.embedding(batch.input_ids, self.embed_tokens)
+        cos_sin = self.rotary.cos_sin(batch.positions, x.dtype, self._long_context_mask(batch))
+        for i, layer in enumerate(self.layers):
+            h = layer.input_norm(x)
+            x = x + attention(h, layer.attn, self.attn_shape, i, batch, cache, cos_sin)
+            h = layer.post_attention_norm(x)
+            x = x + self.run_ffn(i, layer.ffn, h)
+        x = self.final_norm(x[batch.logits_indices])
+        return F.linear(x, self.lm_head, self.lm_head_bias).float()

@@ -1,0 +1,90 @@
+"""FFN units: a dense MLP or one expert, evaluated as a sum over slices of its intermediate dim.
+
+    unit(x) = down @ (act(gate @ x) * (up @ x))
+            = sum over slices s of down[:, s] @ (act(gate[s] @ x) * (up[s] @ x))
+
+A `UnitSlice` owns the weights of one contiguous range [start, end) of the intermediate
+dimension, stored contiguously on one device. A unit is a list of slices covering [0, size);
+the CPU/GPU partition splits units into slices of different kinds and places them apart.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+
+ACTIVATIONS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
+    "silu": F.silu,
+    "gelu": F.gelu,
+    "gelu_pytorch_tanh": lambda x: F.gelu(x, approximate="tanh"),
+    "relu": F.relu,
+}
+
+
+@dataclass
+class UnitSlice:
+    """Weights of intermediate range [start, end) of one unit.
+
+    gate_up: [2 * n, hidden] (gate rows then up rows), down: [hidden, n], n = end - start.
+    """
+
+    start: int
+    end: int
+    gate_up: torch.Tensor
+    down: torch.Tensor
+
+    @property
+    def size(self) -> int:
+        return self.end - self.start
+
+    @property
+    def device(self) -> torch.device:
+        return self.gate_up.device
+
+    @property
+    def num_bytes(self) -> int:
+        return self.gate_up.nbytes + self.down.nbytes
+
+    def partial(self, x: torch.Tensor, act: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
+        """x: [num_tokens, hidden] on this slice's device -> partial output [num_tokens, hidden]."""
+        gate, up = F.linear(x, self.gate_up).chunk(2, dim=-1)
+        return F.linear(act(gate) * up, self.down)
+
+    def split(self, at: int) -> tuple[UnitSlice, UnitSlice]:
+        """Two slices [start, at) and [at, end), sharing no storage with each other."""
+        if not self.start < at < self.end:
+            raise ValueError(f"split point {at} outside ({self.start}, {self.end})")
+        k = at - self.start
+        gate, up = self.gate_up[: self.size], self.gate_up[self.size :]
+        left = UnitSlice(self.start, at, torch.cat([gate[:k], up[:k]]), self.down[:, :k].contiguous())
+        right = UnitSlice(at, self.end, torch.cat([gate[k:], up[k:]]), self.down[:, k:].contiguous())
+        return left, right
+
+
+@dataclass
+class FFNUnit:
+    """A dense MLP or one expert: its slices cover [0, intermediate_size) without overlap."""
+
+    intermediate_size: int
+    slices: list[UnitSlice] = field(default_factory=list)
+
+    def check_cover(self) -> None:
+        position = 0
+        for s in sorted(self.slices, key=lambda s: s.start):
+            if s.start != position:
+                raise ValueError(f"unit slices leave a gap or overlap at {position}")
+            position = s.end
+        if position != self.intermediate_size:
+            raise ValueError(f"unit slices end at {position}, expected {self.intermediate_size}")
+
+    def __call__(self, x: torch.Tensor, act: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
+        """Sum of every slice's partial output, computed where each slice lives."""
+        out: torch.Tensor | None = None
+        for s in self.slices:
+            part = s.partial(x.to(s.device), act).to(x.device)
+            out = part if out is None else out + part
+        assert out is not None, "an FFN unit has at least one slice"
+        return out

@@ -1,0 +1,110 @@
+"""Rotary position embeddings with the scaling types of the supported configs.
+
+cos/sin are computed once per forward for the step's positions and shared by every layer.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+from engine.model.config import RopeConfig, UnsupportedModelError
+
+SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3", "longrope")
+
+
+def _base_inv_freq(theta: float, dim: int) -> torch.Tensor:
+    return 1.0 / (theta ** (torch.arange(0, dim, 2, dtype=torch.int64).float() / dim))
+
+
+def _llama3_inv_freq(rope: RopeConfig, dim: int) -> torch.Tensor:
+    inv_freq = _base_inv_freq(rope.theta, dim)
+    factor = rope.get("factor")
+    low, high = rope.get("low_freq_factor"), rope.get("high_freq_factor")
+    old_len = rope.get("original_max_position_embeddings")
+    low_wavelen, high_wavelen = old_len / low, old_len / high
+    wavelen = 2 * math.pi / inv_freq
+    scaled = torch.where(wavelen > low_wavelen, inv_freq / factor, inv_freq)
+    smooth = (old_len / wavelen - low) / (high - low)
+    smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+    is_medium = ~(wavelen < high_wavelen) * ~(wavelen > low_wavelen)
+    return torch.where(is_medium, smoothed, scaled)
+
+
+@dataclass
+class RotaryEmbedding:
+    """Holds inv_freq (and for longrope, the long variant); produces cos/sin for positions."""
+
+    rope: RopeConfig
+    head_dim: int
+    max_position_embeddings: int
+
+    def __post_init__(self) -> None:
+        rope, dim = self.rope, self.head_dim
+        if rope.rope_type not in SUPPORTED_ROPE_TYPES:
+            raise UnsupportedModelError(
+                f"unsupported rope type {rope.rope_type!r}; supported: {', '.join(SUPPORTED_ROPE_TYPES)}"
+            )
+        if rope.get("partial_rotary_factor", 1.0) != 1.0:
+            raise UnsupportedModelError("partial_rotary_factor != 1 is not supported")
+        self.scaling = 1.0
+        self.long_inv_freq: torch.Tensor | None = None
+        self.long_scaling = 1.0
+        if rope.rope_type == "default":
+            self.inv_freq = _base_inv_freq(rope.theta, dim)
+        elif rope.rope_type == "linear":
+            self.inv_freq = _base_inv_freq(rope.theta, dim) / rope.get("factor")
+        elif rope.rope_type == "llama3":
+            self.inv_freq = _llama3_inv_freq(rope, dim)
+        else:
+            self._init_longrope()
+
+    def _init_longrope(self) -> None:
+        rope, dim = self.rope, self.head_dim
+        shape = torch.arange(0, dim, 2, dtype=torch.int64).float() / dim
+        base = rope.theta**shape
+        self.inv_freq = 1.0 / (torch.tensor(rope.get("short_factor"), dtype=torch.float32) * base)
+        self.long_inv_freq = 1.0 / (torch.tensor(rope.get("long_factor"), dtype=torch.float32) * base)
+        self.original_max = int(rope.get("original_max_position_embeddings"))
+        if rope.get("short_mscale") is not None:  # PhiMoE gives both scales explicitly
+            self.scaling = float(rope.get("short_mscale"))
+            self.long_scaling = float(rope.get("long_mscale"))
+        else:  # Phi-3 style: derived from the context extension factor
+            factor = rope.get("factor") or self.max_position_embeddings / self.original_max
+            attention = rope.get("attention_factor")
+            if attention is None:
+                attention = 1.0 if factor <= 1.0 else math.sqrt(1 + math.log(factor) / math.log(self.original_max))
+            self.scaling = self.long_scaling = float(attention)
+
+    def cos_sin(
+        self, positions: torch.Tensor, dtype: torch.dtype, long_mask: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """positions: [num_tokens] -> cos, sin: [num_tokens, head_dim] in `dtype`.
+
+        `long_mask` ([num_tokens] bool) marks tokens of sequences longer than longrope's original
+        context: those use the long factors and scale.
+        """
+        cos, sin = self._cos_sin(positions, self.inv_freq, self.scaling)
+        if self.long_inv_freq is not None and long_mask is not None and bool(long_mask.any()):
+            long_cos, long_sin = self._cos_sin(positions, self.long_inv_freq, self.long_scaling)
+            cos = torch.where(long_mask[:, None], long_cos, cos)
+            sin = torch.where(long_mask[:, None], long_sin, sin)
+        return cos.to(dtype), sin.to(dtype)
+
+    @staticmethod
+    def _cos_sin(
+        positions: torch.Tensor, inv_freq: torch.Tensor, scaling: float
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        freqs = positions.float()[:, None] * inv_freq.to(positions.device)[None, :]
+        emb = torch.cat((freqs, freqs), dim=-1)
+        return emb.cos() * scaling, emb.sin() * scaling
+
+
+def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """x: [num_tokens, num_heads, head_dim]; cos/sin: [num_tokens, head_dim]."""
+    cos, sin = cos[:, None, :], sin[:, None, :]
+    half = x.shape[-1] // 2
+    rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+    return x * cos + rotated * sin
