@@ -1,0 +1,33 @@
+"""ModelRunner: owns the model and its KV tensors, runs one step's chunks, returns logits."""
+
+from __future__ import annotations
+
+import torch
+
+from engine.forward_batch import ForwardBatch, SequenceChunk
+from engine.kv_cache.paged_cache import PagedKVCache
+from engine.model.decoder import DecoderModel
+from engine.scheduler import ScheduledChunk
+
+
+class ModelRunner:
+    def __init__(self, model: DecoderModel, num_blocks: int, block_size: int) -> None:
+        c = model.config
+        self.model = model
+        self.block_size = block_size
+        self.cache = PagedKVCache(c.num_layers, num_blocks, block_size, c.num_kv_heads, c.head_dim,
+                                  model.dtype, model.device)
+
+    def execute(self, chunks: list[ScheduledChunk]) -> torch.Tensor:
+        """Logits [num chunks that complete their sequence, vocab], in the order of `chunks`."""
+        seq_chunks = [
+            SequenceChunk(
+                token_ids=c.seq.uncomputed_token_ids(c.num_tokens),
+                num_cached_tokens=c.seq.num_computed_tokens,
+                block_table=c.seq.block_table,
+                needs_logits=c.completes_sequence,
+            )
+            for c in chunks
+        ]
+        batch = ForwardBatch.build(seq_chunks, self.block_size, self.model.device)
+        return self.model.forward(batch, self.cache)

@@ -1,0 +1,1 @@
+"""Developer tools: tiny random checkpoints for tests and demos."""
