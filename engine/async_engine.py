@@ -27,7 +27,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 from engine.sampling_params import SamplingParams
 
 if TYPE_CHECKING:
-    from engine.llm_engine import RequestOutput
+    from engine.outputs import RequestOutput
 
 logger = logging.getLogger("scheinfer.async_engine")
 
@@ -51,12 +51,16 @@ class EngineStoppedError(RuntimeError):
 class RequestRejectedError(ValueError):
     """LLMEngine.add_request refused the request (for example a prompt longer than the context)."""
 
+    def __init__(self, message: str, param: str | None = None) -> None:
+        super().__init__(message)
+        self.param = param
+
 
 class EngineLike(Protocol):
     """The part of LLMEngine that AsyncEngine drives (see docs/ARCHITECTURE.md)."""
 
     def add_request(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams) -> None: ...
-    def abort_request(self, request_id: str) -> None: ...
+    def abort_request(self, request_id: str) -> RequestOutput | None: ...
     def step(self) -> list[RequestOutput]: ...
     def has_unfinished_requests(self) -> bool: ...
     def stats(self) -> Any: ...
@@ -134,11 +138,13 @@ class AsyncEngine:
         max_queue_size: int = 256,
         retry_after_s: float = 1.0,
         step_observer: Callable[[StepRecord], None] | None = None,
+        queue_time_observer: Callable[[float], None] | None = None,
     ) -> None:
         self.engine = engine
         self.max_queue_size = max_queue_size
         self.retry_after_s = retry_after_s
         self.step_observer = step_observer
+        self.queue_time_observer = queue_time_observer
         self._inbox: queue.SimpleQueue[_Add | _Abort] = queue.SimpleQueue()
         self._wake = threading.Event()
         self._lock = threading.Condition()
@@ -224,13 +230,16 @@ class AsyncEngine:
         RequestRejectedError when the engine refuses the request. Closing the iterator early (a
         client disconnect cancels the task) aborts the request and frees its KV blocks.
         """
-        async for _, output in self.generate_many([GenerateRequest(request_id, prompt_token_ids, params)]):
-            yield output
+        with self.submit([GenerateRequest(request_id, prompt_token_ids, params)]) as stream:
+            async for _, output in stream:
+                yield output
 
-    async def generate_many(self, requests: Sequence[GenerateRequest]) -> AsyncIterator[tuple[int, RequestOutput]]:
-        """Submit several requests at once (all or none admitted); yield (index, output) as they come.
+    def submit(self, requests: Sequence[GenerateRequest]) -> ResponseStream:
+        """Admit several requests at once (all or none) and return the stream of their outputs.
 
-        The outputs of each request arrive in order; requests interleave. Ends when all finished.
+        Must be called on the event loop that will consume the stream. Raises QueueFullError or
+        EngineStoppedError when not admitted. Use the stream as a context manager (or call
+        `close()`), so that leaving early aborts what is unfinished.
         """
         loop = asyncio.get_running_loop()
         sink: asyncio.Queue[tuple[int, RequestOutput | BaseException]] = asyncio.Queue()
@@ -239,19 +248,7 @@ class AsyncEngine:
         self._admit(streams)
         self._inbox.put(_Add(streams))
         self._wake.set()
-        unfinished = {stream.request.request_id for stream in streams}
-        try:
-            while unfinished:
-                index, item = await sink.get()
-                if isinstance(item, BaseException):
-                    unfinished.discard(streams[index].request.request_id)
-                    raise item
-                if item.finished:
-                    unfinished.discard(item.request_id)
-                yield index, item
-        finally:
-            for request_id in unfinished:
-                self.abort(request_id)
+        return ResponseStream(self, [request.request_id for request in requests], sink)
 
     def abort(self, request_id: str, reason: str = "abort") -> None:
         """Abort a request from any thread; the engine thread frees its KV blocks before the next step."""
@@ -326,7 +323,7 @@ class AsyncEngine:
         except Exception as exc:
             logger.info("request %s rejected: %s", request.request_id, exc)
             self._finish_counters(stream)
-            self._deliver([(stream, RequestRejectedError(str(exc)))])
+            self._deliver([(stream, RequestRejectedError(str(exc), getattr(exc, "param", None)))])
             return
         self._streams[request.request_id] = stream
 
@@ -334,12 +331,15 @@ class AsyncEngine:
         stream = self._streams.pop(request_id, None)
         if stream is None:
             return  # finished already, or never admitted
+        final: Any = None
         try:
-            self.engine.abort_request(request_id)
+            final = self.engine.abort_request(request_id)
         except Exception:
             logger.exception("abort_request(%s) failed", request_id)
         self._finish_counters(stream)
-        self._deliver([(stream, _terminal_output(stream, reason, None))])
+        if final is None or not getattr(final, "finished", False):
+            final = _terminal_output(stream, reason, None)
+        self._deliver([(stream, final)])
 
     def _step_once(self) -> None:
         start_s = time.perf_counter()
@@ -352,7 +352,7 @@ class AsyncEngine:
             outputs = []
             self._fail_all(f"engine step failed: {type(exc).__name__}: {exc}", reason="error")
         duration_s = time.perf_counter() - start_s
-        self._dispatch(outputs)
+        self._dispatch(outputs, duration_s)
         engine_stats = self._safe_stats()
         with self._lock:
             self._num_steps += 1
@@ -363,16 +363,20 @@ class AsyncEngine:
             except Exception:
                 logger.exception("step observer failed")
 
-    def _dispatch(self, outputs: list[RequestOutput]) -> None:
+    def _dispatch(self, outputs: list[RequestOutput], step_duration_s: float) -> None:
         deliveries: list[tuple[_Stream, RequestOutput | BaseException]] = []
+        now_s = time.monotonic()
         for output in outputs:
             stream = self._streams.get(output.request_id)
             if stream is None:
                 continue  # aborted while the step ran
             if stream.first_output_at_s is None:
-                stream.first_output_at_s = time.monotonic()
+                stream.first_output_at_s = now_s
                 with self._lock:
                     self._counters.num_waiting_first_output -= 1
+                if self.queue_time_observer is not None:
+                    # Approximate: submission until the start of the step that finished the prompt.
+                    self.queue_time_observer(max(0.0, now_s - step_duration_s - stream.submitted_at_s))
             stream.last = output
             if output.finished:
                 del self._streams[output.request_id]
@@ -423,6 +427,51 @@ class AsyncEngine:
             return None
 
 
+class ResponseStream:
+    """Async iterator of (index, RequestOutput) for the requests of one `submit`, until all finish.
+
+    The outputs of each request arrive in order; requests interleave. A request the engine
+    refused raises RequestRejectedError from `__anext__`. `close()` aborts what is unfinished.
+    """
+
+    def __init__(self, engine: AsyncEngine, request_ids: list[str],
+                 sink: asyncio.Queue[tuple[int, RequestOutput | BaseException]]) -> None:
+        self._engine = engine
+        self.request_ids = request_ids
+        self._sink = sink
+        self._unfinished = set(request_ids)
+
+    @property
+    def finished(self) -> bool:
+        return not self._unfinished
+
+    def __aiter__(self) -> ResponseStream:
+        return self
+
+    async def __anext__(self) -> tuple[int, RequestOutput]:
+        if not self._unfinished:
+            raise StopAsyncIteration
+        index, item = await self._sink.get()
+        if isinstance(item, BaseException):
+            self._unfinished.discard(self.request_ids[index])
+            raise item
+        if item.finished:
+            self._unfinished.discard(item.request_id)
+        return index, item
+
+    def close(self) -> None:
+        """Abort every request of this stream that has not finished (idempotent)."""
+        for request_id in sorted(self._unfinished):
+            self._engine.abort(request_id)
+        self._unfinished.clear()
+
+    def __enter__(self) -> ResponseStream:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+
 def _put_all(items: list[tuple[_Stream, RequestOutput | BaseException]]) -> None:
     for stream, item in items:
         stream.sink.put_nowait((stream.index, item))
@@ -430,7 +479,7 @@ def _put_all(items: list[tuple[_Stream, RequestOutput | BaseException]]) -> None
 
 def _terminal_output(stream: _Stream, reason: str, error: str | None) -> RequestOutput:
     """A final RequestOutput for a request the engine will not report on (abort, failed step)."""
-    from engine.llm_engine import RequestOutput
+    from engine.outputs import RequestOutput
 
     last = stream.last
     token_ids = list(last.token_ids) if last is not None else []

@@ -114,6 +114,21 @@ class LLMEngine:
         return EngineStats(len(self.scheduler.running), len(self.scheduler.waiting), bm.usage,
                            bm.num_free_blocks, bm.num_blocks, self._num_preemptions, self._last_step)
 
+    def prompt_logits(self, prompt_token_ids: list[int], max_chunk: int | None = None) -> torch.Tensor:
+        """fp32 logits [vocab] after the last prompt token, computed in chunks of `max_chunk` tokens
+        (default: one chunk). Uses and frees its own KV blocks; for exactness checks."""
+        seq = Sequence("__logits__", list(prompt_token_ids), SamplingParams(max_tokens=1))
+        chunk_size = max_chunk or len(prompt_token_ids)
+        try:
+            while seq.num_uncomputed_tokens > 0:
+                num_tokens = min(chunk_size, seq.num_uncomputed_tokens)
+                self.block_manager.grow(seq.block_table, seq.num_computed_tokens + num_tokens)
+                logits = self.runner.execute([ScheduledChunk(seq, num_tokens)])
+                seq.num_computed_tokens += num_tokens
+        finally:
+            self.block_manager.free(seq.block_table)
+        return logits[0]
+
     # -- the step ---------------------------------------------------------------------------
 
     def step(self) -> list[RequestOutput]:

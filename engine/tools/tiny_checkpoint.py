@@ -8,12 +8,14 @@ from __future__ import annotations
 import argparse
 import functools
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
 from tokenizers import Tokenizer as RawTokenizer
 from tokenizers import decoders, models, pre_tokenizers, processors, trainers
-from transformers import PreTrainedTokenizerFast
+
+if TYPE_CHECKING:  # torch and transformers are imported on use: the tokenizer alone stays fast
+    import torch
+    from transformers import PreTrainedTokenizerFast
 
 ARCHS: tuple[str, ...] = ("llama", "mixtral", "qwen2", "qwen2_moe", "phimoe")
 VOCAB_SIZE_TARGET = 400
@@ -73,6 +75,8 @@ def _trained_tokenizer_json() -> str:
 
 def build_tokenizer() -> PreTrainedTokenizerFast:
     """A fresh byte-level BPE tokenizer (~400 tokens) with bos/eos/unk/pad and a chat template."""
+    from transformers import PreTrainedTokenizerFast
+
     return PreTrainedTokenizerFast(
         tokenizer_object=RawTokenizer.from_str(_trained_tokenizer_json()),
         bos_token="<s>",
@@ -155,6 +159,8 @@ def _randomize(model: torch.nn.Module, seed: int, std: float) -> None:
 
     Routers get a wide spread so that each token has clearly distinct top experts.
     """
+    import torch
+
     gen = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for name, p in sorted(model.named_parameters()):
@@ -182,6 +188,7 @@ def write_tiny_checkpoint(
     `config_overrides` go to the transformers config constructor (e.g. num_hidden_layers=3).
     With `max_shard_size` (e.g. "100KB") the weights are sharded with an index file.
     """
+    import torch
     import transformers as tf
     from transformers.utils import logging as hf_logging
 
