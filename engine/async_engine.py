@@ -286,7 +286,10 @@ class AsyncEngine:
         while True:
             self._wake.clear()
             try:
-                self._apply_commands()
+                if self._apply_commands():
+                    engine_stats = self._safe_stats()  # aborts free blocks without a step
+                    with self._lock:
+                        self._last_engine_stats = engine_stats
             except Exception:  # a bug here must not kill the loop
                 logger.exception("engine thread: applying commands failed")
             if self._stop:
@@ -304,12 +307,15 @@ class AsyncEngine:
             logger.exception("engine thread: has_unfinished_requests failed")
             return False
 
-    def _apply_commands(self) -> None:
+    def _apply_commands(self) -> bool:
+        """Apply queued adds and aborts in order; True when there were any."""
+        applied = False
         while True:
             try:
                 command = self._inbox.get_nowait()
             except queue.Empty:
-                return
+                return applied
+            applied = True
             if isinstance(command, _Add):
                 for stream in command.streams:
                     self._add(stream)

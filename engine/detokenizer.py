@@ -23,10 +23,12 @@ class Decoder(Protocol):
 class IncrementalDetokenizer:
     """Turn one request's output token ids into streamable text, applying stop strings."""
 
-    def __init__(self, tokenizer: Decoder, prompt_token_ids: Sequence[int], stop: Sequence[str] = ()) -> None:
+    def __init__(
+        self, tokenizer: Decoder, prompt_token_ids: Sequence[int], stop: Sequence[str] | None = ()
+    ) -> None:
         self.tokenizer = tokenizer
         self.prompt_token_ids = list(prompt_token_ids)
-        self.stop: list[str] = [s for s in stop if s]
+        self.stop: list[str] = [s for s in stop or () if s]
         self.output_ids: list[int] = []
         self.text = ""  # everything emitted so far
         self.stopped = False

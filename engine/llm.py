@@ -46,7 +46,7 @@ class LLM:
         self._ids = itertools.count()
 
     @property
-    def tokenizer(self):  # noqa: ANN201 - engine.tokenizer.Tokenizer | None
+    def tokenizer(self):
         return self.engine.tokenizer
 
     def generate(

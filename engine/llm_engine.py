@@ -20,7 +20,7 @@ from engine.model.config import ModelConfig
 from engine.model.factory import load_model, resolve_model_config
 from engine.model_runner import ModelRunner
 from engine.outputs import EngineStats, RequestOutput, StepStats
-from engine.sampler import Sampler, SamplerRequest, SampleResult, TokenLogprob, make_generator
+from engine.sampler import Sampler, SampleResult, SamplerRequest, TokenLogprob, make_generator
 from engine.sampling_params import SamplingParams
 from engine.scheduler import ScheduledChunk, Scheduler
 from engine.sequence import FinishReason, Sequence

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass, field
-from enum import Enum
+from enum import StrEnum
 from pathlib import Path
 from typing import Any
 
@@ -17,12 +17,12 @@ class UnsupportedModelError(ValueError):
     """The checkpoint's architecture or one of its options is not supported."""
 
 
-class NormKind(str, Enum):
+class NormKind(StrEnum):
     RMS = "rms"
     LAYER = "layer"
 
 
-class RouterKind(str, Enum):
+class RouterKind(StrEnum):
     SOFTMAX_TOPK = "softmax_topk"  # Mixtral, Qwen2-MoE
     SPARSEMIXER = "sparsemixer"  # PhiMoE (inference path)
 

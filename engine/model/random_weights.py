@@ -40,7 +40,8 @@ def _fill_from_bank(out: torch.Tensor, bank: torch.Tensor, offset: int, scale: f
 
 
 def fill_random(fills: list[TensorFill], seed: int = 0, show_progress: bool = True) -> None:
-    banks = {torch.device("cpu"): _bank(seed)}
+    fp32_bank = _bank(seed)
+    banks: dict[tuple[torch.device, torch.dtype], torch.Tensor] = {}  # one copy per destination: same-dtype
     for fill in tqdm(fills, desc="random weights", unit="tensor", disable=not show_progress):
         with torch.no_grad():
             if fill.init is Init.ONES:
@@ -53,7 +54,7 @@ def fill_random(fills: list[TensorFill], seed: int = 0, show_progress: bool = Tr
             else:
                 scale = 0.02
             offset = zlib.crc32(f"{seed}:{fill.name}".encode()) % BANK_NUM_VALUES
-            device = fill.out.device
-            if device not in banks:
-                banks[device] = banks[torch.device("cpu")].to(device)
-            _fill_from_bank(fill.out, banks[device], offset, scale)
+            key = (fill.out.device, fill.out.dtype)  # mixed-dtype ops are ~10x slower than same-dtype
+            if key not in banks:
+                banks[key] = fp32_bank.to(device=key[0], dtype=key[1])
+            _fill_from_bank(fill.out, banks[key], offset, scale)

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
-from enum import Enum
+from enum import StrEnum
 
 import torch
 
@@ -36,7 +36,7 @@ class TensorRole:
 Allocator = Callable[[tuple[int, ...], TensorRole], torch.Tensor]
 
 
-class Init(str, Enum):
+class Init(StrEnum):
     """How the random builder fills a tensor."""
 
     MATRIX = "matrix"  # std 1/sqrt(fan_in)

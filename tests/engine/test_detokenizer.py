@@ -162,3 +162,5 @@ def test_empty_stop_strings_are_ignored(tok: Tokenizer) -> None:
     ids = tok.encode("plain text", add_special_tokens=False)
     deltas, tail, det = run(tok, ids, [""])
     assert "".join(deltas) + tail == "plain text" and not det.stopped
+    det = IncrementalDetokenizer(tok, [], None)
+    assert "".join(det.append(i) for i in ids) + det.flush() == "plain text"
