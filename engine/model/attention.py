@@ -32,16 +32,38 @@ class AttentionShape:
         return self.head_dim**-0.5
 
 
-def _span_mask(span: SequenceSpan, window: int | None, device: torch.device) -> torch.Tensor | None:
-    """Bool mask [query_len, context_len]: True where a query may attend a key (None: no masking)."""
-    if span.query_len == 1 and (window is None or span.context_len <= window):
-        return None
+def _span_mask(span: SequenceSpan, window: int | None, device: torch.device) -> torch.Tensor:
+    """Bool mask [query_len, context_len]: True where a query may attend a key."""
     query_pos = torch.arange(span.context_len - span.query_len, span.context_len, device=device)[:, None]
     key_pos = torch.arange(span.context_len, device=device)[None, :]
     mask = key_pos <= query_pos
     if window is not None:
         mask &= key_pos > query_pos - window
     return mask
+
+
+def _span_attention(
+    q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, span: SequenceSpan, shape: AttentionShape
+) -> torch.Tensor:
+    """q: [query_len, heads, dim], keys/values: [context_len, kv_heads, dim] -> [query_len, heads, dim].
+
+    Calls SDPA the way transformers does (no mask and GQA inside the kernel when possible, causal
+    flag for a whole prompt), so that bf16 results follow the same kernels.
+    """
+    q_heads = q.transpose(0, 1)[None]  # [1, heads, query_len, dim]
+    k_heads, v_heads = keys.transpose(0, 1)[None], values.transpose(0, 1)[None]
+    whole_prompt = span.query_len == span.context_len
+    window = shape.sliding_window
+    needs_mask = not (span.query_len == 1 or whole_prompt) or (window is not None and span.context_len > window)
+    if needs_mask:
+        group = shape.num_heads // shape.num_kv_heads
+        k_heads, v_heads = k_heads.repeat_interleave(group, dim=1), v_heads.repeat_interleave(group, dim=1)
+        mask = _span_mask(span, window, q.device)
+        attended = F.scaled_dot_product_attention(q_heads, k_heads, v_heads, attn_mask=mask, scale=shape.scale)
+    else:
+        attended = F.scaled_dot_product_attention(q_heads, k_heads, v_heads, is_causal=whole_prompt and span.query_len > 1,
+                                                  scale=shape.scale, enable_gqa=True)
+    return attended[0].transpose(0, 1)
 
 
 def attention(
@@ -64,7 +86,6 @@ def attention(
     q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
     cache.write(layer, batch.slots, k, v.contiguous())
 
-    group = shape.num_heads // shape.num_kv_heads
     out = torch.empty_like(q)
     for span in batch.spans:
         rows = slice(span.query_start, span.query_start + span.query_len)
@@ -72,10 +93,5 @@ def attention(
             keys, values = k[rows], v[rows]
         else:
             keys, values = cache.read(layer, span.context_slots)
-        q_heads = q[rows].transpose(0, 1)  # [heads, query_len, head_dim]
-        k_heads = keys.transpose(0, 1).repeat_interleave(group, dim=0)  # [heads, context_len, head_dim]
-        v_heads = values.transpose(0, 1).repeat_interleave(group, dim=0)
-        mask = _span_mask(span, shape.sliding_window, x.device)
-        attended = F.scaled_dot_product_attention(q_heads, k_heads, v_heads, attn_mask=mask, scale=shape.scale)
-        out[rows] = attended.transpose(0, 1)
+        out[rows] = _span_attention(q[rows], keys, values, span, shape)
     return F.linear(out.reshape(num_tokens, q_size), weights.o, weights.o_bias)
