@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from engine.executor.setup import PartitionOptions
 from engine.scheduler import SchedulerConfig
 
 
@@ -22,4 +23,6 @@ class EngineConfig:
     block_size: int = 16
     kv_cache_tokens: int = 16384
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
+    partition: PartitionOptions = field(default_factory=PartitionOptions)  # GPU budget, policy, CPU threads
+    trace: bool = False  # record a per-step timeline of CPU, PCIe and GPU (engine.trace)
     show_progress: bool = True

@@ -6,8 +6,10 @@ import itertools
 from collections.abc import Sequence
 
 from engine.engine_config import EngineConfig
+from engine.executor.setup import PartitionOptions
 from engine.llm_engine import LLMEngine, RequestError
 from engine.outputs import RequestOutput
+from engine.placement.plan import PartitionPlan
 from engine.sampling_params import SamplingParams
 from engine.scheduler import SchedulerConfig
 
@@ -34,14 +36,24 @@ class LLM:
         max_num_seqs: int = 64,
         max_num_batched_tokens: int = 2048,
         max_prefill_chunk: int = 512,
+        gpu_memory_budget: str | int | None = None,
+        policy: str | PartitionPlan = "auto",
+        cpu_threads: int | None = None,
+        staging_slots: int = 8,
+        host_chunk_rows: int = 1024,
+        trace: bool = False,
         show_progress: bool = True,
         **engine_options: object,
     ) -> None:
+        """`gpu_memory_budget` (e.g. "24GiB") caps what the engine allocates on the GPU; the FFN
+        weights that do not fit are partitioned over CPU, PCIe and GPU by `policy` (see
+        engine/placement/policies.py, or pass a PartitionPlan)."""
         scheduler = SchedulerConfig(max_num_seqs, max_num_batched_tokens, max_prefill_chunk)
+        partition = PartitionOptions(policy, gpu_memory_budget, cpu_threads, staging_slots, host_chunk_rows)
         config = EngineConfig(model=model, device=device, dtype=dtype, random_weights=random_weights,
                               seed=seed, max_model_len=max_model_len, block_size=block_size,
-                              kv_cache_tokens=kv_cache_tokens, scheduler=scheduler,
-                              show_progress=show_progress, **engine_options)  # type: ignore[arg-type]
+                              kv_cache_tokens=kv_cache_tokens, scheduler=scheduler, partition=partition,
+                              trace=trace, show_progress=show_progress, **engine_options)  # type: ignore[arg-type]
         self.engine = LLMEngine(config)
         self._ids = itertools.count()
 

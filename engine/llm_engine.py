@@ -15,9 +15,10 @@ import torch
 
 from engine.detokenizer import IncrementalDetokenizer
 from engine.engine_config import EngineConfig
+from engine.executor.setup import Partition, build_partitioned
 from engine.kv_cache.block_manager import BlockManager
 from engine.model.config import ModelConfig
-from engine.model.factory import load_model, resolve_model_config
+from engine.model.factory import load_model, resolve_dtype, resolve_model_config
 from engine.model_runner import ModelRunner
 from engine.outputs import EngineStats, RequestOutput, StepStats
 from engine.sampler import Sampler, SampleResult, SamplerRequest, TokenLogprob, make_generator
@@ -55,12 +56,21 @@ class LLMEngine:
         self.model_config: ModelConfig = model_config
         tokenizer_dir = config.tokenizer or (str(checkpoint) if checkpoint else None)
         self.tokenizer = tokenizer or (Tokenizer.from_dir(tokenizer_dir) if tokenizer_dir else None)
-        model = load_model(config.model, config.device, config.dtype, config.random_weights, config.seed,
-                           show_progress=config.show_progress)
+        self.partition: Partition | None = None
+        if config.partition.partitioned:
+            dtype = resolve_dtype(config.dtype, model_config, config.random_weights)
+            sched = config.scheduler
+            model, self.partition = build_partitioned(
+                config.model, model_config, config.device, dtype, config.dtype, config.random_weights, config.seed,
+                config.partition, config.kv_cache_tokens, sched.max_num_batched_tokens, sched.max_num_seqs,
+                config.show_progress)
+        else:
+            model = load_model(config.model, config.device, config.dtype, config.random_weights, config.seed,
+                               show_progress=config.show_progress)
         num_blocks = max(1, config.kv_cache_tokens // config.block_size)
         self.max_model_len = min(config.max_model_len or model_config.max_position_embeddings,
                                  model_config.max_position_embeddings, num_blocks * config.block_size)
-        self.runner = ModelRunner(model, num_blocks, config.block_size)
+        self.runner = ModelRunner(model, num_blocks, config.block_size, trace=config.trace)
         self.block_manager = BlockManager(num_blocks, config.block_size)
         self.scheduler = Scheduler(config.scheduler, self.block_manager)
         self.sampler = Sampler()

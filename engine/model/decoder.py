@@ -1,8 +1,8 @@
 """The decoder shared by every architecture: embeddings, layers of attention + FFN, final norm, head.
 
-The FFN of each layer is an `FFNUnit` (dense MLP) or an `MoEBlock` (experts as units). How the
-FFN is evaluated is delegated to `ffn_executor` so that a partitioned executor can run its
-pieces over CPU and GPU at once without the model knowing.
+The FFN of each layer is an `FFNUnit` (dense MLP) or an `MoEBlock` (experts as units). How a
+layer's units are evaluated is delegated to `unit_executor` so that a partitioned executor can
+run their pieces over CPU, PCIe and GPU at once without the model knowing.
 """
 
 from __future__ import annotations
@@ -23,8 +23,8 @@ from engine.model.norms import Norm
 from engine.model.rotary import RotaryEmbedding
 
 FFN = FFNUnit | MoEBlock
-# (layer index, the layer's FFN, normed hidden states [num_tokens, hidden]) -> FFN output
-FFNExecutor = Callable[[int, FFN, torch.Tensor], torch.Tensor]
+# (layer index, [(unit, its tokens' activations)]) -> each unit's output
+UnitExecutor = Callable[[int, list[tuple[FFNUnit, torch.Tensor]]], list[torch.Tensor]]
 
 
 @dataclass
@@ -43,7 +43,7 @@ class DecoderModel:
     final_norm: Norm
     lm_head: torch.Tensor  # [vocab, hidden]; the embedding itself when tied
     lm_head_bias: torch.Tensor | None = None
-    ffn_executor: FFNExecutor | None = field(default=None, repr=False)
+    unit_executor: UnitExecutor | None = field(default=None, repr=False)
 
     def __post_init__(self) -> None:
         c = self.config
@@ -60,9 +60,16 @@ class DecoderModel:
         return self.embed_tokens.dtype
 
     def run_ffn(self, layer_idx: int, ffn: FFN, h: torch.Tensor) -> torch.Tensor:
-        if self.ffn_executor is not None:
-            return self.ffn_executor(layer_idx, ffn, h)
-        return ffn(h, self.act)
+        if self.unit_executor is None:
+            return ffn(h, self.act)
+        executor = self.unit_executor
+
+        def run_units(items: list[tuple[FFNUnit, torch.Tensor]]) -> list[torch.Tensor]:
+            return executor(layer_idx, items)
+
+        if isinstance(ffn, MoEBlock):
+            return ffn(h, self.act, run_units)
+        return run_units([(ffn, h)])[0]
 
     def _long_context_mask(self, batch: ForwardBatch) -> torch.Tensor | None:
         original_max = getattr(self.rotary, "original_max", None)

@@ -11,7 +11,7 @@ from engine.model.config import ModelConfig
 from engine.model.decoder import DecoderModel
 from engine.model.loader import CheckpointError, load_weights
 from engine.model.random_weights import fill_random
-from engine.model.weights import Allocator, build_model, device_allocator
+from engine.model.weights import Allocator, UnitLayout, build_model, device_allocator, whole_units
 
 MODEL_CONFIGS_DIR = Path(__file__).resolve().parents[2] / "configs" / "models"
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -52,11 +52,12 @@ def load_model(
     random_weights: bool = False,
     seed: int = 0,
     allocator: Allocator | None = None,
+    layout: UnitLayout = whole_units,
     show_progress: bool = True,
 ) -> DecoderModel:
     config, checkpoint = resolve_model_config(model)
     torch_dtype = resolve_dtype(dtype, config, random_weights)
-    decoder, fills = build_model(config, allocator or device_allocator(device, torch_dtype))
+    decoder, fills = build_model(config, allocator or device_allocator(device, torch_dtype), layout)
     if random_weights:
         fill_random(fills, seed=seed, show_progress=show_progress)
     elif checkpoint is None:

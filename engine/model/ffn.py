@@ -35,6 +35,7 @@ class UnitSlice:
     end: int
     gate_up: torch.Tensor
     down: torch.Tensor
+    kind: str | None = None  # "GG", "CG" or "CC" once partitioned (engine/placement/plan.py)
 
     @property
     def size(self) -> int:
@@ -59,8 +60,8 @@ class UnitSlice:
             raise ValueError(f"split point {at} outside ({self.start}, {self.end})")
         k = at - self.start
         gate, up = self.gate_up[: self.size], self.gate_up[self.size :]
-        left = UnitSlice(self.start, at, torch.cat([gate[:k], up[:k]]), self.down[:, :k].contiguous())
-        right = UnitSlice(at, self.end, torch.cat([gate[k:], up[k:]]), self.down[:, k:].contiguous())
+        left = UnitSlice(self.start, at, torch.cat([gate[:k], up[:k]]), self.down[:, :k].contiguous(), self.kind)
+        right = UnitSlice(at, self.end, torch.cat([gate[k:], up[k:]]), self.down[:, k:].contiguous(), self.kind)
         return left, right
 
 

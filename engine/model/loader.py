@@ -65,4 +65,8 @@ def load_weights(path: str | Path, fills: list[TensorFill], show_progress: bool 
                     f"tensor {fill.name} in {shard.name} has shape {list(shape)}, expected {list(fill.shape)}"
                 )
             with torch.no_grad():
-                fill.out.copy_(handles[shard].get_tensor(fill.name))
+                if fill.region is None:
+                    fill.out.copy_(handles[shard].get_tensor(fill.name))
+                else:
+                    r0, r1, c0, c1 = fill.region
+                    fill.out.copy_(handles[shard].get_slice(fill.name)[r0:r1, c0:c1])

@@ -11,6 +11,9 @@ import torch.nn.functional as F
 from engine.model.config import MoEConfig, RouterKind
 from engine.model.ffn import FFNUnit
 
+# [(unit, its tokens' activations [num_tokens, hidden])] -> each unit's output, same shapes
+UnitRunner = Callable[[list[tuple[FFNUnit, torch.Tensor]]], list[torch.Tensor]]
+
 
 @dataclass
 class Routing:
@@ -74,14 +77,25 @@ class MoEBlock:
         keep_fp32 = self.shared_expert is None  # Mixtral keeps fp32 weights; Qwen2-MoE casts back
         return softmax_topk(logits, self.config.num_experts_per_tok, self.config.norm_topk_prob, keep_fp32)
 
-    def __call__(self, x: torch.Tensor, act: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
-        """x: [num_tokens, hidden] -> [num_tokens, hidden]."""
+    def __call__(
+        self, x: torch.Tensor, act: Callable[[torch.Tensor], torch.Tensor], run_units: UnitRunner | None = None
+    ) -> torch.Tensor:
+        """x: [num_tokens, hidden] -> [num_tokens, hidden].
+
+        The routed experts (and the shared expert) are handed to `run_units` together, so that an
+        executor can schedule all of this layer's units as one job.
+        """
         routing = self.route(x)
+        assignment = routing.tokens_of()
+        items = [(self.experts[e], x[token_idx]) for e, (token_idx, _) in assignment.items()]
+        if self.shared_expert is not None:
+            items.append((self.shared_expert, x))
+        results = run_units(items) if run_units is not None else [unit(rows, act) for unit, rows in items]
         out = torch.zeros_like(x)
-        for expert_id, (token_idx, k_pos) in routing.tokens_of().items():
-            y = self.experts[expert_id](x[token_idx], act) * routing.weights[token_idx, k_pos, None]
+        for y, (token_idx, k_pos) in zip(results, assignment.values(), strict=False):
+            y = y * routing.weights[token_idx, k_pos, None]
             out.index_add_(0, token_idx, y.to(out.dtype))
         if self.shared_expert is not None:
             assert self.shared_expert_gate is not None
-            out = out + torch.sigmoid(F.linear(x, self.shared_expert_gate)) * self.shared_expert(x, act)
+            out = out + torch.sigmoid(F.linear(x, self.shared_expert_gate)) * results[-1]
         return out

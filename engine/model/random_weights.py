@@ -2,8 +2,9 @@
 
 Drawing 47 billion random numbers one by one takes minutes; instead one bank of normal samples
 is drawn once, and every tensor is filled from the bank starting at an offset derived from its
-name, scaled for its fan-in. Each fill is one multithreaded torch op at memory speed. Tensors
-longer than the bank wrap around it. Same seed and config give the same weights.
+name, scaled for its fan-in. Each fill is a few multithreaded torch ops at memory speed. Tensors
+longer than the bank wrap around it. Same seed and config give the same weights, however the
+model is cut into pieces.
 """
 
 from __future__ import annotations
@@ -24,19 +25,29 @@ def _bank(seed: int) -> torch.Tensor:
     return torch.randn(BANK_NUM_VALUES, generator=generator, dtype=torch.float32)
 
 
-def _fill_from_bank(out: torch.Tensor, bank: torch.Tensor, offset: int, scale: float) -> None:
-    flat = out.view(-1) if out.is_contiguous() else None
-    if flat is None:  # views of fused tensors are row blocks, hence contiguous; keep a safe path
-        tmp = torch.empty(out.numel(), dtype=out.dtype, device=out.device)
-        _fill_from_bank(tmp, bank, offset, scale)
-        out.copy_(tmp.view(out.shape))
-        return
-    position, n = 0, flat.numel()
-    while position < n:
-        start = (offset + position) % bank.numel()
-        count = min(n - position, bank.numel() - start)
-        torch.mul(bank[start : start + count], scale, out=flat[position : position + count])
-        position += count
+def _fill_region(out: torch.Tensor, bank: torch.Tensor, offset: int, scale: float,
+                 num_cols: int, region: tuple[int, int, int, int]) -> None:
+    """Fills `out` ([row_end - row_start, col_end - col_start]) with the region of a virtual
+    [*, num_cols] tensor whose element (i, j) is bank[(offset + i * num_cols + j) % len(bank)].
+
+    The same element gets the same value whatever slice of the tensor is being filled, so a
+    model cut into pieces holds exactly the weights of the uncut model.
+    """
+    row_start, row_end, col_start, col_end = region
+    bank_len = bank.numel()
+    i = row_start
+    while i < row_end:
+        base = (offset + i * num_cols) % bank_len
+        dst = out[i - row_start :]
+        if base + col_end <= bank_len:  # rows [i, i + num_rows) do not wrap around the bank
+            num_rows = min(row_end - i, (bank_len - base - col_end) // num_cols + 1)
+            src = bank.as_strided((num_rows, col_end - col_start), (num_cols, 1), base + col_start)
+            torch.mul(src, scale, out=dst[:num_rows])
+            i += num_rows
+        else:  # this one row wraps
+            index = (base + torch.arange(col_start, col_end, device=bank.device)) % bank_len
+            torch.mul(bank[index], scale, out=dst[0])
+            i += 1
 
 
 def fill_random(fills: list[TensorFill], seed: int = 0, show_progress: bool = True) -> None:
@@ -57,4 +68,7 @@ def fill_random(fills: list[TensorFill], seed: int = 0, show_progress: bool = Tr
             key = (fill.out.device, fill.out.dtype)  # mixed-dtype ops are ~10x slower than same-dtype
             if key not in banks:
                 banks[key] = fp32_bank.to(device=key[0], dtype=key[1])
-            _fill_from_bank(fill.out, banks[key], offset, scale)
+            num_cols = fill.shape[-1]
+            region = fill.region or (0, fill.out.numel() // num_cols, 0, num_cols)
+            out = fill.out.view(region[1] - region[0], region[3] - region[2])
+            _fill_region(out, banks[key], offset, scale, num_cols, region)

@@ -27,13 +27,22 @@ SHARED_EXPERT = -2
 
 @dataclass(frozen=True)
 class TensorRole:
-    """Where a tensor belongs: layer None for embeddings/head/final norm; unit set for FFN weights."""
+    """Where a tensor belongs: layer None for embeddings/head/final norm; unit set for FFN weights,
+    and `piece` the kind of the unit slice it stores ("GG", "CG", "CC"; None: not partitioned)."""
 
     layer: int | None = None
     unit: int | None = None  # expert index, DENSE_MLP or SHARED_EXPERT
+    piece: str | None = None
 
 
 Allocator = Callable[[tuple[int, ...], TensorRole], torch.Tensor]
+# (layer, unit, intermediate size) -> the unit's slices as (start, end, kind), covering [0, size)
+UnitLayout = Callable[[int, int, int], list[tuple[int, int, str | None]]]
+
+
+def whole_units(layer: int, unit: int, size: int) -> list[tuple[int, int, str | None]]:
+    """The single-device layout: every unit is one slice."""
+    return [(0, size, None)]
 
 
 class Init(StrEnum):
@@ -48,9 +57,10 @@ class Init(StrEnum):
 @dataclass
 class TensorFill:
     name: str  # checkpoint tensor name
-    shape: tuple[int, ...]  # expected checkpoint shape
-    out: torch.Tensor  # destination (a view of shape `shape`)
+    shape: tuple[int, ...]  # expected checkpoint shape (the whole tensor)
+    out: torch.Tensor  # destination: the whole tensor, or `region` of it
     init: Init
+    region: tuple[int, int, int, int] | None = None  # (row_start, row_end, col_start, col_end) of a 2-D tensor
 
 
 def _expert_names(config: ModelConfig, layer: int, expert: int) -> tuple[str, str, str]:
@@ -69,9 +79,10 @@ def _router_name(config: ModelConfig, layer: int) -> str:
 
 
 class _Builder:
-    def __init__(self, config: ModelConfig, allocator: Allocator) -> None:
+    def __init__(self, config: ModelConfig, allocator: Allocator, layout: UnitLayout) -> None:
         self.config = config
         self.allocator = allocator
+        self.layout = layout
         self.fills: list[TensorFill] = []
 
     def tensor(self, name: str, shape: tuple[int, ...], role: TensorRole, init: Init) -> torch.Tensor:
@@ -111,11 +122,26 @@ class _Builder:
         return AttentionWeights(qkv, qkv_bias, o, o_bias)
 
     def unit(self, names: tuple[str, str, str], size: int, role: TensorRole) -> FFNUnit:
+        """One unit as slices laid out by `self.layout`; each slice has its own storage, filled
+        from its rows of gate/up and its columns of down."""
         gate, up, down = names
         hidden = self.config.hidden_size
-        gate_up = self.fused([gate, up], [size, size], (hidden,), role, Init.MATRIX)
-        down_t = self.tensor(down, (hidden, size), role, Init.MATRIX)
-        return FFNUnit(size, [UnitSlice(0, size, gate_up, down_t)])
+        assert role.layer is not None and role.unit is not None
+        slices = []
+        for start, end, kind in self.layout(role.layer, role.unit, size):
+            piece_role = TensorRole(role.layer, role.unit, kind)
+            n = end - start
+            gate_up = self.allocator((2 * n, hidden), piece_role)
+            down_part = self.allocator((hidden, n), piece_role)
+            self.fills += [
+                TensorFill(gate, (size, hidden), gate_up[:n], Init.MATRIX, (start, end, 0, hidden)),
+                TensorFill(up, (size, hidden), gate_up[n:], Init.MATRIX, (start, end, 0, hidden)),
+                TensorFill(down, (hidden, size), down_part, Init.MATRIX, (0, hidden, start, end)),
+            ]
+            slices.append(UnitSlice(start, end, gate_up, down_part, kind))
+        unit = FFNUnit(size, slices)
+        unit.check_cover()
+        return unit
 
     def ffn(self, layer: int) -> FFNUnit | MoEBlock:
         c = self.config
@@ -160,9 +186,12 @@ class _Builder:
         return DecoderModel(c, embed, layers, final_norm, lm_head, lm_head_bias)
 
 
-def build_model(config: ModelConfig, allocator: Allocator) -> tuple[DecoderModel, list[TensorFill]]:
-    """The model with unfilled tensors, and what fills each of them."""
-    builder = _Builder(config, allocator)
+def build_model(
+    config: ModelConfig, allocator: Allocator, layout: UnitLayout = whole_units
+) -> tuple[DecoderModel, list[TensorFill]]:
+    """The model with unfilled tensors, and what fills each of them. `layout` cuts FFN units
+    into slices (and names their kinds); `allocator` places every tensor by its role."""
+    builder = _Builder(config, allocator, layout)
     model = builder.model()
     return model, builder.fills
 

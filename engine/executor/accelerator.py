@@ -1,0 +1,70 @@
+"""The accelerator the executor drives: a CUDA device with a compute and a copy stream, or the
+CPU standing in for one (no streams, synchronous copies) so that CI exercises the same logic."""
+
+from __future__ import annotations
+
+import time
+from contextlib import AbstractContextManager, nullcontext
+from dataclasses import dataclass, field
+
+import torch
+
+
+@dataclass
+class Accelerator:
+    device: torch.device
+    compute_stream: torch.cuda.Stream | None = None
+    copy_stream: torch.cuda.Stream | None = None
+    _mm_fp32_out: bool | None = field(default=None, repr=False)
+
+    @classmethod
+    def for_device(cls, device: str | torch.device) -> Accelerator:
+        device = torch.device(device)
+        if device.type == "cuda":
+            return cls(device, torch.cuda.current_stream(device), torch.cuda.Stream(device))
+        return cls(device)
+
+    @property
+    def is_cuda(self) -> bool:
+        return self.device.type == "cuda"
+
+    def on(self, stream: torch.cuda.Stream | None) -> AbstractContextManager:
+        return torch.cuda.stream(stream) if stream is not None else nullcontext()
+
+    def record(self, stream: torch.cuda.Stream | None, timing: bool = False) -> torch.cuda.Event | None:
+        if stream is None:
+            return None
+        event = torch.cuda.Event(enable_timing=timing)
+        event.record(stream)
+        return event
+
+    @staticmethod
+    def wait(stream: torch.cuda.Stream | None, event: torch.cuda.Event | None) -> None:
+        if stream is not None and event is not None:
+            stream.wait_event(event)
+
+    def host_empty(self, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+        """A host buffer that transfers asynchronously (pinned) when there is a GPU."""
+        return torch.empty(shape, dtype=dtype, pin_memory=self.is_cuda)
+
+    def linear_fp32(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        """x @ weight.T with an fp32 result (fp32 accumulation kept, no rounding to bf16 on GPUs
+        that can; partial sums of one unit then add up like one product would)."""
+        if x.dtype == torch.float32:
+            return torch.nn.functional.linear(x, weight)
+        if self.is_cuda and self._mm_fp32_out is not False:
+            try:
+                out = torch.mm(x, weight.t(), out_dtype=torch.float32)
+                self._mm_fp32_out = True
+                return out
+            except (RuntimeError, TypeError):
+                self._mm_fp32_out = False
+        return torch.nn.functional.linear(x, weight).float()
+
+    def synchronize(self) -> None:
+        if self.is_cuda:
+            torch.cuda.synchronize(self.device)
+
+
+def now_s() -> float:
+    return time.perf_counter()

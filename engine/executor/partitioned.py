@@ -1,0 +1,185 @@
+"""PartitionedExecutor: evaluates a layer's FFN units over their GG, CG and CC pieces at once.
+
+For one layer (all routed experts, or the dense MLP, as one job):
+  1. CC pieces: the routed tokens' activations go device->host (pinned, async); a CPU worker
+     computes the pieces' partial outputs as soon as they land.
+  2. CG pieces: the copy stream streams them into the staging ring, ahead of their use.
+  3. GG pieces, then CG pieces as their copies complete, are computed on the compute stream.
+  4. The CPU partials come back host->device and are summed in fp32 with the GPU partials.
+The driving thread only waits for the CPU at the end of the layer, where its result is needed.
+Pieces of the next layer that will surely be needed (dense MLP, shared expert) are prefetched.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from engine.executor.accelerator import Accelerator
+from engine.executor.cpu_pool import CpuJob, CpuPool
+from engine.executor.staging import StagedSlice, StagingRing
+from engine.executor.timeline import StepTimeline, host_mark
+from engine.model.decoder import DecoderModel
+from engine.model.ffn import FFNUnit, UnitSlice
+from engine.model.moe import MoEBlock
+from engine.model.weights import DENSE_MLP, SHARED_EXPERT
+from engine.placement.plan import PartitionPlan, PieceKind
+
+
+@dataclass(frozen=True)
+class DispatchRates:
+    """Rates for the per-step CPU-or-stream rule of dynamic plans (defaults: DESIGN.md's GPU machine)."""
+
+    cpu_bytes_s: float = 67e9
+    cpu_flops: float = 2.1e12
+    pcie_bytes_s: float = 54.6e9
+
+    def prefers_cpu(self, piece: UnitSlice, num_tokens: int) -> bool:
+        params = piece.gate_up.numel() + piece.down.numel()
+        cpu_s = max(piece.num_bytes / self.cpu_bytes_s, 2 * num_tokens * params / self.cpu_flops)
+        return cpu_s <= piece.num_bytes / self.pcie_bytes_s
+
+
+class PartitionedExecutor:
+    def __init__(self, model: DecoderModel, accelerator: Accelerator, cpu_pool: CpuPool,
+                 ring: StagingRing | None, dynamic: str | None = None,
+                 rates: DispatchRates | None = None) -> None:
+        self.model = model
+        self.accelerator = accelerator
+        self.cpu_pool = cpu_pool
+        self.ring = ring
+        self.dynamic = dynamic
+        self.overlap = dynamic != "fiddler"  # Fiddler runs CPU and transfers one after the other
+        self.rates = rates or DispatchRates()
+        self.act: Callable[[torch.Tensor], torch.Tensor] = model.act
+        self.timeline: StepTimeline | None = None  # set by the runner for traced steps
+        self._prefetched: deque[tuple[UnitSlice, StagedSlice]] = deque()
+
+    def apply_plan(self, plan: PartitionPlan) -> None:
+        """Re-labels the host pieces (CG <-> CC) and the dynamic rule for `plan` without moving any
+        weight. The resident (GG) rows and the host chunking must be those the model was built with."""
+        for layer_idx, layer in enumerate(self.model.layers):
+            ffn = layer.ffn
+            units = [(DENSE_MLP, ffn)] if isinstance(ffn, FFNUnit) else list(enumerate(ffn.experts))
+            if isinstance(ffn, MoEBlock) and ffn.shared_expert is not None:
+                units.append((SHARED_EXPERT, ffn.shared_expert))
+            for unit_id, unit in units:
+                split = plan.split_of(layer_idx, unit_id, unit.intermediate_size)
+                for piece in unit.slices:
+                    kind, last = split.kind_at(piece.start), split.kind_at(piece.end - 1)
+                    if kind != last or (kind is PieceKind.GG) != (piece.kind == PieceKind.GG):
+                        raise ValueError(f"plan {plan.policy} does not match the built pieces of unit "
+                                         f"{(layer_idx, unit_id)} at [{piece.start}, {piece.end})")
+                    piece.kind = str(kind)
+        self.dynamic = plan.dynamic
+        self.overlap = plan.dynamic != "fiddler"
+
+    # -- where each piece's tokens are computed --------------------------------------------
+
+    def _where(self, piece: UnitSlice, num_tokens: int) -> PieceKind:
+        kind = PieceKind(piece.kind) if piece.kind else PieceKind.GG
+        if kind is PieceKind.GG or self.dynamic is None:
+            return kind
+        return PieceKind.CC if self.rates.prefers_cpu(piece, num_tokens) else PieceKind.CG
+
+    # -- one layer ---------------------------------------------------------------------------
+
+    def __call__(self, layer: int, items: list[tuple[FFNUnit, torch.Tensor]]) -> list[torch.Tensor]:
+        acc = self.accelerator
+        sums = [torch.zeros(x.shape, dtype=torch.float32, device=x.device) for _, x in items]
+        on_gpu: list[tuple[int, UnitSlice]] = []
+        streamed: list[tuple[int, UnitSlice]] = []
+        on_cpu: list[tuple[int, UnitSlice]] = []
+        for i, (unit, x) in enumerate(items):
+            for piece in unit.slices:
+                where = self._where(piece, x.shape[0])
+                {PieceKind.GG: on_gpu, PieceKind.CG: streamed, PieceKind.CC: on_cpu}[where].append((i, piece))
+
+        cpu_future = self._start_cpu(items, on_cpu)
+        if cpu_future is not None and not self.overlap:
+            self._add_cpu_results(sums, cpu_future.result())
+            cpu_future = None
+        start = host_mark(acc, acc.compute_stream)
+        for i, piece in on_gpu:
+            sums[i] += self._partial(items[i][1], piece.gate_up, piece.down)
+        self._run_streamed(items, streamed, sums)
+        if self.timeline is not None:
+            self.timeline.gpu_interval("gpu", start, host_mark(acc, acc.compute_stream), f"layer {layer} FFN")
+        if cpu_future is not None:
+            self._add_cpu_results(sums, cpu_future.result())
+        self._prefetch_next(layer)
+        dtype = items[0][1].dtype
+        return [s.to(dtype) for s in sums]
+
+    def _partial(self, x: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor) -> torch.Tensor:
+        gate, up = F.linear(x, gate_up).chunk(2, dim=-1)
+        return self.accelerator.linear_fp32(self.act(gate) * up, down)
+
+    def _start_cpu(self, items: list[tuple[FFNUnit, torch.Tensor]], on_cpu: list[tuple[int, UnitSlice]]):
+        if not on_cpu:
+            return None
+        acc = self.accelerator
+        host_x: dict[int, torch.Tensor] = {}
+        for i in sorted({i for i, _ in on_cpu}):
+            x = items[i][1]
+            host_x[i] = acc.host_empty(tuple(x.shape), x.dtype)
+            host_x[i].copy_(x, non_blocking=True)
+        ready = acc.record(acc.compute_stream)
+        jobs = [CpuJob(i, host_x[i], piece, acc.host_empty(tuple(host_x[i].shape), torch.float32))
+                for i, piece in on_cpu]
+        return self.cpu_pool.submit(jobs, ready, self.timeline)
+
+    def _add_cpu_results(self, sums: list[torch.Tensor], jobs: list[CpuJob]) -> None:
+        for job in jobs:
+            sums[job.item] += job.out.to(self.accelerator.device, non_blocking=True)
+
+    def _run_streamed(self, items, streamed: list[tuple[int, UnitSlice]], sums: list[torch.Tensor]) -> None:
+        """Streams pieces through the ring, at most one ring's worth ahead of their computation."""
+        if not streamed:
+            return
+        if self.ring is None:
+            raise RuntimeError("the plan streams pieces but the executor has no staging ring")
+        acc = self.accelerator
+        order = [id(piece) for piece, _ in self._prefetched]  # prefetched pieces are consumed first
+        streamed = sorted(streamed, key=lambda t: order.index(id(t[1])) if id(t[1]) in order else len(order))
+        staged: deque[StagedSlice] = deque()
+        queue = deque(streamed)
+        pending: deque[tuple[int, UnitSlice]] = deque()
+        while queue and self._prefetched and self._prefetched[0][0] is queue[0][1]:
+            staged.append(self._prefetched.popleft()[1])
+            pending.append(queue.popleft())
+        self._drop_prefetched()
+        while queue and len(staged) < self.ring.num_slots:
+            pending.append(queue[0])
+            staged.append(self.ring.stage(queue.popleft()[1], self.timeline))
+        while pending:
+            i, _ = pending.popleft()
+            slot = staged.popleft()
+            acc.wait(acc.compute_stream, slot.ready)
+            sums[i] += self._partial(items[i][1], slot.gate_up, slot.down)
+            self.ring.release(slot)
+            if queue:
+                pending.append(queue[0])
+                staged.append(self.ring.stage(queue.popleft()[1], self.timeline))
+
+    def _drop_prefetched(self) -> None:
+        """Prefetched slots that were not used (a plan change) are released in order."""
+        while self._prefetched:
+            assert self.ring is not None
+            self.ring.release(self._prefetched.popleft()[1])
+
+    def _prefetch_next(self, layer: int) -> None:
+        """Streams ahead the CG pieces of the next layer that every token needs."""
+        if self.ring is None or layer + 1 >= len(self.model.layers):
+            return
+        ffn = self.model.layers[layer + 1].ffn
+        unit = ffn if isinstance(ffn, FFNUnit) else (ffn.shared_expert if isinstance(ffn, MoEBlock) else None)
+        if unit is None:
+            return
+        for piece in unit.slices:
+            if piece.kind == PieceKind.CG and len(self._prefetched) < self.ring.num_slots:
+                self._prefetched.append((piece, self.ring.stage(piece, self.timeline)))

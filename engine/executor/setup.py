@@ -1,0 +1,98 @@
+"""Assembles a partitioned model: plan -> weight store -> model -> staging ring, CPU pool, executor."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import torch
+
+from engine.executor.accelerator import Accelerator
+from engine.executor.cpu_pool import CpuPool
+from engine.executor.partitioned import PartitionedExecutor
+from engine.executor.staging import StagingRing
+from engine.executor.weight_store import WeightStore
+from engine.model.config import ModelConfig
+from engine.model.decoder import DecoderModel
+from engine.model.factory import load_model
+from engine.placement.memory import (
+    GpuMemoryBreakdown,
+    activation_bytes,
+    kv_bytes_per_token,
+    parse_bytes,
+)
+from engine.placement.plan import PartitionPlan
+from engine.placement.policies import PlanRequest, make_plan, plan_memory, relabel, staging_slot_rows
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class Partition:
+    plan: PartitionPlan
+    memory: GpuMemoryBreakdown
+    budget_bytes: int | None
+    request: PlanRequest
+    store: WeightStore
+    executor: PartitionedExecutor
+
+    def repartition(self, policy: str | PartitionPlan) -> PartitionPlan:
+        """Switches to another policy over the same resident share without moving any weight
+        (host pieces change kind; a staging ring is added if the new plan streams)."""
+        plan = policy if isinstance(policy, PartitionPlan) else relabel(self.plan, policy)
+        memory = plan_memory(self.request, plan)
+        if self.budget_bytes is not None:
+            memory.check(self.budget_bytes)
+        self.executor.apply_plan(plan)
+        slot_numel = 3 * staging_slot_rows(plan) * self.request.config.hidden_size
+        ring = self.executor.ring
+        if slot_numel and (ring is None or ring.slot_numel < slot_numel):
+            self.executor.ring = StagingRing(self.executor.accelerator, self.request.staging_slots, slot_numel,
+                                             self.store.dtype)
+        self.plan, self.memory = plan, memory
+        return plan
+
+
+@dataclass(frozen=True)
+class PartitionOptions:
+    policy: str | PartitionPlan = "auto"
+    gpu_memory_budget: str | int | None = None
+    cpu_threads: int | None = None
+    staging_slots: int = 8
+    host_chunk_rows: int = 1024
+
+    @property
+    def partitioned(self) -> bool:
+        return self.gpu_memory_budget is not None or self.policy not in ("auto", "gpu")
+
+
+def build_partitioned(model: str, model_config: ModelConfig, device: str, dtype: torch.dtype, dtype_name: str,
+                      random_weights: bool, seed: int, options: PartitionOptions, kv_cache_tokens: int,
+                      max_num_tokens: int, max_num_seqs: int, show_progress: bool) -> tuple[DecoderModel, Partition]:
+    itemsize = torch.empty((), dtype=dtype).element_size()
+    budget = parse_bytes(options.gpu_memory_budget) if options.gpu_memory_budget is not None else None
+    request = PlanRequest(model_config, itemsize, budget, kv_cache_tokens * kv_bytes_per_token(model_config, itemsize),
+                          activation_bytes(model_config, itemsize, max_num_tokens, max_num_seqs),
+                          options.staging_slots, options.host_chunk_rows)
+    if isinstance(options.policy, PartitionPlan):
+        plan = options.policy
+        memory = plan_memory(request, plan)
+        if budget is not None:
+            memory.check(budget)
+    else:
+        policy = options.policy if options.policy != "auto" else ("manual:cg=0.45" if budget else "gpu")
+        plan, memory = make_plan(policy, request)
+    accelerator = Accelerator.for_device(device)
+    if accelerator.is_cuda and budget is not None:
+        total = torch.cuda.get_device_properties(accelerator.device).total_memory
+        torch.cuda.set_per_process_memory_fraction(min(1.0, budget / total), accelerator.device)
+    logger.info("partition %s: %s", plan.policy, memory.describe())
+    store = WeightStore(plan, model_config, dtype, accelerator)
+    decoder = load_model(model, device, dtype_name, random_weights, seed, allocator=store.allocate,
+                         layout=plan.layout, show_progress=show_progress)
+    slot_numel = 3 * staging_slot_rows(plan) * model_config.hidden_size
+    ring = StagingRing(accelerator, options.staging_slots, slot_numel, dtype) if slot_numel else None
+    pool = CpuPool(decoder.act, model_config.hidden_act, options.cpu_threads)
+    executor = PartitionedExecutor(decoder, accelerator, pool, ring, plan.dynamic)
+    decoder.unit_executor = executor
+    return decoder, Partition(plan, memory, budget, request, store, executor)

@@ -1,0 +1,1 @@
+"""What lives where: partition plans, memory accounting and the fixed policies."""
