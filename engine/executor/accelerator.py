@@ -21,6 +21,8 @@ class Accelerator:
     def for_device(cls, device: str | torch.device) -> Accelerator:
         device = torch.device(device)
         if device.type == "cuda":
+            if device.index is None:
+                device = torch.device("cuda", torch.cuda.current_device())
             return cls(device, torch.cuda.current_stream(device), torch.cuda.Stream(device))
         return cls(device)
 

@@ -62,7 +62,9 @@ class CpuPool:
         torch.set_num_threads(self.num_threads)
         self._act = act
         self._kernel = _kernel_runner(activation)
-        self._worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="scheinfer-cpu")
+        # Thread counts are per OS thread in OpenMP: set it in the worker itself.
+        self._worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="scheinfer-cpu",
+                                          initializer=torch.set_num_threads, initargs=(self.num_threads,))
         self.busy_s = 0.0
 
     def submit(self, jobs: list[CpuJob], inputs_ready: torch.cuda.Event | None,

@@ -9,6 +9,7 @@ pinned allocator.
 from __future__ import annotations
 
 import logging
+import weakref
 
 import torch
 
@@ -37,13 +38,19 @@ class WeightStore:
             self._register()
 
     def _register(self) -> None:
-        result = torch.cuda.cudart().cudaHostRegister(self.arena.data_ptr(), self.arena.nbytes, 0)
+        cudart = torch.cuda.cudart()
+        result = cudart.cudaHostRegister(self.arena.data_ptr(), self.arena.nbytes, 0)
         code = getattr(result, "value", result)
         if code != 0:
+            cudart.cudaGetLastError()  # clear it, or the next CUDA call reports it
             logger.warning("could not page-lock %.1f GiB of host weights (CUDA error %s): streaming will be slow",
                            self.arena.nbytes / 2**30, code)
             return
         self._registered = True
+        # The registration must end before the arena's memory is freed: a range freed while still
+        # registered keeps stale GPU mappings, and a later arena at the same address would stream
+        # old data. The finalizer holds the arena alive until it has unregistered it.
+        self._finalizer = weakref.finalize(self, _unregister, self.arena)
         logger.info("page-locked %.1f GiB of host weights", self.arena.nbytes / 2**30)
 
     def allocate(self, shape: tuple[int, ...], role: TensorRole) -> torch.Tensor:
@@ -62,5 +69,9 @@ class WeightStore:
 
     def close(self) -> None:
         if self._registered:
-            torch.cuda.cudart().cudaHostUnregister(self.arena.data_ptr())
+            self._finalizer()
             self._registered = False
+
+
+def _unregister(arena: torch.Tensor) -> None:
+    torch.cuda.cudart().cudaHostUnregister(arena.data_ptr())
