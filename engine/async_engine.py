@@ -20,6 +20,7 @@ import logging
 import queue
 import threading
 import time
+from collections import deque
 from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Protocol
@@ -382,7 +383,10 @@ class AsyncEngine:
                     self._counters.num_waiting_first_output -= 1
                 if self.queue_time_observer is not None:
                     # Approximate: submission until the start of the step that finished the prompt.
-                    self.queue_time_observer(max(0.0, now_s - step_duration_s - stream.submitted_at_s))
+                    try:
+                        self.queue_time_observer(max(0.0, now_s - step_duration_s - stream.submitted_at_s))
+                    except Exception:
+                        logger.exception("queue time observer failed")
             stream.last = output
             if output.finished:
                 del self._streams[output.request_id]
@@ -445,6 +449,7 @@ class ResponseStream:
         self._engine = engine
         self.request_ids = request_ids
         self._sink = sink
+        self._ready: deque[tuple[int, RequestOutput | BaseException]] = deque()
         self._unfinished = set(request_ids)
 
     @property
@@ -457,13 +462,30 @@ class ResponseStream:
     async def __anext__(self) -> tuple[int, RequestOutput]:
         if not self._unfinished:
             raise StopAsyncIteration
-        index, item = await self._sink.get()
+        if not self._ready:
+            self._ready.append(await self._sink.get())
+        while not self._sink.empty():
+            self._ready.append(self._sink.get_nowait())
+        index, item = self._ready.popleft()
+        if not isinstance(item, BaseException):
+            item = self._merge_ready(index, item)
         if isinstance(item, BaseException):
             self._unfinished.discard(self.request_ids[index])
             raise item
         if item.finished:
             self._unfinished.discard(item.request_id)
         return index, item
+
+    def _merge_ready(self, index: int, output: RequestOutput) -> RequestOutput:
+        """Fold the other outputs of request `index` that are already waiting into one delta, so a
+        consumer that falls behind sends fewer, larger chunks instead of lagging further."""
+        later = [item for i, item in self._ready if i == index]
+        if not later or any(isinstance(item, BaseException) for item in later):
+            return output
+        self._ready = deque(entry for entry in self._ready if entry[0] != index)
+        for item in later:
+            output = _merge_outputs(output, item)  # type: ignore[arg-type]
+        return output
 
     def close(self) -> None:
         """Abort every request of this stream that has not finished (idempotent)."""
@@ -476,6 +498,19 @@ class ResponseStream:
 
     def __exit__(self, *exc_info: object) -> None:
         self.close()
+
+
+def _merge_outputs(first: RequestOutput, second: RequestOutput) -> RequestOutput:
+    """One delta covering `first` then `second` (consecutive outputs of one request)."""
+    delta_logprobs = None
+    if first.delta_logprobs is not None or second.delta_logprobs is not None:
+        delta_logprobs = list(first.delta_logprobs or []) + list(second.delta_logprobs or [])
+    return dataclasses.replace(
+        second,
+        delta_token_ids=list(first.delta_token_ids) + list(second.delta_token_ids),
+        delta_text=first.delta_text + second.delta_text,
+        delta_logprobs=delta_logprobs,
+    )
 
 
 def _put_all(items: list[tuple[_Stream, RequestOutput | BaseException]]) -> None:

@@ -59,7 +59,6 @@ class CpuPool:
     def __init__(self, act: Callable[[torch.Tensor], torch.Tensor], activation: str,
                  num_threads: int | None = None) -> None:
         self.num_threads = num_threads or default_cpu_threads()
-        torch.set_num_threads(self.num_threads)
         self._act = act
         self._kernel = _kernel_runner(activation)
         # Thread counts are per OS thread in OpenMP: set it in the worker itself.
