@@ -27,6 +27,9 @@ def generate(
     device: str = "cpu",
     dtype: str = "auto",
     random_weights: bool = False,
+    gpu_memory_budget: Annotated[str | None, typer.Option(help='GPU memory cap, e.g. "24GiB"')] = None,
+    policy: Annotated[str, typer.Option(help="auto, gpu, cpu-experts, stream, fiddler, manual:cg=F, manual:PLAN.json")] = "auto",
+    trace: Annotated[str | None, typer.Option(help="Write a Chrome trace of CPU/PCIe/GPU activity to this file")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object per prompt")] = False,
 ) -> None:
     """Generate text for one or more prompts and print it."""
@@ -39,7 +42,8 @@ def generate(
     try:
         params = SamplingParams(max_tokens=max_tokens, temperature=temperature, top_p=top_p, top_k=top_k,
                                 seed=seed)
-        llm = LLM(model, device=device, dtype=dtype, random_weights=random_weights)
+        llm = LLM(model, device=device, dtype=dtype, random_weights=random_weights,
+                  gpu_memory_budget=gpu_memory_budget, policy=policy, trace=trace is not None)
         start_s = time.perf_counter()
         if prompt_token_ids is not None:
             ids = [int(t) for t in prompt_token_ids.split(",") if t.strip()]
@@ -64,6 +68,12 @@ def generate(
             typer.echo(out.text if llm.tokenizer is not None else " ".join(map(str, out.token_ids)))
     num_tokens = sum(len(o.token_ids) for o in outputs)
     typer.echo(f"[{num_tokens} tokens in {elapsed_s:.2f} s]", err=True)
+    recorder = llm.engine.runner.trace
+    if trace is not None and recorder is not None:
+        recorder.write(trace)
+        busy = recorder.summary()
+        typer.echo(f"[trace: {trace}; busy cpu {busy['cpu_busy']:.0%} pcie {busy['pcie_busy']:.0%} "
+                   f"gpu {busy['gpu_busy']:.0%}, overlap {busy['overlap']:.0%}]", err=True)
 
 
 @app.command()
@@ -75,6 +85,9 @@ def serve(
     device: str | None = None,
     dtype: str | None = None,
     api_key: str | None = None,
+    gpu_memory_budget: Annotated[str | None, typer.Option(help='GPU memory cap, e.g. "24GiB"')] = None,
+    policy: Annotated[str | None, typer.Option(help="partition policy (see `scheinfer generate --help`)")] = None,
+    random_weights: Annotated[bool | None, typer.Option(help="random weights for a model name")] = None,
 ) -> None:
     """Serve the OpenAI-compatible HTTP API."""
     try:
@@ -84,7 +97,8 @@ def serve(
         typer.echo(f"error: the server needs its dependencies ({e}); pip install scheinfer", err=True)
         raise typer.Exit(2) from e
     overrides = {k: v for k, v in {"model": model, "host": host, "port": port, "device": device,
-                                   "dtype": dtype, "api_key": api_key}.items() if v is not None}
+                                   "dtype": dtype, "api_key": api_key, "gpu_memory_budget": gpu_memory_budget,
+                                   "policy": policy, "random_weights": random_weights}.items() if v is not None}
     run_server(load_settings(config, **overrides))
 
 

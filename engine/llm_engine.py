@@ -121,8 +121,22 @@ class LLMEngine:
 
     def stats(self) -> EngineStats:
         bm = self.block_manager
+        cpu_busy_s, bytes_streamed = 0.0, 0
+        if self.partition is not None:
+            executor = self.partition.executor
+            cpu_busy_s = executor.cpu_pool.busy_s
+            bytes_streamed = executor.ring.bytes_streamed if executor.ring is not None else 0
         return EngineStats(len(self.scheduler.running), len(self.scheduler.waiting), bm.usage,
-                           bm.num_free_blocks, bm.num_blocks, self._num_preemptions, self._last_step)
+                           bm.num_free_blocks, bm.num_blocks, self._num_preemptions, self._last_step,
+                           cpu_busy_s, bytes_streamed)
+
+    def plan_info(self) -> dict:
+        """The partition in force (GET /v1/engine/plan): policy, GPU memory, bytes per kind per layer."""
+        model = self.runner.model
+        info: dict = {"model": self.model_config.name, "device": str(model.device), "dtype": str(model.dtype)}
+        if self.partition is None:
+            return {**info, "policy": "single-device"}
+        return {**info, **self.partition.describe()}
 
     def prompt_logits(self, prompt_token_ids: list[int], max_chunk: int | None = None) -> torch.Tensor:
         """fp32 logits [vocab] after the last prompt token, computed in chunks of `max_chunk` tokens

@@ -39,3 +39,5 @@ class EngineStats:
     num_total_blocks: int
     num_preemptions: int
     last_step: StepStats | None
+    cpu_busy_s: float = 0.0  # seconds the CPU pool spent on CC pieces
+    bytes_streamed: int = 0  # weight bytes streamed to the GPU (CG pieces)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import logging
 import threading
 import time
@@ -39,26 +38,13 @@ def build_llm_engine(settings: ServerSettings) -> EngineLike:
     device = settings.device
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
-    values: dict[str, object] = {
-        "model": settings.model,
-        "device": device,
-        "dtype": settings.dtype,
-        "random_weights": settings.random_weights,
-        "max_model_len": settings.max_model_len,
-        "kv_cache_tokens": settings.kv_cache_tokens,
-    }
-    names = {f.name for f in dataclasses.fields(EngineConfig)}
-    if settings.gpu_memory_budget is not None:
-        if "partition" in names:
-            from engine.executor.setup import PartitionOptions
+    from engine.executor.setup import PartitionOptions
 
-            values["partition"] = PartitionOptions(gpu_memory_budget=settings.gpu_memory_budget)
-        else:
-            values["gpu_memory_budget"] = settings.gpu_memory_budget
-    unsupported = [key for key, value in values.items() if value is not None and key not in names]
-    if unsupported:
-        logger.warning("the engine ignores these settings for now: %s", ", ".join(unsupported))
-    config = EngineConfig(**{key: value for key, value in values.items() if value is not None and key in names})
+    options = {"model": settings.model, "device": device, "dtype": settings.dtype,
+               "random_weights": settings.random_weights, "max_model_len": settings.max_model_len,
+               "kv_cache_tokens": settings.kv_cache_tokens}
+    partition = PartitionOptions(settings.policy, settings.gpu_memory_budget, settings.cpu_threads)
+    config = EngineConfig(**{k: v for k, v in options.items() if v is not None}, partition=partition)
     return LLMEngine(config)
 
 

@@ -39,6 +39,8 @@ class ServerSettings(BaseSettings):
     dtype: str = "auto"
     device: str = "auto"
     gpu_memory_budget: str | None = Field(None, description='GPU memory the engine may use, e.g. "24GiB"')
+    policy: str = Field("auto", description="partition policy: auto, gpu, cpu-experts, stream, fiddler, manual:...")
+    cpu_threads: int | None = Field(None, ge=1, description="threads computing CC pieces (default: cores - 1)")
     max_model_len: int | None = Field(None, ge=1, description="context length (default: the model's)")
     kv_cache_tokens: int | None = Field(None, ge=1, description="KV cache size in tokens (default: the engine's)")
     api_key: SecretStr | None = Field(None, description="when set, /v1/* require `Authorization: Bearer <key>`")

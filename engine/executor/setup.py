@@ -36,6 +36,26 @@ class Partition:
     store: WeightStore
     executor: PartitionedExecutor
 
+    def describe(self) -> dict:
+        """JSON-ready: the policy, the GPU memory breakdown and weight bytes per kind per layer."""
+        row_bytes = 3 * self.request.config.hidden_size * self.request.itemsize
+        per_layer: dict[int, dict[str, int]] = {}
+        for (layer, _), split in sorted(self.plan.splits.items()):
+            entry = per_layer.setdefault(layer, {"GG": 0, "CG": 0, "CC": 0})
+            for kind, rows in (("GG", split.gg), ("CG", split.cg), ("CC", split.cc)):
+                entry[kind] += rows * row_bytes
+        m = self.memory
+        return {
+            "policy": self.plan.policy,
+            "dynamic": self.plan.dynamic,
+            "gpu_memory_budget_bytes": self.budget_bytes,
+            "gpu_memory": {"non_ffn_weights": m.non_ffn_weights, "resident_ffn_weights": m.resident_ffn_weights,
+                           "staging": m.staging, "kv_cache": m.kv_cache, "activations": m.activations,
+                           "total": m.total},
+            "bytes_by_kind": {k: sum(layer[k] for layer in per_layer.values()) for k in ("GG", "CG", "CC")},
+            "bytes_by_kind_per_layer": [{"layer": i, **kinds} for i, kinds in per_layer.items()],
+        }
+
     def repartition(self, policy: str | PartitionPlan) -> PartitionPlan:
         """Switches to another policy over the same resident share without moving any weight
         (host pieces change kind; a staging ring is added if the new plan streams)."""

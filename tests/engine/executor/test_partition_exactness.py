@@ -223,3 +223,17 @@ def test_cuda_bf16_random_plans_match_the_all_gpu_run(arch: str, tmp_path: Path)
             k = next((i for i, (a, b) in enumerate(zip(want, have, strict=True)) if a != b), None)
             if k is not None:
                 assert _bf16_tie(reference, prompt + want[:k], want[k], have[k]), f"seed {seed}: diverged at {k}"
+
+
+def test_plan_info_reports_bytes_per_kind_and_memory(tiny_checkpoints: dict[str, Path]) -> None:
+    llm = LLM(str(tiny_checkpoints["mixtral"]), show_progress=False, gpu_memory_budget="1.1MB",
+              policy="manual:cg=0.5", kv_cache_tokens=256, max_num_batched_tokens=64, max_num_seqs=4,
+              host_chunk_rows=16)
+    info = llm.engine.plan_info()
+    assert info["policy"] == "manual:cg=0.5"
+    assert info["gpu_memory"]["total"] <= info["gpu_memory_budget_bytes"] == 1_100_000
+    per_layer = info["bytes_by_kind_per_layer"]
+    assert len(per_layer) == 2
+    assert sum(layer["CG"] for layer in per_layer) == info["bytes_by_kind"]["CG"] > 0
+    assert info["bytes_by_kind"]["CC"] > 0 and info["bytes_by_kind"]["GG"] > 0
+    assert LLM(str(tiny_checkpoints["llama"]), show_progress=False).engine.plan_info()["policy"] == "single-device"

@@ -1,0 +1,346 @@
+// C entry points (loaded with ctypes): plan the work items of one call and run them on the pool.
+//
+// One call = all CC jobs of one layer. Three phases, each a dynamic loop over work items of all
+// jobs at once (threads take the next item from a shared counter), separated by barriers:
+//   0. pack activations where the path needs another layout (avx2, amx);
+//   1. gate and up rows of every job -> intermediate h = bf16(silu(gate @ x) * (up @ x));
+//   2. down rows of every job -> out.
+// Weights are read in place, once each (row-major as stored); h stays in cache between phases.
+#include <algorithm>
+#include <atomic>
+#include <cstdlib>
+#include <cstring>
+#include <memory>
+#include <mutex>
+#include <stdexcept>
+#include <string>
+#include <vector>
+
+#include "slice_ffn.h"
+#include "thread_pool.h"
+
+namespace scheinfer {
+
+int64_t scratch_floats(const Job& j, int64_t rows1, int64_t rows2) {
+  if (j.path == kPathAmx) {
+    const int64_t kb = tuning().amx_k_block;
+    return std::max(rows1 * 2 * j.t_pad + rows1 * kb, rows2 * j.t_pad + rows2 / 2 * kb);
+  }
+  return 2 * rows1 * 8;
+}
+
+Tuning& tuning() {
+  static Tuning t;
+  return t;
+}
+
+ThreadScratch::~ThreadScratch() { std::free(data_); }
+
+float* ThreadScratch::floats(size_t count) {
+  if (count > capacity_) {
+    std::free(data_);
+    size_t bytes = ((count * sizeof(float) + 63) / 64) * 64;
+    data_ = static_cast<float*>(std::aligned_alloc(64, bytes));
+    if (data_ == nullptr) throw std::runtime_error("out of memory for kernel scratch");
+    capacity_ = count;
+  }
+  return data_;
+}
+
+namespace {
+
+struct Item {
+  int32_t job;
+  int64_t begin, end;
+};
+
+std::mutex g_call_mutex;  // one call at a time: the pool and the scratch are shared
+ThreadPool* g_pool = nullptr;  // leaked on exit on purpose (no join during interpreter teardown)
+std::vector<std::unique_ptr<ThreadScratch>> g_thread_scratch;
+char* g_scratch = nullptr;
+size_t g_scratch_bytes = 0;
+std::string g_error;
+int g_available = -1;
+
+int64_t clamp64(int64_t v, int64_t lo, int64_t hi) { return std::max(lo, std::min(hi, v)); }
+
+void ensure_pool(int num_threads) {
+  if (g_pool != nullptr && g_pool->size() == num_threads) return;
+  delete g_pool;
+  g_pool = new ThreadPool(num_threads);
+  g_thread_scratch.clear();
+  for (int i = 0; i < num_threads; ++i) g_thread_scratch.emplace_back(new ThreadScratch());
+}
+
+char* scratch(size_t bytes) {
+  if (bytes > g_scratch_bytes) {
+    std::free(g_scratch);
+    g_scratch_bytes = round_up(static_cast<int64_t>(bytes), 1 << 21);
+    g_scratch = static_cast<char*>(std::aligned_alloc(4096, g_scratch_bytes));
+    if (g_scratch == nullptr) {
+      g_scratch_bytes = 0;
+      throw std::runtime_error("out of memory for kernel intermediates");
+    }
+  }
+  return g_scratch;
+}
+
+int available_paths() {
+  if (g_available < 0) {
+    g_available = 0;
+    if (avx2_compiled()) g_available |= 1 << kPathAvx2;
+    if (avx512_compiled()) g_available |= 1 << kPathAvx512;
+    if (amx_compiled() && amx_request_permission()) g_available |= 1 << kPathAmx;
+  }
+  return g_available;
+}
+
+int choose_path(const JobDesc& d, int max_path, int available) {
+  bool amx_shape = d.hidden % 32 == 0 && d.n % 32 == 0 && d.num_tokens >= tuning().amx_min_tokens;
+  if (max_path >= kPathAmx && (available >> kPathAmx & 1) && amx_shape) return kPathAmx;
+  if (max_path >= kPathAvx512 && (available >> kPathAvx512 & 1)) return kPathAvx512;
+  if (max_path >= kPathAvx2 && (available >> kPathAvx2 & 1)) return kPathAvx2;
+  return kPathNone;
+}
+
+// Lays out every job's scratch in one buffer; returns its size in bytes (offsets kept in the jobs
+// as integers until the buffer exists).
+size_t plan_scratch(std::vector<Job>& jobs) {
+  size_t offset = 0;
+  auto take = [&](size_t bytes) {
+    size_t at = offset;
+    offset += round_up(static_cast<int64_t>(bytes), 64);
+    return at;
+  };
+  for (Job& j : jobs) {
+    size_t x_at = 0, h_at = 0;
+    if (j.path == kPathAvx2) {
+      j.x_stride = round_up(j.H, 16);
+      j.h_stride = round_up(j.N, 16);
+      x_at = take(j.T * j.x_stride * sizeof(float));
+      h_at = take(j.T * j.h_stride * sizeof(float));
+    } else if (j.path == kPathAvx512) {
+      j.h_stride = round_up(j.N, 32);
+      h_at = take(j.T * j.h_stride * sizeof(bf16_t));
+    } else {  // amx
+      j.t_pad = round_up(j.T, 16);
+      x_at = take(j.H / 2 * j.t_pad * sizeof(uint32_t));
+      h_at = take(j.N / 2 * j.t_pad * sizeof(uint32_t));
+    }
+    j.xpack = reinterpret_cast<void*>(x_at);
+    j.h = reinterpret_cast<void*>(h_at);
+  }
+  return offset;
+}
+
+// Returns the per-thread scratch (floats) that the largest item needs.
+int64_t plan_items(const std::vector<Job>& jobs, int num_threads, std::vector<Item>& pack, std::vector<Item>& p1,
+                   std::vector<Item>& p2) {
+  int64_t scratch_need = 0;
+  // AMX items are heavy: shrink them until every thread gets about 8 per phase.
+  const int64_t target_items = 8 * static_cast<int64_t>(num_threads);
+  const int64_t num_jobs = static_cast<int64_t>(jobs.size());
+  const Tuning& t = tuning();
+  for (int32_t i = 0; i < static_cast<int32_t>(jobs.size()); ++i) {
+    const Job& j = jobs[i];
+    int64_t pack_rows, rows1, rows2, pack_total;
+    if (j.path == kPathAmx) {
+      pack_total = j.H / 2;
+      pack_rows = std::max<int64_t>(1, 16384 / j.t_pad);
+      const int64_t rows = j.t_pad > 32 ? t.amx_prefill_rows : t.amx_rows;  // weight rows per item
+      rows1 = clamp64(std::min(rows / 2, j.N * num_jobs / target_items) / 16 * 16, 16, j.N);  // multiple of 16
+      rows2 = clamp64(std::min(rows, j.H * num_jobs / target_items) / 32 * 32, 32, j.H);    // multiple of 32
+    } else {
+      pack_total = j.path == kPathAvx2 ? j.T : 0;
+      pack_rows = std::max<int64_t>(1, 4096 / std::max<int64_t>(1, j.H));
+      rows1 = clamp64(t.item_bytes / (4 * std::max<int64_t>(1, j.H)), 1, std::max<int64_t>(1, j.N));
+      rows2 = clamp64(t.item_bytes / (2 * std::max<int64_t>(1, j.N)), 1, std::max<int64_t>(1, j.H));
+      rows1 = rows1 >= 8 ? rows1 / 8 * 8 : rows1;
+      rows2 = rows2 >= 8 ? rows2 / 8 * 8 : rows2;
+    }
+    scratch_need = std::max(scratch_need, scratch_floats(j, rows1, rows2));
+    for (int64_t b = 0; b < pack_total; b += pack_rows) pack.push_back({i, b, std::min(pack_total, b + pack_rows)});
+    for (int64_t b = 0; b < j.N; b += rows1) p1.push_back({i, b, std::min(j.N, b + rows1)});
+    for (int64_t b = 0; b < j.H; b += rows2) p2.push_back({i, b, std::min(j.H, b + rows2)});
+  }
+  return scratch_need;
+}
+
+// Each thread takes items from `next` until none is left.
+template <typename F>
+void drain(const std::vector<Item>& items, std::atomic<int64_t>& next, F&& body) {
+  const int64_t count = static_cast<int64_t>(items.size());
+  for (int64_t i = next.fetch_add(1, std::memory_order_relaxed); i < count;
+       i = next.fetch_add(1, std::memory_order_relaxed)) {
+    body(items[i]);
+  }
+}
+
+void run_jobs(std::vector<Job>& jobs, int num_threads) {
+  ensure_pool(num_threads);
+  char* base = scratch(plan_scratch(jobs));
+  for (Job& j : jobs) {
+    j.xpack = base + reinterpret_cast<size_t>(j.xpack);
+    j.h = base + reinterpret_cast<size_t>(j.h);
+  }
+  std::vector<Item> pack, p1, p2;
+  int64_t scratch_need = plan_items(jobs, g_pool->size(), pack, p1, p2);
+  for (auto& ts : g_thread_scratch) ts->floats(scratch_need);  // allocate here: no throw in threads
+  bool any_amx = std::any_of(jobs.begin(), jobs.end(), [](const Job& j) { return j.path == kPathAmx; });
+  std::atomic<int64_t> next_pack{0}, next1{0}, next2{0};
+  std::atomic<int> failures{0};
+
+  g_pool->run([&](int tid) {
+    ThreadScratch& ts = *g_thread_scratch[tid];
+    try {
+      if (any_amx) amx_configure_thread();
+      if (!pack.empty()) {
+        drain(pack, next_pack, [&](const Item& it) {
+          const Job& j = jobs[it.job];
+          if (j.path == kPathAmx) amx_pack(j, it.begin, it.end);
+          else avx2_pack(j, it.begin, it.end);
+        });
+        g_pool->barrier();
+      }
+      drain(p1, next1, [&](const Item& it) {
+        const Job& j = jobs[it.job];
+        if (j.path == kPathAmx) amx_phase1(j, it.begin, it.end, ts);
+        else if (j.path == kPathAvx512) avx512_phase1(j, it.begin, it.end, ts);
+        else avx2_phase1(j, it.begin, it.end, ts);
+      });
+      g_pool->barrier();
+      drain(p2, next2, [&](const Item& it) {
+        const Job& j = jobs[it.job];
+        if (j.path == kPathAmx) amx_phase2(j, it.begin, it.end, ts);
+        else if (j.path == kPathAvx512) avx512_phase2(j, it.begin, it.end, ts);
+        else avx2_phase2(j, it.begin, it.end, ts);
+      });
+      if (any_amx) amx_release_thread();
+    } catch (...) {
+      failures.fetch_add(1);  // nothing should throw here: scratch is allocated before the run
+    }
+  });
+  if (failures.load() != 0) throw std::runtime_error("out of memory in a kernel thread");
+}
+
+}  // namespace
+}  // namespace scheinfer
+
+using namespace scheinfer;
+
+extern "C" {
+
+// Bitmask of usable paths: bit 1 avx2, bit 2 avx512_bf16, bit 3 amx.
+int scheinfer_available_paths() { return available_paths(); }
+
+const char* scheinfer_last_error() { return g_error.c_str(); }
+
+int scheinfer_set_tuning(const char* key, int64_t value) {
+  Tuning& t = tuning();
+  std::string k(key);
+  if (k == "item_bytes") t.item_bytes = std::max<int64_t>(1, value);
+  else if (k == "prefetch_bytes") t.prefetch_bytes = std::max<int64_t>(0, value);
+  else if (k == "decode_rows") t.decode_rows = value;
+  else if (k == "amx_min_tokens") t.amx_min_tokens = std::max<int64_t>(1, value);
+  else if (k == "amx_rows") t.amx_rows = clamp64(round_up(value, 32), 32, 1024);
+  else if (k == "amx_prefill_rows") t.amx_prefill_rows = clamp64(round_up(value, 32), 32, 1024);
+  else if (k == "amx_k_block") t.amx_k_block = std::max<int64_t>(32, round_up(value, 32));
+  else if (k == "spin_us") t.spin_us = std::max<int64_t>(0, value);
+  else return 1;
+  return 0;
+}
+
+int64_t scheinfer_get_tuning(const char* key) {
+  const Tuning& t = tuning();
+  std::string k(key);
+  if (k == "item_bytes") return t.item_bytes;
+  if (k == "prefetch_bytes") return t.prefetch_bytes;
+  if (k == "decode_rows") return t.decode_rows;
+  if (k == "amx_min_tokens") return t.amx_min_tokens;
+  if (k == "amx_rows") return t.amx_rows;
+  if (k == "amx_prefill_rows") return t.amx_prefill_rows;
+  if (k == "amx_k_block") return t.amx_k_block;
+  if (k == "spin_us") return t.spin_us;
+  return -1;
+}
+
+// descs: num_jobs x 10 int64 (JobDesc). max_path caps the path (3 amx, 2 avx512, 1 avx2).
+// Returns 0, or 1 with scheinfer_last_error() set. Shapes are validated by the caller.
+int scheinfer_run(const int64_t* descs, int num_jobs, int max_path, int num_threads) {
+  std::lock_guard<std::mutex> lock(g_call_mutex);
+  try {
+    int available = available_paths();
+    std::vector<Job> jobs;
+    for (int i = 0; i < num_jobs; ++i) {
+      JobDesc d;
+      std::memcpy(&d, descs + 10 * i, sizeof(JobDesc));
+      if (d.num_tokens == 0 || d.hidden == 0) continue;
+      float* out = reinterpret_cast<float*>(d.out);
+      if (d.n == 0) {  // empty slice: the partial output is zero
+        for (int64_t t = 0; t < d.num_tokens; ++t) std::memset(out + t * d.out_stride, 0, d.hidden * sizeof(float));
+        continue;
+      }
+      Job j{};
+      j.x = reinterpret_cast<const bf16_t*>(d.x);
+      j.T = d.num_tokens;
+      j.H = d.hidden;
+      j.gu = reinterpret_cast<const bf16_t*>(d.gate_up);
+      j.gu_stride = d.gate_up_stride;
+      j.N = d.n;
+      j.down = reinterpret_cast<const bf16_t*>(d.down);
+      j.down_stride = d.down_stride;
+      j.out = out;
+      j.out_stride = d.out_stride;
+      j.path = choose_path(d, max_path, available);
+      if (j.path == kPathNone) throw std::runtime_error("no kernel path is available on this CPU");
+      jobs.push_back(j);
+    }
+    if (!jobs.empty()) run_jobs(jobs, num_threads < 1 ? 1 : num_threads);
+    return 0;
+  } catch (const std::exception& e) {
+    g_error = e.what();
+    return 1;
+  }
+}
+
+// The path each job of a call would take (for tests and kernel_info), without running it.
+int scheinfer_job_path(const int64_t* desc, int max_path) {
+  JobDesc d;
+  std::memcpy(&d, desc, sizeof(JobDesc));
+  return choose_path(d, max_path, available_paths());
+}
+
+// Benchmark helper: reads [data, data + bytes) once with num_threads pool threads; returns a
+// checksum so that the reads cannot be optimised away. Each thread reads 1 MiB chunks as 8
+// interleaved sequential streams (as the kernels read 8 weight rows at once): one stream per core
+// does not keep enough misses in flight to reach DRAM bandwidth.
+int64_t scheinfer_stream_read(const void* data, int64_t bytes, int num_threads) {
+  typedef uint64_t v8 __attribute__((vector_size(64)));
+  constexpr int64_t kChunk = 1 << 20, kStreams = 8, kPart = kChunk / kStreams;
+  std::lock_guard<std::mutex> lock(g_call_mutex);
+  ensure_pool(num_threads < 1 ? 1 : num_threads);
+  const char* base = static_cast<const char*>(data);
+  const int64_t num_chunks = bytes / kChunk;
+  std::atomic<int64_t> next{0};
+  std::atomic<uint64_t> total{0};
+  g_pool->run([&](int) {
+    v8 acc[kStreams] = {};
+    for (int64_t c = next.fetch_add(1); c < num_chunks; c = next.fetch_add(1)) {
+      const char* chunk = base + c * kChunk;
+      for (int64_t i = 0; i < kPart; i += 64) {
+        for (int s = 0; s < kStreams; ++s) {
+          v8 v;
+          std::memcpy(&v, chunk + s * kPart + i, sizeof(v));
+          acc[s] ^= v;
+        }
+      }
+    }
+    uint64_t sum = 0;
+    for (int s = 0; s < kStreams; ++s)
+      for (int e = 0; e < 8; ++e) sum ^= acc[s][e];
+    total.fetch_xor(sum);
+  });
+  return static_cast<int64_t>(total.load());
+}
+
+}  // extern "C"

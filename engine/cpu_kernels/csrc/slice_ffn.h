@@ -1,0 +1,110 @@
+// Fused CPU kernel for FFN unit slices: out = down @ (silu(gate @ x) * (up @ x)).
+//
+// Shared declarations of the driver (api.cpp) and the per-ISA kernels (kernels_*.cpp).
+// Every file is compiled with -march=native on the machine that runs it; a kernel whose ISA the
+// compiler does not enable is compiled as a stub that is never called (see *_compiled()).
+#pragma once
+
+#include <cstddef>
+#include <cstdint>
+
+namespace scheinfer {
+
+using bf16_t = uint16_t;
+
+enum Path : int { kPathNone = 0, kPathAvx2 = 1, kPathAvx512 = 2, kPathAmx = 3 };
+
+// One job as the Python side lays it out: 10 int64 fields (see engine/cpu_kernels/slice_job.py).
+struct JobDesc {
+  int64_t x, num_tokens, hidden, gate_up, gate_up_stride, n, down, down_stride, out, out_stride;
+};
+
+// One job with its path and scratch. Shapes: x [T, H] (row stride H), gate_up [2N, H] (row stride
+// gu_stride), down [H, N] (row stride down_stride), out [T, H] fp32 (row stride out_stride).
+struct Job {
+  const bf16_t* x;
+  int64_t T, H;
+  const bf16_t* gu;
+  int64_t gu_stride;
+  int64_t N;
+  const bf16_t* down;
+  int64_t down_stride;
+  float* out;
+  int64_t out_stride;
+  int path;
+  // Packed activations (avx2: fp32 pair-split [T][x_stride]; amx: VNNI dwords [H/2][t_pad]).
+  void* xpack;
+  int64_t x_stride;
+  // Intermediate act(gate)*up rounded to bf16. avx512: bf16 [T][h_stride];
+  // avx2: fp32 pair-split [T][h_stride]; amx: VNNI dwords [N/2][t_pad].
+  void* h;
+  int64_t h_stride;
+  int64_t t_pad;  // amx: T rounded up to 16
+};
+
+// Run-time knobs (set from Python for tuning; defaults are the tuned values).
+struct Tuning {
+  int64_t item_bytes = 256 << 10;  // weight bytes per work item (avx2/avx512 paths)
+  int64_t prefetch_bytes = 512;    // software prefetch distance in the weight streams (0: off)
+  int64_t decode_rows = 8;         // rows per avx512 micro-kernel pass at one token: 1, 2, 4 or 8
+  int64_t amx_min_tokens = 5;      // jobs with fewer tokens use avx512
+  int64_t amx_rows = 64;           // weight rows per amx work item, up to 32 tokens (multiple of 32)
+  int64_t amx_prefill_rows = 128;  // weight rows per amx work item, more tokens (multiple of 32)
+  int64_t amx_k_block = 256;       // amx K blocking (multiple of 32)
+  int64_t spin_us = 300;           // idle workers spin this long before sleeping
+};
+Tuning& tuning();
+
+// Per-thread scratch memory: grows, never shrinks; 64-byte aligned.
+class ThreadScratch {
+ public:
+  ThreadScratch() = default;
+  ThreadScratch(const ThreadScratch&) = delete;
+  ThreadScratch& operator=(const ThreadScratch&) = delete;
+  ~ThreadScratch();
+  float* floats(size_t count);
+
+ private:
+  float* data_ = nullptr;
+  size_t capacity_ = 0;
+};
+
+inline int64_t round_up(int64_t a, int64_t b) { return (a + b - 1) / b * b; }
+
+// bf16 <-> fp32 (round to nearest even, NaN kept quiet).
+inline float bf16_to_f32(bf16_t v) {
+  union { uint32_t u; float f; } c;
+  c.u = static_cast<uint32_t>(v) << 16;
+  return c.f;
+}
+inline bf16_t f32_to_bf16(float f) {
+  union { uint32_t u; float f; } c;
+  c.f = f;
+  if ((c.u & 0x7fffffffu) > 0x7f800000u) return static_cast<bf16_t>((c.u >> 16) | 0x40u);
+  c.u += 0x7fffu + ((c.u >> 16) & 1u);
+  return static_cast<bf16_t>(c.u >> 16);
+}
+
+// Kernels. pack: rows [begin, end) of the packed activations; phase1: intermediate rows [begin, end)
+// (gate rows and their up rows); phase2: output columns (down rows) [begin, end).
+bool avx2_compiled();
+void avx2_pack(const Job& job, int64_t begin, int64_t end);
+void avx2_phase1(const Job& job, int64_t begin, int64_t end, ThreadScratch& scratch);
+void avx2_phase2(const Job& job, int64_t begin, int64_t end, ThreadScratch& scratch);
+
+bool avx512_compiled();
+void avx512_phase1(const Job& job, int64_t begin, int64_t end, ThreadScratch& scratch);
+void avx512_phase2(const Job& job, int64_t begin, int64_t end, ThreadScratch& scratch);
+
+bool amx_compiled();
+bool amx_request_permission();  // asks Linux for the AMX tile state; false if refused
+void amx_pack(const Job& job, int64_t begin, int64_t end);
+void amx_phase1(const Job& job, int64_t begin, int64_t end, ThreadScratch& scratch);
+void amx_phase2(const Job& job, int64_t begin, int64_t end, ThreadScratch& scratch);
+void amx_configure_thread();  // load the tile configuration on the calling thread
+void amx_release_thread();
+
+// Floats of per-thread scratch that a work item of `rows` rows of this job needs.
+int64_t scratch_floats(const Job& job, int64_t rows1, int64_t rows2);
+
+}  // namespace scheinfer

@@ -1,0 +1,190 @@
+"""run_slice_jobs and kernel_info: pick the kernel path, build on first use, fall back to torch.
+
+Path choice: SCHEINFER_CPU_KERNEL = auto (default) | amx | avx512_bf16 | avx2 | torch caps the path;
+under that cap each job takes the best path its CPU, shape and token count allow (AMX for blocks
+of at least amx_min_tokens tokens, AVX512-BF16 below, AVX2+FMA without AVX512-BF16).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import logging
+import os
+import threading
+from array import array
+from dataclasses import dataclass, field
+
+from engine.cpu_kernels.build import BuiltLibrary, KernelBuildError, build_library
+from engine.cpu_kernels.cpu_info import cpu_info, default_num_threads
+from engine.cpu_kernels.slice_job import SliceJob, check_shapes, describe, kernel_ready
+from engine.cpu_kernels.torch_path import run_torch_jobs
+
+logger = logging.getLogger(__name__)
+
+PATHS = ("avx2", "avx512_bf16", "amx")  # index + 1 = the C++ Path enum
+KERNEL_ACTIVATIONS = frozenset({"silu"})
+
+
+@dataclass
+class _State:
+    lock: threading.Lock = field(default_factory=threading.Lock)
+    built: BuiltLibrary | None = None
+    build_error: str | None = None
+    tried: bool = False
+    num_threads: int | None = None
+    logged_path: str | None = None
+
+
+_state = _State()
+
+
+def requested_path() -> str:
+    value = os.environ.get("SCHEINFER_CPU_KERNEL", "auto").strip().lower() or "auto"
+    if value not in ("auto", "torch", *PATHS):
+        raise ValueError(f"SCHEINFER_CPU_KERNEL={value!r}: expected auto, torch, {', '.join(PATHS)}")
+    return value
+
+
+def _library() -> BuiltLibrary | None:
+    """The built kernels, building them on first use; None after a build failure."""
+    with _state.lock:
+        if not _state.tried:
+            _state.tried = True
+            try:
+                _state.built = build_library()
+            except KernelBuildError as exc:
+                _state.build_error = str(exc)
+                logger.warning("cpu kernels: build failed, using the torch path: %s", exc)
+        return _state.built
+
+
+def available_paths() -> list[str]:
+    """Kernel paths this CPU and build can run (best last); empty when the build failed."""
+    built = _library()
+    if built is None:
+        return []
+    mask = built.lib.scheinfer_available_paths()
+    return [p for i, p in enumerate(PATHS) if mask >> (i + 1) & 1]
+
+
+def num_threads() -> int:
+    return _state.num_threads or default_num_threads()
+
+
+def set_num_threads(count: int) -> None:
+    """Threads of the kernels' pool (the calling thread included); default SCHEINFER_CPU_THREADS."""
+    if count < 1:
+        raise ValueError(f"thread count must be >= 1, got {count}")
+    _state.num_threads = count
+
+
+def set_tuning(key: str, value: int) -> None:
+    """Sets a knob of the C++ driver (see Tuning in csrc/slice_ffn.h); for benchmarks."""
+    built = _library()
+    if built is None or built.lib.scheinfer_set_tuning(key.encode(), value) != 0:
+        raise ValueError(f"cannot set kernel tuning {key!r}")
+
+
+def get_tuning(key: str) -> int:
+    built = _library()
+    return -1 if built is None else int(built.lib.scheinfer_get_tuning(key.encode()))
+
+
+def _active(requested: str) -> tuple[str, int, str]:
+    """(top path in force, its cap for the C++ driver, why)."""
+    if requested == "torch":
+        return "torch", 0, "forced by SCHEINFER_CPU_KERNEL=torch"
+    available = available_paths()
+    if not available:
+        why = _state.build_error or f"CPU lacks {cpu_info().missing('avx2')}"
+        return "torch", 0, f"no kernel path: {why}"
+    allowed = available if requested == "auto" else [p for p in available if PATHS.index(p) <= PATHS.index(requested)]
+    if not allowed:
+        return "torch", 0, f"SCHEINFER_CPU_KERNEL={requested} but this CPU/build offers only {available}"
+    best = allowed[-1]
+    why = "best path this CPU offers" if requested == "auto" else f"SCHEINFER_CPU_KERNEL={requested}"
+    if requested not in ("auto", best):
+        why += f" is not available here; using {best}"
+    missing = [p for p in PATHS if p not in available]
+    if missing:
+        why += "; unavailable: " + ", ".join(f"{p} ({_why_missing(p)})" for p in missing)
+    return best, PATHS.index(best) + 1, why
+
+
+def _why_missing(path: str) -> str:
+    flags = cpu_info().missing(path)
+    if flags:
+        return "CPU lacks " + " ".join(flags)
+    return "the OS refused AMX tile state" if path == "amx" else "compiler did not enable it"
+
+
+def kernel_info() -> dict:
+    """Which path is active ("amx", "avx512_bf16", "avx2" or "torch") and why, with the details."""
+    requested = requested_path()
+    path, _, reason = _active(requested)
+    built = _state.built
+    info: dict = {
+        "path": path,
+        "reason": reason,
+        "requested": requested,
+        "available": available_paths() if requested != "torch" or built else [],
+        "num_threads": num_threads(),
+        "cpu": {"model": cpu_info().model_name, "physical_cores": cpu_info().num_physical_cores,
+                "logical_cpus": cpu_info().num_logical_cpus,
+                "flags": sorted(f for f in cpu_info().flags if f.startswith(("avx", "amx", "fma")))},
+        "build_error": _state.build_error,
+        "library": str(built.path) if built else None,
+        "build_s": round(built.seconds, 3) if built else None,
+    }
+    if path == "amx":
+        amx_min = get_tuning("amx_min_tokens")
+        info["amx_min_tokens"] = amx_min
+        info["by_tokens"] = {f"< {amx_min}": "avx512_bf16", f">= {amx_min}": "amx"}
+    return info
+
+
+def _log_choice(path: str, reason: str) -> None:
+    if _state.logged_path != path:
+        _state.logged_path = path
+        built = _state.built
+        logger.info("cpu kernels: path=%s (%s), threads=%d, library=%s", path, reason, num_threads(),
+                    built.path if built else "none")
+
+
+def run_slice_jobs(jobs: list[SliceJob], activation: str = "silu") -> None:
+    """Computes every job's out = down @ (act(gate @ x) * (up @ x)) as one parallel job.
+
+    All jobs of one layer go in one call: their row blocks are spread over the kernel threads
+    together. bf16 jobs with activation silu run in the C++ kernels; other jobs in torch.
+    Not re-entrant: calls from several threads are serialised.
+    """
+    for job in jobs:
+        check_shapes(job)
+    path, cap, reason = _active(requested_path())
+    _log_choice(path, reason)
+    if cap == 0 or activation not in KERNEL_ACTIVATIONS:
+        run_torch_jobs(jobs, activation)
+        return
+    native = [j for j in jobs if kernel_ready(j)]
+    others = [j for j in jobs if not kernel_ready(j)]
+    if others:
+        run_torch_jobs(others, activation)
+    if not native:
+        return
+    records = array("q")
+    for job in native:
+        records.extend(describe(job))
+    buffer = (ctypes.c_int64 * len(records)).from_buffer(records)
+    lib = _state.built.lib  # type: ignore[union-attr]
+    if lib.scheinfer_run(ctypes.addressof(buffer), len(native), cap, num_threads()) != 0:
+        raise RuntimeError(f"cpu kernel failed: {lib.scheinfer_last_error().decode()}")
+
+
+def job_path(job: SliceJob) -> str:
+    """The path this job would take now (for tests and benchmarks)."""
+    _, cap, _ = _active(requested_path())
+    if cap == 0 or not kernel_ready(job):
+        return "torch"
+    records = array("q", describe(job))
+    buffer = (ctypes.c_int64 * len(records)).from_buffer(records)
+    return PATHS[_state.built.lib.scheinfer_job_path(ctypes.addressof(buffer), cap) - 1]  # type: ignore[union-attr]

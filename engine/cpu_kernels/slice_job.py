@@ -1,0 +1,64 @@
+"""SliceJob: one FFN unit slice applied to the tokens routed to it, and its checks."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+# Field order of the int64 record handed to the C++ driver (JobDesc in csrc/slice_ffn.h).
+DESC_FIELDS = ("x", "num_tokens", "hidden", "gate_up", "gate_up_stride", "n", "down", "down_stride",
+               "out", "out_stride")
+
+
+@dataclass
+class SliceJob:
+    """out = down @ (act(gate @ x) * (up @ x)) for one unit slice.
+
+    x: [num_tokens, hidden] bf16, contiguous, CPU: the routed tokens' activations.
+    gate_up: [2n, hidden] bf16, CPU: gate rows [0, n) then up rows [n, 2n) of one unit slice
+        (a view into model storage, rows may be strided, elements contiguous; may be pinned).
+    down: [hidden, n] bf16, CPU (rows may be strided, elements contiguous).
+    out: [num_tokens, hidden] fp32, CPU: written (not accumulated).
+    """
+
+    x: torch.Tensor
+    gate_up: torch.Tensor
+    down: torch.Tensor
+    out: torch.Tensor
+
+
+def check_shapes(job: SliceJob) -> None:
+    """Raises ValueError when the tensors do not describe one slice job."""
+    x, gate_up, down, out = job.x, job.gate_up, job.down, job.out
+    for name, t in (("x", x), ("gate_up", gate_up), ("down", down), ("out", out)):
+        if t.dim() != 2:
+            raise ValueError(f"SliceJob.{name} must be 2-D, got shape {tuple(t.shape)}")
+        if t.device.type != "cpu":
+            raise ValueError(f"SliceJob.{name} must be on the CPU, got {t.device}")
+    num_tokens, hidden = x.shape
+    if gate_up.shape[1] != hidden or gate_up.shape[0] % 2:
+        raise ValueError(f"gate_up {tuple(gate_up.shape)} is not [2n, {hidden}]")
+    n = gate_up.shape[0] // 2
+    if tuple(down.shape) != (hidden, n):
+        raise ValueError(f"down {tuple(down.shape)} is not [{hidden}, {n}]")
+    if tuple(out.shape) != (num_tokens, hidden):
+        raise ValueError(f"out {tuple(out.shape)} is not [{num_tokens}, {hidden}]")
+    if out.dtype != torch.float32:
+        raise ValueError(f"out must be float32, got {out.dtype}")
+
+
+def kernel_ready(job: SliceJob) -> bool:
+    """True when the C++ kernels take this job: bf16 operands with the layouts they read."""
+    x, gate_up, down, out = job.x, job.gate_up, job.down, job.out
+    if not (x.dtype == gate_up.dtype == down.dtype == torch.bfloat16):
+        return False
+    return (x.is_contiguous() and (gate_up.stride(1) == 1 or gate_up.shape[1] <= 1)
+            and (down.stride(1) == 1 or down.shape[1] <= 1) and (out.stride(1) == 1 or out.shape[1] <= 1))
+
+
+def describe(job: SliceJob) -> tuple[int, ...]:
+    """The job's int64 record (DESC_FIELDS order) for the C++ driver."""
+    x, gate_up, down, out = job.x, job.gate_up, job.down, job.out
+    return (x.data_ptr(), x.shape[0], x.shape[1], gate_up.data_ptr(), gate_up.stride(0), down.shape[1],
+            down.data_ptr(), down.stride(0), out.data_ptr(), out.stride(0))
