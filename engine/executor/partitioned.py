@@ -7,6 +7,7 @@ For one layer (all routed experts, or the dense MLP, as one job):
   3. GG pieces, then CG pieces as their copies complete, are computed on the compute stream.
   4. The CPU partials come back host->device and are summed in fp32 with the GPU partials.
 The driving thread only waits for the CPU at the end of the layer, where its result is needed.
+Which host pieces go to the CPU or over PCIe in a step is token assignment's choice.
 Pieces of the next layer that will surely be needed (dense MLP, shared expert) are prefetched.
 """
 
@@ -14,7 +15,6 @@ from __future__ import annotations
 
 from collections import deque
 from collections.abc import Callable
-from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -23,25 +23,12 @@ from engine.executor.accelerator import Accelerator
 from engine.executor.cpu_pool import CpuJob, CpuPool
 from engine.executor.staging import StagedSlice, StagingRing
 from engine.executor.timeline import StepTimeline, host_mark
+from engine.executor.token_assignment import DispatchRates, assign
 from engine.model.decoder import DecoderModel
 from engine.model.ffn import FFNUnit, UnitSlice
 from engine.model.moe import MoEBlock
 from engine.model.weights import DENSE_MLP, SHARED_EXPERT
 from engine.placement.plan import PartitionPlan, PieceKind
-
-
-@dataclass(frozen=True)
-class DispatchRates:
-    """Rates for the per-step CPU-or-stream rule of dynamic plans (defaults: DESIGN.md's GPU machine)."""
-
-    cpu_bytes_s: float = 67e9
-    cpu_flops: float = 2.1e12
-    pcie_bytes_s: float = 54.6e9
-
-    def prefers_cpu(self, piece: UnitSlice, num_tokens: int) -> bool:
-        params = piece.gate_up.numel() + piece.down.numel()
-        cpu_s = max(piece.num_bytes / self.cpu_bytes_s, 2 * num_tokens * params / self.cpu_flops)
-        return cpu_s <= piece.num_bytes / self.pcie_bytes_s
 
 
 class PartitionedExecutor:
@@ -78,26 +65,13 @@ class PartitionedExecutor:
         self.dynamic = plan.dynamic
         self.overlap = plan.dynamic != "fiddler"
 
-    # -- where each piece's tokens are computed --------------------------------------------
-
-    def _where(self, piece: UnitSlice, num_tokens: int) -> PieceKind:
-        kind = PieceKind(piece.kind) if piece.kind else PieceKind.GG
-        if kind is PieceKind.GG or self.dynamic is None:
-            return kind
-        return PieceKind.CC if self.rates.prefers_cpu(piece, num_tokens) else PieceKind.CG
-
     # -- one layer ---------------------------------------------------------------------------
 
     def __call__(self, layer: int, items: list[tuple[FFNUnit, torch.Tensor]]) -> list[torch.Tensor]:
         acc = self.accelerator
         sums = [torch.zeros(x.shape, dtype=torch.float32, device=x.device) for _, x in items]
-        on_gpu: list[tuple[int, UnitSlice]] = []
-        streamed: list[tuple[int, UnitSlice]] = []
-        on_cpu: list[tuple[int, UnitSlice]] = []
-        for i, (unit, x) in enumerate(items):
-            for piece in unit.slices:
-                where = self._where(piece, x.shape[0])
-                {PieceKind.GG: on_gpu, PieceKind.CG: streamed, PieceKind.CC: on_cpu}[where].append((i, piece))
+        placed = assign(self.dynamic, items, self.rates)
+        on_gpu, streamed, on_cpu = placed.on_gpu, placed.streamed, placed.on_cpu
 
         cpu_future = self._start_cpu(items, on_cpu)
         if cpu_future is not None and not self.overlap:

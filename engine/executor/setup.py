@@ -100,7 +100,7 @@ def build_partitioned(model: str, model_config: ModelConfig, device: str, dtype:
         if budget is not None:
             memory.check(budget)
     else:
-        policy = options.policy if options.policy != "auto" else ("manual:cg=0.45" if budget else "gpu")
+        policy = options.policy if options.policy != "auto" else ("balanced:cg=0.45" if budget else "gpu")
         plan, memory = make_plan(policy, request)
     accelerator = Accelerator.for_device(device)
     if accelerator.is_cuda and budget is not None:

@@ -9,6 +9,8 @@ over all units; they differ in what they do with the rest:
     manual:cg=F  the rest split, a share F of every unit's non-resident rows streamed (CG), the rest CC
     manual:gg=A,cg=B   fixed fractions of every unit (CC gets the remainder)
     manual:PATH  an explicit plan file (PartitionPlan JSON)
+    balanced:cg=F      a manual split whose host pieces are re-assigned every step by token
+                       assignment (decode keeps the split, prefill leans to streaming)
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ from engine.placement.memory import (
 )
 from engine.placement.plan import PartitionPlan, UnitSplit
 
-POLICIES = ("gpu", "cpu-experts", "stream", "fiddler", "manual")
+POLICIES = ("gpu", "cpu-experts", "stream", "fiddler", "manual", "balanced")
 
 
 @dataclass(frozen=True)
@@ -110,7 +112,7 @@ def make_plan(policy: str, req: PlanRequest) -> tuple[PartitionPlan, GpuMemoryBr
         plan = PartitionPlan(name, _split_all(req, split), "fiddler" if name == "fiddler" else None, chunk)
     elif name == "manual" and spec.endswith(".json"):
         plan = PartitionPlan.from_file(spec)
-    elif name == "manual":
+    elif name in ("manual", "balanced"):
         fractions = _parse_manual(spec or "cg=0.45")
         gg_fraction = fractions.get("gg")
         if gg_fraction is None:
@@ -122,7 +124,8 @@ def make_plan(policy: str, req: PlanRequest) -> tuple[PartitionPlan, GpuMemoryBr
             cg = min(cg, size - gg)
             return UnitSplit(gg, cg, size - gg - cg)
 
-        plan = PartitionPlan(f"manual:{spec or 'cg=0.45'}", _split_all(req, split), None, chunk)
+        dynamic = "balance" if name == "balanced" else None
+        plan = PartitionPlan(f"{name}:{spec or 'cg=0.45'}", _split_all(req, split), dynamic, chunk)
     else:
         raise ValueError(f"unknown policy {policy!r}; choose one of {', '.join(POLICIES)}")
     breakdown = plan_memory(req, plan)
@@ -135,9 +138,9 @@ def relabel(plan: PartitionPlan, policy: str) -> PartitionPlan:
     """`policy` applied to the host rows of `plan`, keeping its resident (GG) rows: the switch an
     engine can make at run time without moving weights. CG shares are rounded to host chunks."""
     name, _, spec = policy.partition(":")
-    if name not in ("cpu-experts", "stream", "fiddler", "manual") or spec.endswith(".json"):
+    if name not in ("cpu-experts", "stream", "fiddler", "manual", "balanced") or spec.endswith(".json"):
         raise ValueError(f"policy {policy!r} cannot be applied at run time; use cpu-experts, stream, "
-                         "fiddler or manual:cg=F")
+                         "fiddler, manual:cg=F or balanced:cg=F")
     share = {"cpu-experts": 0.0, "stream": 1.0, "fiddler": 0.0}.get(name)
     if share is None:
         share = _parse_manual(spec or "cg=0.45").get("cg", 0.45)
@@ -150,5 +153,5 @@ def relabel(plan: PartitionPlan, policy: str) -> PartitionPlan:
             cg = min(host, round(cg / chunk) * chunk)
         return UnitSplit(s.gg, cg, host - cg)
 
-    return PartitionPlan(policy, {k: split(v) for k, v in plan.splits.items()},
-                         "fiddler" if name == "fiddler" else None, chunk)
+    dynamic = {"fiddler": "fiddler", "balanced": "balance"}.get(name)
+    return PartitionPlan(policy, {k: split(v) for k, v in plan.splits.items()}, dynamic, chunk)

@@ -24,7 +24,7 @@ namespace scheinfer {
 int64_t scratch_floats(const Job& j, int64_t rows1, int64_t rows2) {
   if (j.path == kPathAmx) {
     const int64_t kb = tuning().amx_k_block;
-    return std::max(rows1 * 2 * j.t_pad + rows1 * kb, rows2 * j.t_pad + rows2 / 2 * kb);
+    return std::max(rows1 * 2 * j.t_pad, rows2 * j.t_pad) + 16 * kb;  // accumulators + A panel
   }
   return 2 * rows1 * 8;
 }
@@ -147,7 +147,7 @@ int64_t plan_items(const std::vector<Job>& jobs, int num_threads, std::vector<It
     if (j.path == kPathAmx) {
       pack_total = j.H / 2;
       pack_rows = std::max<int64_t>(1, 16384 / j.t_pad);
-      const int64_t rows = j.t_pad > 32 ? t.amx_prefill_rows : t.amx_rows;  // weight rows per item
+      const int64_t rows = j.t_pad > 64 ? t.amx_prefill_rows : t.amx_rows;  // weight rows per item
       rows1 = clamp64(std::min(rows / 2, j.N * num_jobs / target_items) / 16 * 16, 16, j.N);  // multiple of 16
       rows2 = clamp64(std::min(rows, j.H * num_jobs / target_items) / 32 * 32, 32, j.H);    // multiple of 32
     } else {
@@ -243,6 +243,7 @@ int scheinfer_set_tuning(const char* key, int64_t value) {
   else if (k == "decode_rows") t.decode_rows = value;
   else if (k == "amx_min_tokens") t.amx_min_tokens = std::max<int64_t>(1, value);
   else if (k == "amx_rows") t.amx_rows = clamp64(round_up(value, 32), 32, 1024);
+  else if (k == "amx_pack_min_tiles") t.amx_pack_min_tiles = std::max<int64_t>(1, value);
   else if (k == "amx_prefill_rows") t.amx_prefill_rows = clamp64(round_up(value, 32), 32, 1024);
   else if (k == "amx_k_block") t.amx_k_block = std::max<int64_t>(32, round_up(value, 32));
   else if (k == "spin_us") t.spin_us = std::max<int64_t>(0, value);
@@ -259,6 +260,7 @@ int64_t scheinfer_get_tuning(const char* key) {
   if (k == "amx_min_tokens") return t.amx_min_tokens;
   if (k == "amx_rows") return t.amx_rows;
   if (k == "amx_prefill_rows") return t.amx_prefill_rows;
+  if (k == "amx_pack_min_tiles") return t.amx_pack_min_tiles;
   if (k == "amx_k_block") return t.amx_k_block;
   if (k == "spin_us") return t.spin_us;
   return -1;

@@ -1,13 +1,13 @@
 // AMX path (tdpbf16ps), for token blocks of amx_min_tokens and more (prefill).
 //
 // Both phases compute C^T = W @ X^T with the weights as the A operand, read from their row-major
-// storage (16 rows x 32 bf16 per tile; for several token tiles a block is first copied into a
-// small per-thread panel, see pack_a), and the activations as the B operand in a tile-major VNNI
+// storage (16 rows x 32 bf16 per tile; for many token tiles a block is first copied into a small
+// per-thread panel, see pack_a), and the activations as the B operand in a tile-major VNNI
 // layout (dword [token / 16][k / 2][token % 16] holding the pair k, k+1 of one token), which
 // phase 0 packs for x and phase 1 writes for h. Each step uses 2 A tiles x 2 B tiles -> 4 fp32 accumulator tiles
 // (phase 1: gate and up rows of the same 16 intermediate rows, so the epilogue forms h directly;
-// phase 2: two groups of 16 down rows). With several token tiles, K is blocked (amx_k_block) with
-// the accumulators kept in per-thread scratch (see run_item_gemm).
+// phase 2: two groups of 16 down rows). K is blocked (amx_k_block) with the accumulators kept in
+// per-thread scratch (see run_item_gemm).
 // Needs hidden % 32 == 0 and n % 32 == 0 (the driver sends other shapes to avx512).
 #include "slice_ffn.h"
 
@@ -91,52 +91,40 @@ constexpr int kMaxTiles = 64;  // A tiles per work item (amx rows <= 1024)
 
 // One work item: C[blocks][2][token tile] += A tiles x B over all of K, A tile i starting at
 // tiles[i] (16 rows of row_stride elements), B the tile-major VNNI activations [ntile][K / 2][16].
-// With more than one token-tile pair, each K block of A is first copied into `panels` (kept in
-// L1/L2 for every pair) and the next K block is prefetched into L2 while this one is computed;
-// the token-tile pair loop is outside the block loop so that a B block is loaded once for all
-// A tiles of the item.
+// K is blocked (amx_k_block); per K block and pair of A tiles, every token-tile pair passes over
+// the same A block. With many token tiles (amx_pack_min_tiles) the A block is first copied into
+// `panel`, whose contiguous tiles stay in L1 (rows of a power-of-two stride would share one L1 set).
 struct ItemGemm {
   const bf16_t* const* tiles;
   int64_t blocks;  // pairs of A tiles
   int64_t row_stride, K;
   const uint32_t* b;
   int64_t ntile;
-  float* acc;      // [blocks][2][ntile][16][16]
-  bf16_t* panels;  // [2 * blocks][k_block / 32][16][32]
+  float* acc;     // [blocks][2][ntile][16][16]
+  bf16_t* panel;  // [2][k_block / 32][16][32]
 };
 
-void prefetch_lines(const ItemGemm& g, int64_t k, int64_t nk, int64_t first, int64_t last) {
-  for (int64_t l = first; l < last; ++l) {
-    const int64_t row = l / nk, kk = l % nk;
-    const bf16_t* p = g.tiles[row / 16] + (row % 16) * g.row_stride + k + kk * 32;
-    _mm_prefetch(reinterpret_cast<const char*>(p), _MM_HINT_T1);
-  }
-}
-
 void run_item_gemm(const ItemGemm& g) {
-  const bool packed = g.ntile > 2;
-  const int64_t kb_size = packed ? tuning().amx_k_block : g.K;
-  const int64_t k_half = g.K / 2, pairs = (g.ntile + 1) / 2, num_tiles = 2 * g.blocks;
+  const bool packed = g.ntile >= tuning().amx_pack_min_tiles;
+  const int64_t kb_size = tuning().amx_k_block, k_half = g.K / 2;
   for (int64_t kb = 0; kb < g.K; kb += kb_size) {
     const int64_t nk = ((kb + kb_size < g.K ? kb + kb_size : g.K) - kb) / 32;
-    const int64_t next = kb + kb_size;
-    const int64_t nk_next = next < g.K ? ((next + kb_size < g.K ? next + kb_size : g.K) - next) / 32 : 0;
-    const int64_t lines = packed ? num_tiles * 16 * nk_next : 0, per_pair = (lines + pairs - 1) / pairs;
-    if (packed)
-      for (int64_t i = 0; i < num_tiles; ++i) pack_a(g.tiles[i] + kb, g.row_stride, nk, g.panels + i * nk * 512);
-    for (int64_t p = 0; p < pairs; ++p) {
-      const int64_t tt = 2 * p;
-      if (lines > 0)
-        prefetch_lines(g, next, nk_next, p * per_pair, (p + 1) * per_pair < lines ? (p + 1) * per_pair : lines);
-      const uint32_t* b0 = g.b + (tt * k_half + kb / 2) * 16;
-      const uint32_t* b1 = b0 + k_half * 16;
-      for (int64_t blk = 0; blk < g.blocks; ++blk) {
-        const bf16_t* a0 = packed ? g.panels + (2 * blk) * nk * 512 : g.tiles[2 * blk] + kb;
-        const bf16_t* a1 = packed ? g.panels + (2 * blk + 1) * nk * 512 : g.tiles[2 * blk + 1] + kb;
-        float* first = g.acc + (blk * 2) * g.ntile * 256 + tt * 256;
-        float* second = first + g.ntile * 256;
-        tile_block(a0, a1, packed ? 64 : g.row_stride * 2, packed ? 512 : 32, b0, b1, nk, tt + 1 < g.ntile, kb > 0,
-                   first, first + 256, second, second + 256);
+    for (int64_t blk = 0; blk < g.blocks; ++blk) {
+      const bf16_t* a0 = g.tiles[2 * blk] + kb;
+      const bf16_t* a1 = g.tiles[2 * blk + 1] + kb;
+      if (packed) {
+        pack_a(a0, g.row_stride, nk, g.panel);
+        pack_a(a1, g.row_stride, nk, g.panel + nk * 512);
+        a0 = g.panel;
+        a1 = g.panel + nk * 512;
+      }
+      float* first = g.acc + (blk * 2) * g.ntile * 256;
+      float* second = first + g.ntile * 256;
+      for (int64_t tt = 0; tt < g.ntile; tt += 2) {
+        const uint32_t* b0 = g.b + (tt * k_half + kb / 2) * 16;
+        tile_block(a0, a1, packed ? 64 : g.row_stride * 2, packed ? 512 : 32, b0, b0 + k_half * 16, nk,
+                   tt + 1 < g.ntile, kb > 0, first + tt * 256, first + (tt + 1) * 256, second + tt * 256,
+                   second + (tt + 1) * 256);
       }
     }
   }
@@ -176,14 +164,14 @@ void amx_pack(const Job& j, int64_t begin, int64_t end) {
 // Intermediate rows [begin, end) (a multiple of 16 rows): gate and up tiles, then h in VNNI layout.
 void amx_phase1(const Job& j, int64_t begin, int64_t end, ThreadScratch& scratch) {
   const int64_t groups = (end - begin) / 16, ntile = j.t_pad / 16;
-  float* acc = scratch.floats(groups * 2 * ntile * 256 + groups * 16 * tuning().amx_k_block);
+  float* acc = scratch.floats(groups * 2 * ntile * 256 + 16 * tuning().amx_k_block);
   const bf16_t* tiles[kMaxTiles];
   for (int64_t g = 0; g < groups; ++g) {
     tiles[2 * g] = j.gu + (begin + 16 * g) * j.gu_stride;           // gate rows
     tiles[2 * g + 1] = j.gu + (j.N + begin + 16 * g) * j.gu_stride;  // the matching up rows
   }
   run_item_gemm({tiles, groups, j.gu_stride, j.H, static_cast<const uint32_t*>(j.xpack), ntile, acc,
-                 reinterpret_cast<bf16_t*>(acc + groups * 2 * ntile * 256)});
+                 reinterpret_cast<bf16_t*>(acc + groups * 2 * ntile * 256)});  // panel: 16 kb floats
   // Epilogue: rows r, r + 1 of a group -> 16 tokens of dwords (h[r][t], h[r + 1][t]), tile-major.
   uint32_t* hv = static_cast<uint32_t*>(j.h);
   const int64_t n_half = j.N / 2;
@@ -208,7 +196,7 @@ void amx_phase1(const Job& j, int64_t begin, int64_t end, ThreadScratch& scratch
 // Output columns (down rows) [begin, end), a multiple of 32 rows.
 void amx_phase2(const Job& j, int64_t begin, int64_t end, ThreadScratch& scratch) {
   const int64_t pairs = (end - begin) / 32, ntile = j.t_pad / 16;
-  float* acc = scratch.floats(pairs * 2 * ntile * 256 + pairs * 16 * tuning().amx_k_block);
+  float* acc = scratch.floats(pairs * 2 * ntile * 256 + 16 * tuning().amx_k_block);
   const bf16_t* tiles[kMaxTiles];
   for (int64_t i = 0; i < 2 * pairs; ++i) tiles[i] = j.down + (begin + 16 * i) * j.down_stride;
   run_item_gemm({tiles, pairs, j.down_stride, j.N, static_cast<const uint32_t*>(j.h), ntile, acc,

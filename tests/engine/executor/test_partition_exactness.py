@@ -61,7 +61,7 @@ def test_fixed_policies_under_a_budget_place_pieces_and_keep_results(tiny_checkp
     expected = LLM(path, dtype="float32", show_progress=False).generate(prompt_token_ids=PROMPTS, params=GREEDY)
     budget = "1.1MB"  # tiny model: ~0.84 MB of non-FFN weights, KV and activations, 0.3 MB of FFN weights
     seen = {}
-    for policy in ("cpu-experts", "stream", "fiddler", "manual:cg=0.5"):
+    for policy in ("cpu-experts", "stream", "fiddler", "manual:cg=0.5", "balanced:cg=0.5"):
         llm = LLM(path, dtype="float32", show_progress=False, gpu_memory_budget=budget, policy=policy,
                   kv_cache_tokens=256, max_num_batched_tokens=64, max_num_seqs=4, host_chunk_rows=16)
         rows = llm.engine.partition.plan.rows_by_kind()
@@ -82,7 +82,7 @@ def test_repartition_switches_policies_without_moving_weights(tiny_checkpoints: 
     partition = llm.engine.partition
     arena_ptr = partition.store.arena.data_ptr()
     expected = llm.generate(prompt_token_ids=PROMPTS, params=GREEDY)
-    for policy in ("stream", "manual:cg=0.5", "fiddler", "cpu-experts"):
+    for policy in ("stream", "manual:cg=0.5", "fiddler", "balanced:cg=0.4", "cpu-experts"):
         plan = partition.repartition(policy)
         assert plan.policy == policy
         got = llm.generate(prompt_token_ids=PROMPTS, params=GREEDY)

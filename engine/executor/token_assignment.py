@@ -1,0 +1,105 @@
+"""Token assignment: for one layer's step, where each host piece's routed tokens are computed.
+
+A host piece (CG or CC) lives in page-locked memory, so for any step it can be computed on the
+CPU (its tokens' activations travel) or on the GPU (its weights travel). Rules:
+    fixed     the plan's kinds (CG streamed, CC on the CPU)
+    fiddler   per piece: the CPU when it would be faster than streaming, else stream; no overlap
+    balance   the plan's kinds, then pieces move between CPU and PCIe while that shortens the
+              slower of the two: decode (few tokens per piece) keeps the plan's balanced split,
+              prefill (many tokens) leans to streaming, since CPU time grows with tokens and
+              transfer time does not
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from engine.model.ffn import FFNUnit, UnitSlice
+from engine.placement.plan import PieceKind
+
+Placed = list[tuple[int, UnitSlice]]  # (work item index, piece)
+
+
+@dataclass(frozen=True)
+class DispatchRates:
+    """Rates of the machine (defaults: DESIGN.md's GPU machine; the profiler supplies measured ones)."""
+
+    cpu_bytes_s: float = 67e9  # CPU reading weights (decode, bandwidth-bound)
+    cpu_flops: float = 2.1e12  # CPU bf16 GEMM (prefill, compute-bound)
+    pcie_bytes_s: float = 54.6e9  # pinned host->device
+    cpu_job_overhead_s: float = 20e-6
+
+    def cpu_s(self, piece: UnitSlice, num_tokens: int) -> float:
+        params = piece.gate_up.numel() + piece.down.numel()
+        return self.cpu_job_overhead_s + max(piece.num_bytes / self.cpu_bytes_s,
+                                             2 * num_tokens * params / self.cpu_flops)
+
+    def stream_s(self, piece: UnitSlice) -> float:
+        return piece.num_bytes / self.pcie_bytes_s
+
+    @property
+    def max_bandwidth_bound_tokens(self) -> int:
+        """Up to this many tokens per piece the CPU is limited by memory, not arithmetic (bf16)."""
+        return int(self.cpu_flops / self.cpu_bytes_s)
+
+
+@dataclass
+class Assignment:
+    on_gpu: Placed
+    streamed: Placed
+    on_cpu: Placed
+
+
+def _by_plan(items: list[tuple[FFNUnit, torch.Tensor]]) -> Assignment:
+    out = Assignment([], [], [])
+    lists = {PieceKind.GG: out.on_gpu, PieceKind.CG: out.streamed, PieceKind.CC: out.on_cpu}
+    for i, (unit, _) in enumerate(items):
+        for piece in unit.slices:
+            lists[PieceKind(piece.kind) if piece.kind else PieceKind.GG].append((i, piece))
+    return out
+
+
+def assign(rule: str | None, items: list[tuple[FFNUnit, torch.Tensor]], rates: DispatchRates) -> Assignment:
+    out = _by_plan(items)
+    if rule is None:
+        return out
+    tokens = [x.shape[0] for _, x in items]
+    host = out.streamed + out.on_cpu
+    if rule == "fiddler":
+        out.on_cpu = [(i, p) for i, p in host if rates.cpu_s(p, tokens[i]) <= rates.stream_s(p)]
+        cpu_ids = {id(p) for _, p in out.on_cpu}
+        out.streamed = [(i, p) for i, p in host if id(p) not in cpu_ids]
+        return out
+    if rule == "balance":
+        if max(tokens, default=0) > rates.max_bandwidth_bound_tokens:
+            _balance(out, tokens, rates)
+        return out
+    raise ValueError(f"unknown token-assignment rule {rule!r}")
+
+
+def _balance(out: Assignment, tokens: list[int], rates: DispatchRates) -> None:
+    """Moves pieces from the busier of CPU and PCIe to the other while the slower one gets faster.
+    Pieces whose CPU time is largest relative to their transfer time leave the CPU first."""
+    cpu = {id(p): rates.cpu_s(p, tokens[i]) for i, p in out.on_cpu + out.streamed}
+    pcie = {id(p): rates.stream_s(p) for _, p in out.on_cpu + out.streamed}
+    cpu_total = sum(cpu[id(p)] for _, p in out.on_cpu)
+    pcie_total = sum(pcie[id(p)] for _, p in out.streamed)
+    out.on_cpu.sort(key=lambda t: cpu[id(t[1])] / pcie[id(t[1])])  # most CPU-costly last
+    out.streamed.sort(key=lambda t: cpu[id(t[1])] / pcie[id(t[1])], reverse=True)  # cheapest on CPU last
+    while True:
+        if cpu_total > pcie_total and out.on_cpu:
+            key = id(out.on_cpu[-1][1])
+            if max(cpu_total - cpu[key], pcie_total + pcie[key]) >= cpu_total:
+                return
+            cpu_total, pcie_total = cpu_total - cpu[key], pcie_total + pcie[key]
+            out.streamed.append(out.on_cpu.pop())
+        elif pcie_total > cpu_total and out.streamed:
+            key = id(out.streamed[-1][1])
+            if max(cpu_total + cpu[key], pcie_total - pcie[key]) >= pcie_total:
+                return
+            cpu_total, pcie_total = cpu_total + cpu[key], pcie_total - pcie[key]
+            out.on_cpu.append(out.streamed.pop())
+        else:
+            return
