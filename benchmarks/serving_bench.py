@@ -21,6 +21,7 @@ import argparse
 import asyncio
 import json
 import random
+import socket
 import sys
 import time
 from dataclasses import asdict, dataclass, field
@@ -159,7 +160,11 @@ async def run_http(url: str, api_key: str | None, model: str | None, workload: W
                    temperature: float) -> tuple[list[RequestResult], float]:
     headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
     limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
-    async with httpx.AsyncClient(base_url=url, headers=headers, timeout=600.0, limits=limits) as http:
+    # TCP_NODELAY: httpx writes headers and body separately; with Nagle's algorithm the body then waits
+    # for the server's delayed ACK (~40 ms on Linux loopback), which would be charged to the server.
+    transport = httpx.AsyncHTTPTransport(limits=limits,
+                                         socket_options=[(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)])
+    async with httpx.AsyncClient(base_url=url, headers=headers, timeout=600.0, transport=transport) as http:
         return await _closed_loop(workload, concurrency,
                                   lambda p, n: http_request(http, model, p, n, temperature))
 
@@ -229,16 +234,18 @@ def print_reports(reports: list[Report]) -> None:
 def build_engine(args: argparse.Namespace) -> Any:
     from engine.async_engine import AsyncEngine
     from engine.engine_config import EngineConfig
+    from engine.executor.setup import PartitionOptions
     from engine.llm_engine import LLMEngine
 
+    partition = PartitionOptions(args.policy, args.gpu_memory_budget)
     config = EngineConfig(model=args.engine_model, device=args.device, dtype=args.dtype, show_progress=False,
-                          random_weights=args.random_weights)
+                          random_weights=args.random_weights, kv_cache_tokens=args.kv_cache_tokens,
+                          partition=partition)
     return AsyncEngine(LLMEngine(config), max_queue_size=10**6)
 
 
 def in_process_server(engine: Any, args: argparse.Namespace) -> tuple[str, Any]:
     """Serve `engine` on 127.0.0.1 from a thread of this process; returns (url, uvicorn server)."""
-    import socket
     import threading
 
     import uvicorn
@@ -249,6 +256,7 @@ def in_process_server(engine: Any, args: argparse.Namespace) -> tuple[str, Any]:
     settings = ServerSettings(model=args.engine_model, max_queue_size=10**6, log_level="warning")
     app = create_app(settings, engine=engine)
     sock = socket.socket()
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
     sock.bind(("127.0.0.1", 0))
     server = uvicorn.Server(uvicorn.Config(app, log_level="warning"))
     threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True).start()
@@ -266,6 +274,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--random-weights", action="store_true", help="with --engine-model as a model name")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--dtype", default="auto")
+    parser.add_argument("--gpu-memory-budget", default=None, help='e.g. "24GiB" (partitioned engine)')
+    parser.add_argument("--policy", default="auto")
+    parser.add_argument("--kv-cache-tokens", type=int, default=16384)
+    parser.add_argument("--http-only", action="store_true", help="skip the engine-alone measurement")
     parser.add_argument("--concurrency", default="1,4,8", help="comma-separated list")
     parser.add_argument("--num-requests", type=int, default=32)
     parser.add_argument("--prompt-len", default="uniform:16:64")
@@ -291,7 +303,7 @@ def main(argv: list[str] | None = None) -> int:
             url, server = in_process_server(engine, args)
     try:
         for concurrency in [int(c) for c in args.concurrency.split(",")]:
-            if engine is not None:
+            if engine is not None and not args.http_only:
                 asyncio.run(run_engine(engine, warmup, 1, args.temperature))
                 results, duration_s = asyncio.run(run_engine(engine, workload, concurrency, args.temperature))
                 reports.append(summarize("engine", concurrency, results, duration_s))
@@ -308,7 +320,7 @@ def main(argv: list[str] | None = None) -> int:
         if engine is not None:
             engine.shutdown()
     print_reports(reports)
-    if engine is not None:
+    if engine is not None and not args.http_only:
         for http_report in (r for r in reports if r.label == "http"):
             alone = next(r for r in reports if r.label == "engine" and r.concurrency == http_report.concurrency)
             ratio = http_report.output_tokens_per_s / alone.output_tokens_per_s
