@@ -2,7 +2,7 @@
 side in one run, next to the floor computed from rates measured in the same run.
 
     python benchmarks/partition_bench.py --model mixtral-8x7b --budget 24GiB --prompt-len 512 \\
-        --new-tokens 128 --sweep 0.2,0.3,0.4,0.5,0.6 --out results.json
+        --new-tokens 32 --final-tokens 128 --sweep 0.3,0.4,0.5,0.6,0.8 --out results.json
 
 The model is built once (random weights, resident share fixed by the budget); policies switch by
 re-labelling host pieces (no weight moves), so every policy runs on the same weights and GG share.
@@ -110,7 +110,8 @@ def main() -> None:
     parser.add_argument("--model", default="mixtral-8x7b")
     parser.add_argument("--budget", default="24GiB")
     parser.add_argument("--prompt-len", type=int, default=512)
-    parser.add_argument("--new-tokens", type=int, default=128)
+    parser.add_argument("--new-tokens", type=int, default=32, help="decode tokens measured per fixed policy")
+    parser.add_argument("--final-tokens", type=int, default=128, help="decode tokens for the best split and balanced")
     parser.add_argument("--sweep", default="0.2,0.3,0.4,0.5,0.6")
     parser.add_argument("--sweep-tokens", type=int, default=32)
     parser.add_argument("--policies", default="cpu-experts,stream,fiddler")
@@ -147,14 +148,19 @@ def main() -> None:
         print(policy, json.dumps(sweep[policy]), flush=True)
     result["sweep"] = sweep
     best = max(sweep, key=lambda p: sweep[p]["decode_tok_s"])
+    best_prefill = max(sweep, key=lambda p: sweep[p]["prefill_tok_s"])
+    result["best_decode_split"], result["best_prefill_split"] = best, best_prefill
     partition.repartition(best)
-    result["policies"][f"best {best}"] = run_policy(llm, prompt, args.new_tokens)
+    result["policies"][f"best {best}"] = run_policy(llm, prompt, args.final_tokens)
+    balanced = "balanced:" + best.split(":", 1)[1]  # the decode-best split, token assignment each step
+    partition.repartition(balanced)
+    result["policies"][balanced] = run_policy(llm, prompt, args.final_tokens)
     text = json.dumps(result, indent=2)
     if args.out:
         with open(args.out, "w") as f:
             f.write(text)
     fl = result["floor"]
-    print(f"\n{args.model} @ {args.budget}, prompt {args.prompt_len}, {args.new_tokens} new tokens; "
+    print(f"\n{args.model} @ {args.budget}, prompt {args.prompt_len}, {args.new_tokens}/{args.final_tokens} new tokens; "
           f"resident {result['resident_fraction']:.0%}; built in {build_s:.0f} s")
     print(f"rates: PCIe {rates['pcie_pinned_bytes_s'] / 1e9:.1f} GB/s, DRAM {rates['dram_read_bytes_s'] / 1e9:.1f} GB/s, "
           f"torch GEMV {rates['cpu_gemv_bytes_s'] / 1e9:.1f} GB/s, GEMM64 {rates['cpu_gemm64_flops'] / 1e12:.2f} TFLOP/s")
@@ -163,6 +169,9 @@ def main() -> None:
         print(f"{name:24} {r['decode_tok_s']:12.2f} {r['prefill_tok_s']:13.1f} {r['decode_cpu_busy']:5.2f} "
               f"{r['decode_pcie_busy']:5.2f} {r['decode_gpu_busy']:5.2f}")
     print(f"{'floor':24} {fl['decode_floor_tok_s']:12.2f} {fl['prefill_floor_tok_s']:13.1f}")
+    for name, r in sweep.items():
+        print(f"  sweep {name:18} {r['decode_tok_s']:12.2f} {r['prefill_tok_s']:13.1f}")
+    print(f"best split for decode: {best}; for prefill: {best_prefill}")
 
 
 if __name__ == "__main__":
