@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import os
+import sys
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
@@ -29,6 +30,16 @@ class CpuJob:
     x: torch.Tensor  # [num_tokens, hidden] host activations
     piece: UnitSlice  # a host-resident slice
     out: torch.Tensor  # [num_tokens, hidden] fp32 host: written with the piece's partial output
+
+
+@dataclass
+class CpuBatch:
+    """All CC jobs of one layer; their outputs are row blocks of `out`, destined for rows `dest`
+    of the layer's accumulator."""
+
+    jobs: list[CpuJob]
+    out: torch.Tensor  # [num_rows, hidden] fp32 host
+    dest: torch.Tensor  # [num_rows] int64 host
 
 
 def default_cpu_threads() -> int:
@@ -59,6 +70,9 @@ class CpuPool:
     def __init__(self, act: Callable[[torch.Tensor], torch.Tensor], activation: str,
                  num_threads: int | None = None) -> None:
         self.num_threads = num_threads or default_cpu_threads()
+        # The worker runs a little Python per layer; with the default 5 ms GIL switch interval the
+        # thread driving the GPU could wait that long to get the GIL back after each torch call.
+        sys.setswitchinterval(min(sys.getswitchinterval(), 0.0005))
         self._act = act
         self._kernel = _kernel_runner(activation)
         # Thread counts are per OS thread in OpenMP: set it in the worker itself.
@@ -66,12 +80,13 @@ class CpuPool:
                                           initializer=torch.set_num_threads, initargs=(self.num_threads,))
         self.busy_s = 0.0
 
-    def submit(self, jobs: list[CpuJob], inputs_ready: torch.cuda.Event | None,
-               timeline: StepTimeline | None = None) -> Future[list[CpuJob]]:
-        return self._worker.submit(self._run, jobs, inputs_ready, timeline)
+    def submit(self, batch: CpuBatch, inputs_ready: torch.cuda.Event | None,
+               timeline: StepTimeline | None = None) -> Future[CpuBatch]:
+        return self._worker.submit(self._run, batch, inputs_ready, timeline)
 
-    def _run(self, jobs: list[CpuJob], inputs_ready: torch.cuda.Event | None,
-             timeline: StepTimeline | None) -> list[CpuJob]:
+    def _run(self, batch: CpuBatch, inputs_ready: torch.cuda.Event | None,
+             timeline: StepTimeline | None) -> CpuBatch:
+        jobs = batch.jobs
         if inputs_ready is not None:
             inputs_ready.synchronize()  # the activations' device-to-host copies have landed
         start = now_s()
@@ -85,7 +100,7 @@ class CpuPool:
         self.busy_s += end - start
         if timeline is not None:
             timeline.cpu_interval("cpu", start, end, f"{len(jobs)} CC pieces")
-        return jobs
+        return batch
 
     def shutdown(self) -> None:
         self._worker.shutdown(wait=True)

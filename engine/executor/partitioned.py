@@ -15,12 +15,13 @@ from __future__ import annotations
 
 from collections import deque
 from collections.abc import Callable
+from concurrent.futures import Future
 
 import torch
 import torch.nn.functional as F
 
 from engine.executor.accelerator import Accelerator
-from engine.executor.cpu_pool import CpuJob, CpuPool
+from engine.executor.cpu_pool import CpuBatch, CpuJob, CpuPool
 from engine.executor.staging import StagedSlice, StagingRing
 from engine.executor.timeline import StepTimeline, host_mark
 from engine.executor.token_assignment import DispatchRates, assign
@@ -69,13 +70,18 @@ class PartitionedExecutor:
 
     def __call__(self, layer: int, items: list[tuple[FFNUnit, torch.Tensor]]) -> list[torch.Tensor]:
         acc = self.accelerator
-        sums = [torch.zeros(x.shape, dtype=torch.float32, device=x.device) for _, x in items]
+        # one fp32 accumulator for all items (rows of item i at offsets[i]); views per item
+        offsets = [0]
+        for _, x in items:
+            offsets.append(offsets[-1] + x.shape[0])
+        sums_all = torch.zeros((offsets[-1], items[0][1].shape[1]), dtype=torch.float32, device=items[0][1].device)
+        sums = [sums_all[offsets[i] : offsets[i + 1]] for i in range(len(items))]
         placed = assign(self.dynamic, items, self.rates)
         on_gpu, streamed, on_cpu = placed.on_gpu, placed.streamed, placed.on_cpu
 
-        cpu_future = self._start_cpu(items, on_cpu)
+        cpu_future = self._start_cpu(items, offsets, on_cpu)
         if cpu_future is not None and not self.overlap:
-            self._add_cpu_results(sums, cpu_future.result())
+            self._add_cpu_results(sums_all, cpu_future.result())
             cpu_future = None
         start = host_mark(acc, acc.compute_stream)
         for i, piece in on_gpu:
@@ -84,32 +90,46 @@ class PartitionedExecutor:
         if self.timeline is not None:
             self.timeline.gpu_interval("gpu", start, host_mark(acc, acc.compute_stream), f"layer {layer} FFN")
         if cpu_future is not None:
-            self._add_cpu_results(sums, cpu_future.result())
+            self._add_cpu_results(sums_all, cpu_future.result())
         self._prefetch_next(layer)
-        dtype = items[0][1].dtype
-        return [s.to(dtype) for s in sums]
+        result = sums_all.to(items[0][1].dtype)
+        return [result[offsets[i] : offsets[i + 1]] for i in range(len(items))]
 
     def _partial(self, x: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor) -> torch.Tensor:
         gate, up = F.linear(x, gate_up).chunk(2, dim=-1)
         return self.accelerator.linear_fp32(self.act(gate) * up, down)
 
-    def _start_cpu(self, items: list[tuple[FFNUnit, torch.Tensor]], on_cpu: list[tuple[int, UnitSlice]]):
+    def _start_cpu(self, items: list[tuple[FFNUnit, torch.Tensor]], offsets: list[int],
+                   on_cpu: list[tuple[int, UnitSlice]]) -> Future[CpuBatch] | None:
+        """Ships the CPU items' activations to the host in one copy and hands all CC pieces of the
+        layer to the CPU worker as one job, writing into one host buffer."""
         if not on_cpu:
             return None
         acc = self.accelerator
-        host_x: dict[int, torch.Tensor] = {}
-        for i in sorted({i for i, _ in on_cpu}):
-            x = items[i][1]
-            host_x[i] = acc.host_empty(tuple(x.shape), x.dtype)
-            host_x[i].copy_(x, non_blocking=True)
+        cpu_items = sorted({i for i, _ in on_cpu})
+        x_device = torch.cat([items[i][1] for i in cpu_items]) if len(cpu_items) > 1 else items[cpu_items[0]][1]
+        x_host = acc.host_empty(tuple(x_device.shape), x_device.dtype)
+        x_host.copy_(x_device, non_blocking=True)
         ready = acc.record(acc.compute_stream)
-        jobs = [CpuJob(i, host_x[i], piece, acc.host_empty(tuple(host_x[i].shape), torch.float32))
-                for i, piece in on_cpu]
-        return self.cpu_pool.submit(jobs, ready, self.timeline)
+        host_rows, row = {}, 0
+        for i in cpu_items:
+            host_rows[i] = x_host[row : row + items[i][1].shape[0]]
+            row += items[i][1].shape[0]
+        num_rows = sum(host_rows[i].shape[0] for i, _ in on_cpu)
+        out = acc.host_empty((num_rows, x_host.shape[1]), torch.float32)
+        dest = acc.host_empty((num_rows,), torch.int64)
+        jobs, row = [], 0
+        for i, piece in on_cpu:
+            n = host_rows[i].shape[0]
+            jobs.append(CpuJob(i, host_rows[i], piece, out[row : row + n]))
+            torch.arange(offsets[i], offsets[i] + n, out=dest[row : row + n])
+            row += n
+        return self.cpu_pool.submit(CpuBatch(jobs, out, dest), ready, self.timeline)
 
-    def _add_cpu_results(self, sums: list[torch.Tensor], jobs: list[CpuJob]) -> None:
-        for job in jobs:
-            sums[job.item] += job.out.to(self.accelerator.device, non_blocking=True)
+    def _add_cpu_results(self, sums_all: torch.Tensor, batch: CpuBatch) -> None:
+        """One host-to-device copy of all CPU partials, summed into their items' rows at once."""
+        device = self.accelerator.device
+        sums_all.index_add_(0, batch.dest.to(device, non_blocking=True), batch.out.to(device, non_blocking=True))
 
     def _run_streamed(self, items, streamed: list[tuple[int, UnitSlice]], sums: list[torch.Tensor]) -> None:
         """Streams pieces through the ring, at most one ring's worth ahead of their computation."""

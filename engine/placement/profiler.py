@@ -1,0 +1,322 @@
+"""Measures a HardwareProfile in well under 30 s, and caches it per machine.
+
+    profile = load_or_profile()                     # cached, else measured and saved
+    profile = load_or_profile(reprofile=True)       # measured again
+    python -m engine.placement.profiler --out p.json   # where typer is not installed
+
+Each reading is small and robust: weights larger than the last-level cache and rotated (every
+byte comes from DRAM), a warm-up call first, the median of a few repeats, GPU work timed with CUDA
+events. CPU slices go through the executor's own CPU path (`engine.cpu_kernels` when it is
+available, else torch), with all the CC slices of a "layer" handed over in one call.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from engine.model.config import ModelConfig
+from engine.placement.hardware import (
+    HardwareProfile,
+    LinearTimeTable,
+    cached_profile_path,
+    current_fingerprint,
+    load_cached,
+)
+
+MIB = 1 << 20
+
+
+@dataclass(frozen=True)
+class ProfileSizes:
+    """How big each reading is. The defaults take ~10 s on a 16-core host with an H100."""
+
+    hidden: int = 4096
+    slice_rows: int = 1024  # rows of one CPU slice: the engine's host chunk
+    cpu_buffer_bytes: int = 1024 * MIB  # CPU weights, rotated (far above any last-level cache)
+    cpu_tokens: tuple[int, ...] = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)
+    slices_per_call: int = 4  # slices handed to the CPU path at once, like one layer's CC pieces
+    min_reading_s: float = 0.05  # each reading repeats calls for at least this long
+    repeat: int = 3
+    pcie_bytes: int = 256 * MIB
+    gpu_rows: int = 14336  # one whole FFN unit on the GPU (larger than the GPU's L2)
+    gpu_tokens: tuple[int, ...] = (1, 8, 32, 128, 512, 1024, 2048, 4096)
+
+    @classmethod
+    def for_model(cls, config: ModelConfig, host_chunk_rows: int = 1024) -> ProfileSizes:
+        """The model's own slice shapes: its hidden size, host chunks, and widest unit on the GPU."""
+        widest = max(config.intermediate_size, config.moe.expert_intermediate_size if config.moe else 0,
+                     config.moe.shared_expert_intermediate_size if config.moe else 0)
+        return cls(hidden=config.hidden_size, slice_rows=min(widest, host_chunk_rows), gpu_rows=widest)
+
+    @classmethod
+    def quick(cls) -> ProfileSizes:
+        """Small shapes for tests and CPU-only CI (a second or two)."""
+        return cls(hidden=256, slice_rows=256, cpu_buffer_bytes=48 * MIB, cpu_tokens=(1, 8, 64),
+                   slices_per_call=8, min_reading_s=0.01, repeat=3, pcie_bytes=32 * MIB, gpu_rows=2048,
+                   gpu_tokens=(1, 64, 512))
+
+
+# -- CPU -----------------------------------------------------------------------------------------
+
+def _cpu_path() -> tuple[str, int, Callable[[list[tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]]], None]]:
+    """(path name, threads, run): the CPU path the executor's CPU pool uses for bf16 silu slices."""
+    from engine.executor.cpu_pool import default_cpu_threads
+
+    try:
+        from engine.cpu_kernels import SliceJob, kernel_info, run_slice_jobs
+    except ImportError:
+        kernel_info = None
+    if kernel_info is not None:
+        info = kernel_info()
+        if info["path"] != "torch":
+            def run_kernel(jobs):
+                run_slice_jobs([SliceJob(*job) for job in jobs], "silu")
+
+            return info["path"], int(info["num_threads"]), run_kernel
+
+    def run_torch(jobs):
+        for x, gate_up, down, out in jobs:
+            gate, up = F.linear(x, gate_up).chunk(2, dim=-1)
+            out.copy_(F.linear(F.silu(gate) * up, down))
+
+    return "torch", default_cpu_threads(), run_torch
+
+
+def _reading_s_per_byte(call: Callable[[int], int], sizes: ProfileSizes) -> float:
+    """Median over `repeat` readings of seconds per weight byte; `call(i)` runs the i-th call and
+    returns the weight bytes it read."""
+    call(0)  # warm-up
+    readings, i = [], 1
+    for _ in range(sizes.repeat):
+        num_bytes, start = 0, time.perf_counter()
+        while True:
+            num_bytes += call(i)
+            i += 1
+            elapsed = time.perf_counter() - start
+            if elapsed >= sizes.min_reading_s:
+                break
+        readings.append(elapsed / num_bytes)
+    return statistics.median(readings)
+
+
+def measure_cpu_ffn(sizes: ProfileSizes, buffer: torch.Tensor, bar: tqdm) -> tuple[LinearTimeTable, str, int]:
+    """CPU slice time vs tokens on slices carved from `buffer` (bf16), rotated call after call."""
+    path, threads, run = _cpu_path()
+    h, n = sizes.hidden, sizes.slice_rows
+    slice_numel = 3 * n * h
+    num_slices = buffer.numel() // slice_numel
+    if num_slices < sizes.slices_per_call:
+        raise ValueError(f"CPU buffer of {buffer.nbytes} bytes holds fewer than {sizes.slices_per_call} slices")
+    slices = [(buffer[i * slice_numel: i * slice_numel + 2 * n * h].view(2 * n, h),
+               buffer[i * slice_numel + 2 * n * h: (i + 1) * slice_numel].view(h, n)) for i in range(num_slices)]
+    num_calls = num_slices // sizes.slices_per_call
+    previous_threads = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    rates = []
+    try:
+        for num_tokens in sizes.cpu_tokens:
+            x = torch.randn(num_tokens, h).to(torch.bfloat16)
+            outs = [torch.empty(num_tokens, h, dtype=torch.float32) for _ in range(sizes.slices_per_call)]
+
+            def call(i: int, x=x, outs=outs) -> int:
+                first = (i % num_calls) * sizes.slices_per_call
+                group = slices[first: first + sizes.slices_per_call]
+                run([(x, gate_up, down, out) for (gate_up, down), out in zip(group, outs, strict=True)])
+                return len(group) * slice_numel * buffer.element_size()
+
+            with torch.inference_mode():
+                rates.append(_reading_s_per_byte(call, sizes))
+            bar.update(1)
+    finally:
+        torch.set_num_threads(previous_threads)
+    return LinearTimeTable(tuple(sizes.cpu_tokens), tuple(rates)), path, threads
+
+
+def measure_dram_read(buffer: torch.Tensor, sizes: ProfileSizes) -> float:
+    """Bytes/s of a streaming read (fp32 sum) over `buffer` with every usable CPU."""
+    flat = buffer.view(torch.float32)
+    previous_threads = torch.get_num_threads()
+    torch.set_num_threads(len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1)
+    try:
+        flat.sum()
+        times = []
+        for _ in range(max(3, sizes.repeat)):
+            start = time.perf_counter()
+            flat.sum()
+            times.append(time.perf_counter() - start)
+    finally:
+        torch.set_num_threads(previous_threads)
+    return buffer.nbytes / statistics.median(times)
+
+
+def measure_handover_s() -> float:
+    """One hand-over to a worker thread and back (how the executor reaches its CPU worker)."""
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        pool.submit(int).result()
+        times = []
+        for _ in range(200):
+            start = time.perf_counter()
+            pool.submit(int).result()
+            times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+# -- GPU -----------------------------------------------------------------------------------------
+
+def _events_s(fn: Callable[[], object], repeat: int, inner: int = 1) -> float:
+    """Median seconds of `inner` calls of fn, timed with CUDA events after one warm-up."""
+    fn()
+    times = []
+    for _ in range(repeat):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        for _ in range(inner):
+            fn()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end) / 1e3 / inner)
+    return statistics.median(times)
+
+
+def measure_pcie(sizes: ProfileSizes) -> tuple[float, float]:
+    """(pinned host->device bytes/s, seconds of one small copy)."""
+    pinned = torch.empty(sizes.pcie_bytes, dtype=torch.uint8, pin_memory=True).fill_(1)
+    device = torch.empty_like(pinned, device="cuda")
+    bytes_s = pinned.nbytes / _events_s(lambda: device.copy_(pinned, non_blocking=True), max(5, sizes.repeat))
+    small, small_device = pinned[:4096], device[:4096]
+    latency_s = _events_s(lambda: small_device.copy_(small, non_blocking=True), 5, inner=20)
+    return bytes_s, latency_s
+
+
+def measure_gpu_ffn(sizes: ProfileSizes, bar: tqdm) -> LinearTimeTable:
+    """GPU time of one whole FFN unit vs tokens, computed like the executor (fp32 partial sums)."""
+    from engine.executor.accelerator import Accelerator
+
+    acc = Accelerator.for_device("cuda")
+    h, n = sizes.hidden, sizes.gpu_rows
+    gate_up = torch.randn(2 * n, h, device="cuda", dtype=torch.bfloat16)
+    down = torch.randn(h, n, device="cuda", dtype=torch.bfloat16)
+    num_bytes = gate_up.nbytes + down.nbytes
+    rates = []
+    with torch.inference_mode():
+        for num_tokens in sizes.gpu_tokens:
+            x = torch.randn(num_tokens, h, device="cuda", dtype=torch.bfloat16)
+
+            def unit(x=x) -> torch.Tensor:
+                gate, up = F.linear(x, gate_up).chunk(2, dim=-1)
+                return acc.linear_fp32(F.silu(gate) * up, down)
+
+            rates.append(_events_s(unit, max(5, sizes.repeat)) / num_bytes)
+            bar.update(1)
+    return LinearTimeTable(tuple(sizes.gpu_tokens), tuple(rates))
+
+
+def measure_gpu_sync_s() -> float:
+    """A small kernel, an event and the host waiting for it: the round trip a routing sync costs."""
+    flag = torch.zeros(1, device="cuda")
+    times = []
+    for i in range(51):
+        start = time.perf_counter()
+        flag.add_(1)
+        event = torch.cuda.Event()
+        event.record()
+        event.synchronize()
+        if i:
+            times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+# -- the whole profile ---------------------------------------------------------------------------
+
+def measure_profile(sizes: ProfileSizes | None = None, progress: bool = True, source: str = "") -> HardwareProfile:
+    """Measures this machine (CPU only without a GPU)."""
+    sizes = sizes or ProfileSizes()
+    start_s = time.perf_counter()
+    fingerprint = current_fingerprint()
+    has_gpu = torch.cuda.is_available()
+    steps = len(sizes.cpu_tokens) + 2 + (len(sizes.gpu_tokens) + 2 if has_gpu else 0)
+    gpu: dict = {}
+    with tqdm(total=steps, desc="profiling", unit="reading", disable=not progress, leave=False) as bar:
+        if has_gpu:
+            free_bytes, total_bytes = torch.cuda.mem_get_info()  # before anything of ours is allocated
+            gpu["gpu_free_bytes"], gpu["gpu_total_bytes"] = int(free_bytes), int(total_bytes)
+        buffer = torch.empty(sizes.cpu_buffer_bytes // 2, dtype=torch.bfloat16).fill_(0.01)
+        dram_bytes_s = measure_dram_read(buffer, sizes)
+        bar.update(1)
+        cpu_ffn, cpu_path, cpu_threads = measure_cpu_ffn(sizes, buffer, bar)
+        del buffer
+        sync_s = measure_handover_s()
+        bar.update(1)
+        if has_gpu:
+            gpu["pcie_h2d_bytes_s"], gpu["pcie_latency_s"] = measure_pcie(sizes)
+            bar.update(1)
+            gpu["gpu_ffn"] = measure_gpu_ffn(sizes, bar)
+            sync_s += measure_gpu_sync_s()
+            bar.update(1)
+            torch.cuda.empty_cache()
+    return HardwareProfile(
+        fingerprint=fingerprint, cpu_ffn=cpu_ffn, cpu_threads=cpu_threads, cpu_path=cpu_path,
+        dram_read_bytes_s=dram_bytes_s, sync_s=sync_s, slice_hidden=sizes.hidden, slice_rows=sizes.slice_rows,
+        created=time.strftime("%Y-%m-%dT%H:%M:%S"), measure_s=time.perf_counter() - start_s,
+        source=source or "measured by engine.placement.profiler", **gpu)
+
+
+def load_or_profile(reprofile: bool = False, cache_dir: str | Path | None = None,
+                    sizes: ProfileSizes | None = None, progress: bool = True) -> HardwareProfile:
+    """This machine's cached profile; measured (and cached) when absent, stale or `reprofile`.
+
+    A cached profile is reused only when its fingerprint is this machine's (CPU model and cores,
+    GPU name, torch version). Its rates are per weight byte, so one profile serves every model."""
+    fingerprint = current_fingerprint()
+    if not reprofile:
+        cached = load_cached(fingerprint, cache_dir)
+        if cached is not None:
+            return cached
+    profile = measure_profile(sizes, progress)
+    profile.save(cached_profile_path(fingerprint, cache_dir))
+    return profile
+
+
+def engine_profile(config: ModelConfig, host_chunk_rows: int = 1024, reprofile: bool = False,
+                   profile_path: str | Path | None = None) -> HardwareProfile:
+    """The profile an engine plans with: `profile_path` if given, else this machine's cached
+    profile, measured with the model's slice shapes when there is none (or on `reprofile`)."""
+    if profile_path is not None:
+        return HardwareProfile.from_file(profile_path)
+    return load_or_profile(reprofile, sizes=ProfileSizes.for_model(config, host_chunk_rows), progress=False)
+
+
+def main() -> None:  # pragma: no cover - for machines without typer (the GPU machine)
+    parser = argparse.ArgumentParser(description="Measure this machine's hardware profile.")
+    parser.add_argument("--out", default=None)
+    parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--model", default=None, help="use this model's slice shapes")
+    parser.add_argument("--source", default="")
+    args = parser.parse_args()
+    sizes = ProfileSizes()
+    if args.model:
+        from engine.model.factory import resolve_model_config
+
+        sizes = ProfileSizes.for_model(resolve_model_config(args.model)[0])
+    if args.quick:
+        sizes = ProfileSizes.quick()
+    profile = measure_profile(sizes, progress=sys.stderr.isatty(), source=args.source)
+    print(profile.describe())
+    if args.out:
+        profile.save(args.out)
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main()
