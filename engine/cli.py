@@ -12,6 +12,10 @@ import typer
 app = typer.Typer(help="ScheInfer: LLM inference over CPU, GPU and PCIe at once.", no_args_is_help=True,
                   pretty_exceptions_enable=False)
 
+from engine.cli_placement import register as register_placement  # noqa: E402
+
+register_placement(app)  # `scheinfer profile` and `scheinfer plan`
+
 
 @app.command()
 def generate(
@@ -28,7 +32,7 @@ def generate(
     dtype: str = "auto",
     random_weights: bool = False,
     gpu_memory_budget: Annotated[str | None, typer.Option(help='GPU memory cap, e.g. "24GiB"')] = None,
-    policy: Annotated[str, typer.Option(help="auto, gpu, cpu-experts, stream, fiddler, manual:cg=F, manual:PLAN.json")] = "auto",
+    policy: Annotated[str, typer.Option(help="auto, adaptive, gpu, cpu-experts, stream, fiddler, balanced:cg=F, manual:cg=F, manual:PLAN.json")] = "auto",
     trace: Annotated[str | None, typer.Option(help="Write a Chrome trace of CPU/PCIe/GPU activity to this file")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object per prompt")] = False,
 ) -> None:

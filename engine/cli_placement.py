@@ -49,7 +49,7 @@ def plan(
     batch_size: Annotated[int, typer.Option(min=1, help="Sequences decoding at once")] = 1,
     new_tokens: Annotated[int, typer.Option(min=0, help="Typical generated tokens per request")] = 128,
     prompt_len: Annotated[list[int], typer.Option(help="Prompt lengths to predict (repeat)")] = [512, 2048],  # noqa: B006
-    token_assignment: Annotated[bool | None, typer.Option(help="Assume per-step token assignment (default: for adaptive)")] = None,
+    token_assignment: Annotated[bool | None, typer.Option(help="Assume per-step token assignment (default: as the policy's rule)")] = None,
     reprofile: Annotated[bool, typer.Option(help="Measure this machine again (without --profile)")] = False,
     as_json: Annotated[bool, typer.Option("--json", help="Print plan summary and predictions as JSON")] = False,
 ) -> None:
@@ -75,11 +75,9 @@ def plan(
                                batch_size=batch_size, prefill_chunk_tokens=max_prefill_chunk or None)
         if policy == ADAPTIVE_POLICY:
             the_plan, memory = make_adaptive_plan(request, hardware, workload)
-            assign = True if token_assignment is None else token_assignment
         else:
             the_plan, memory = make_plan(policy, request)
-            assign = token_assignment
-        prediction = predict(the_plan, config, hardware, request, workload, assign)
+        prediction = predict(the_plan, config, hardware, request, workload, token_assignment)
     except (OSError, ValueError, TypeError, KeyError, PlanDoesNotFitError) as e:
         _fail(str(e))
     lens = tuple(prompt_len) or (512, 2048)

@@ -11,6 +11,7 @@ from engine.executor.accelerator import Accelerator
 from engine.executor.cpu_pool import CpuPool
 from engine.executor.partitioned import PartitionedExecutor
 from engine.executor.staging import StagingRing
+from engine.executor.token_assignment import DispatchRates
 from engine.executor.weight_store import WeightStore
 from engine.model.config import ModelConfig
 from engine.model.decoder import DecoderModel
@@ -80,6 +81,7 @@ class PartitionOptions:
     cpu_threads: int | None = None
     staging_slots: int = 8
     host_chunk_rows: int = 1024
+    profile_path: str | None = None  # hardware profile for the adaptive planner (default: this machine's)
 
     @property
     def partitioned(self) -> bool:
@@ -94,14 +96,26 @@ def build_partitioned(model: str, model_config: ModelConfig, device: str, dtype:
     request = PlanRequest(model_config, itemsize, budget, kv_cache_tokens * kv_bytes_per_token(model_config, itemsize),
                           activation_bytes(model_config, itemsize, max_num_tokens, max_num_seqs),
                           options.staging_slots, options.host_chunk_rows)
+    rates: DispatchRates | None = None  # token assignment's rates; measured ones with the adaptive planner
     if isinstance(options.policy, PartitionPlan):
         plan = options.policy
         memory = plan_memory(request, plan)
         if budget is not None:
             memory.check(budget)
     else:
-        policy = options.policy if options.policy != "auto" else ("balanced:cg=0.45" if budget else "gpu")
-        plan, memory = make_plan(policy, request)
+        policy = options.policy
+        if policy == "auto":  # adaptive on a GPU; on the CPU stand-in a balanced split
+            policy = ("adaptive" if torch.device(device).type == "cuda" else "balanced:cg=0.45") if budget else "gpu"
+        if policy == "adaptive":
+            from engine.placement.planner import dispatch_rates, make_adaptive_plan
+            from engine.placement.profiler import engine_profile
+
+            profile = engine_profile(model_config, options.host_chunk_rows, profile_path=options.profile_path)
+            plan, memory = make_adaptive_plan(request, profile)
+            rates = DispatchRates(**dispatch_rates(profile))
+            logger.info("adaptive plan from the profile %s", profile.fingerprint)
+        else:
+            plan, memory = make_plan(policy, request)
     accelerator = Accelerator.for_device(device)
     if accelerator.is_cuda and budget is not None:
         total = torch.cuda.get_device_properties(accelerator.device).total_memory
@@ -113,6 +127,6 @@ def build_partitioned(model: str, model_config: ModelConfig, device: str, dtype:
     slot_numel = 3 * staging_slot_rows(plan) * model_config.hidden_size
     ring = StagingRing(accelerator, options.staging_slots, slot_numel, dtype) if slot_numel else None
     pool = CpuPool(decoder.act, model_config.hidden_act, options.cpu_threads)
-    executor = PartitionedExecutor(decoder, accelerator, pool, ring, plan.dynamic)
+    executor = PartitionedExecutor(decoder, accelerator, pool, ring, plan.dynamic, rates)
     decoder.unit_executor = executor
     return decoder, Partition(plan, memory, budget, request, store, executor)

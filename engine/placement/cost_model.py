@@ -2,27 +2,32 @@
 
 Per layer, the FFN's three resources work at once, so
 
-    layer_s = max(cpu_s, pcie_s, gpu_s) + num_syncs * profile.sync_s
-    cpu_s   = CC bytes of the routed units x CPU seconds per byte at their token count
+    layer_s = max(cpu_s || pcie_s, gpu_s) + sync_s + overhead_s
+    cpu_s   = CC bytes of the used units x CPU seconds per byte at their token count
+              + one CPU job round trip (activations out, partial sums back)
     pcie_s  = CG bytes / pinned bandwidth + one latency per streamed chunk
     gpu_s   = (GG + CG) bytes x GPU seconds per byte at their token count
+    sync_s  = one routing sync per MoE layer
+    overhead_s = calibrated serial time: per layer, per layer with CPU work, per piece used
+
+`cpu_s || pcie_s`: both read host DRAM, so while both run each goes at its rate measured with
+the other running (profile.cpu_with_pcie_bytes_s, pcie_with_cpu_bytes_s); once one is done the
+other goes on at its own rate.
 
 and a step is the sum over layers plus the attention and LM-head weights read on the GPU.
-Syncs per layer: one for MoE routing (the router's choice goes to the host), one to wait for the
-CPU's partial sums when the layer has CPU work. Each term is an expectation over the routing:
-an expert that a token picks with probability p is active in a step of T tokens with probability
-1 - (1 - p)^T and then sees T p / (1 - (1 - p)^T) tokens (uniform routing p = top_k / num_experts,
-or a measured popularity).
+Each term is an expectation over the routing: an expert that a token picks with probability p
+is used in a step of T tokens with probability 1 - (1 - p)^T and then sees T p / (1 - (1 - p)^T)
+tokens (uniform routing p = top_k / num_experts, or a measured popularity).
 
 How host pieces are run, per step (`HostMode`):
     static   CG pieces streamed, CC pieces on the CPU, all at once (the plan's kinds)
     assign   per-step token assignment: each host piece goes to the CPU or is streamed so that
              CPU and PCIe/GPU finish together (a piece may be split between them)
     fiddler  per piece, the cheaper of CPU and streaming; CPU first, then GPU (no overlap)
+The executor's "balance" rule keeps the plan's kinds in decode and re-assigns in prefill.
 
 Not modelled: attention over the KV cache (small next to the weights at these lengths), the
-Python/launch overhead of the decoder outside the syncs, and contention between PCIe and CPU for
-DRAM (measured to overlap fully on the GPU machine).
+next layer's prefetch, and the decoder's own overheads beyond the calibrated per-layer terms.
 """
 
 from __future__ import annotations
@@ -74,15 +79,28 @@ class WorkloadMix:
 
 @dataclass(frozen=True)
 class LayerTime:
-    cpu_s: float
-    pcie_s: float
+    cpu_s: float  # CPU work alone
+    pcie_s: float  # streaming alone
     gpu_s: float
-    sync_s: float
+    sync_s: float  # syncs and calibrated overheads: serial, outside the resources
+    cpu_shared_s: float = 0.0  # the same CPU work while PCIe streams (0: not slowed)
+    pcie_shared_s: float = 0.0  # the same streaming while the CPU works
     serial_s: float = 0.0  # work that does not overlap (Fiddler's CPU phase)
 
     @property
+    def host_s(self) -> float:
+        """CPU and PCIe at once: each at its shared rate until one is done, then the other alone."""
+        cpu, pcie = self.cpu_s, self.pcie_s
+        if cpu <= 0 or pcie <= 0:
+            return max(cpu, pcie)
+        cpu_shared, pcie_shared = max(self.cpu_shared_s, cpu), max(self.pcie_shared_s, pcie)
+        if cpu_shared <= pcie_shared:
+            return cpu_shared + (1 - cpu_shared / pcie_shared) * pcie
+        return pcie_shared + (1 - pcie_shared / cpu_shared) * cpu
+
+    @property
     def total_s(self) -> float:
-        return self.serial_s + max(self.cpu_s, self.pcie_s, self.gpu_s) + self.sync_s
+        return self.serial_s + max(self.host_s, self.gpu_s) + self.sync_s
 
 
 @dataclass(frozen=True)
@@ -93,6 +111,7 @@ class _HostPiece:
     pcie_s: float
     gpu_s: float
     kind: PieceKind
+    cpu_shared_s: float  # cpu_s while PCIe streams
 
 
 class CostModel:
@@ -116,7 +135,11 @@ class CostModel:
         q, kv = c.num_heads * c.head_dim, c.num_kv_heads * c.head_dim
         self.attention_bytes = ((q + 2 * kv) * h + h * q) * itemsize
         self.lm_head_bytes = c.vocab_size * h * itemsize
-        self._rates: dict[tuple[int, int, float], tuple[float, float, float, float]] = {}
+        self._rates: dict[tuple[int, int, float], tuple[float, float, float, float, float]] = {}
+        # while both read host memory: the CPU no faster than this, PCIe slowed by this factor
+        self.cpu_shared_spb = 1 / profile.cpu_with_pcie_bytes_s if profile.cpu_with_pcie_bytes_s else 0.0
+        self.pcie_shared_factor = (profile.pcie_h2d_bytes_s / profile.pcie_with_cpu_bytes_s
+                                   if profile.pcie_h2d_bytes_s and profile.pcie_with_cpu_bytes_s else 1.0)
         self.units_by_layer: dict[int, list[tuple[int, int]]] = {}
         for layer, unit, size in ffn_units(config):
             self.units_by_layer.setdefault(layer, []).append((unit, size))
@@ -141,13 +164,15 @@ class CostModel:
         active = 1.0 - (1.0 - p) ** num_tokens
         return active, (num_tokens * p / active if active > 0 else 0.0)
 
-    def unit_rates(self, layer: int, unit: int, num_tokens: float) -> tuple[float, float, float, float]:
-        """(probability of use, tokens when used, CPU and GPU seconds per byte at those tokens), cached."""
+    def unit_rates(self, layer: int, unit: int, num_tokens: float) -> tuple[float, float, float, float, float]:
+        """(probability of use, tokens when used, CPU seconds per byte at those tokens alone and
+        while PCIe streams, GPU seconds per byte), cached."""
         key = (layer, unit, num_tokens)
         rates = self._rates.get(key)
         if rates is None:
             active, tokens = self.activity(layer, unit, num_tokens)
-            rates = (active, tokens, self.cpu_table.s_per_byte_at(tokens), self.gpu_table.s_per_byte_at(tokens))
+            cpu_spb = self.cpu_table.s_per_byte_at(tokens)
+            rates = (active, tokens, cpu_spb, max(cpu_spb, self.cpu_shared_spb), self.gpu_table.s_per_byte_at(tokens))
             self._rates[key] = rates
         return rates
 
@@ -160,7 +185,7 @@ class CostModel:
         gg_s = 0.0
         latency = self.pcie_latency_s if overheads else 0.0
         for unit, split in splits:
-            active, _, cpu_spb, gpu_spb = self.unit_rates(layer, unit, num_tokens)
+            active, _, cpu_spb, cpu_shared_spb, gpu_spb = self.unit_rates(layer, unit, num_tokens)
             if active <= 0:
                 continue
             gpu_spb = gpu_spb if overheads else 0.0
@@ -171,11 +196,25 @@ class CostModel:
                 num_bytes = (end - begin) * self.row_bytes
                 pieces.append(_HostPiece(active * num_bytes * cpu_spb,
                                          active * (num_bytes / self.pcie_bytes_s + latency),
-                                         active * num_bytes * gpu_spb, kind))
+                                         active * num_bytes * gpu_spb, kind, active * num_bytes * cpu_shared_spb))
         return pieces, gg_s
 
-    def _syncs_s(self, layer: int, cpu_work: bool) -> float:
-        return self.profile.sync_s * (int(self.config.is_moe_layer(layer)) + int(cpu_work))
+    def _serial_s(self, layer: int, splits: list[tuple[int, UnitSplit]], num_tokens: float, cpu_work: bool) -> float:
+        """Serial time of a layer outside the resources: the routing sync of an MoE layer and the
+        calibrated overheads (per layer, per layer with CPU work, per piece used)."""
+        p = self.profile
+        serial = p.sync_s * self.config.is_moe_layer(layer) + p.layer_overhead_s + p.cpu_layer_overhead_s * cpu_work
+        if p.piece_overhead_s:
+            chunk = self.host_chunk_rows
+            for unit, split in splits:
+                active = self.unit_rates(layer, unit, num_tokens)[0]
+                host = -(-split.cg // chunk) - (-split.cc // chunk) if chunk else (split.cg > 0) + (split.cc > 0)
+                serial += active * p.piece_overhead_s * ((split.gg > 0) + host)
+        return serial
+
+    def _cpu_latency_s(self, cpu_work: bool) -> float:
+        """One CPU job's round trip when the layer has CPU work (plain sync for older profiles)."""
+        return (self.profile.cpu_job_latency_s or self.profile.sync_s) if cpu_work else 0.0
 
     def layer_time(self, layer: int, splits: list[tuple[int, UnitSplit]], num_tokens: float,
                    mode: HostMode = HostMode.STATIC) -> LayerTime:
@@ -184,42 +223,54 @@ class CostModel:
             return self._static_layer_time(layer, splits, num_tokens)
         pieces, gg_s = self._host_pieces(layer, splits, num_tokens)
         if mode is HostMode.ASSIGN:
-            cpu_s, pcie_s, gpu_s = balance(pieces, gg_s)
-            return LayerTime(cpu_s, pcie_s, gpu_s, self._syncs_s(layer, cpu_s > 0))
+            latency = self._cpu_latency_s(True)
+            cpu_s, pcie_s, gpu_s = balance(pieces, gg_s, latency)
+            cpu_alone = sum(p.cpu_s for p in pieces)
+            cpu_factor = sum(p.cpu_shared_s for p in pieces) / cpu_alone if cpu_alone > 0 else 1.0
+            return LayerTime(cpu_s, pcie_s, gpu_s, self._serial_s(layer, splits, num_tokens, cpu_s > 0),
+                             cpu_s * cpu_factor, pcie_s * self.pcie_shared_factor)
         on_cpu = [p for p in pieces if p.cpu_s <= p.pcie_s]
         streamed = [p for p in pieces if p.cpu_s > p.pcie_s]
+        cpu_s = sum(p.cpu_s for p in on_cpu) + self._cpu_latency_s(bool(on_cpu))
         return LayerTime(0.0, sum(p.pcie_s for p in streamed), gg_s + sum(p.gpu_s for p in streamed),
-                         self._syncs_s(layer, bool(on_cpu)), serial_s=sum(p.cpu_s for p in on_cpu))
+                         self._serial_s(layer, splits, num_tokens, bool(on_cpu)), serial_s=cpu_s)
 
     def _static_layer_time(self, layer: int, splits: list[tuple[int, UnitSplit]], num_tokens: float) -> LayerTime:
         """The plan's own kinds, without building pieces (the planner calls this many times)."""
-        cpu_s = pcie_s = gpu_s = 0.0
+        cpu_s = cpu_shared_s = pcie_s = gpu_s = 0.0
         chunk = self.host_chunk_rows
         row_bytes = self.row_bytes
         for unit, split in splits:
-            active, _, cpu_spb, gpu_spb = self.unit_rates(layer, unit, num_tokens)
+            active, _, cpu_spb, cpu_shared_spb, gpu_spb = self.unit_rates(layer, unit, num_tokens)
             if active <= 0:
                 continue
             num_cg_chunks = -(-split.cg // chunk) if chunk else int(split.cg > 0)
             cpu_s += active * split.cc * row_bytes * cpu_spb
+            cpu_shared_s += active * split.cc * row_bytes * cpu_shared_spb
             pcie_s += active * (split.cg * row_bytes / self.pcie_bytes_s + num_cg_chunks * self.pcie_latency_s)
             gpu_s += active * (split.gg + split.cg) * row_bytes * gpu_spb
         has_cc = any(split.cc for _, split in splits)
-        return LayerTime(cpu_s, pcie_s, gpu_s, self._syncs_s(layer, has_cc))
+        latency = self._cpu_latency_s(has_cc)
+        return LayerTime(cpu_s + latency, pcie_s, gpu_s, self._serial_s(layer, splits, num_tokens, has_cc),
+                         cpu_shared_s + latency, pcie_s * self.pcie_shared_factor)
 
     def layer_floor_s(self, layer: int, splits: list[tuple[int, UnitSplit]], num_tokens: float,
                       decode: bool) -> float:
         """The bound no schedule beats: host bytes moved by CPU and PCIe at once, nothing else.
-        Decode: the CPU reads at DRAM speed; prefill: at its measured rate at that token count."""
+        Decode: the CPU reads at DRAM speed (or its measured rate, if faster); prefill: at its
+        measured rate at that token count."""
         if decode:
-            host_bytes = sum(self.activity(layer, unit, num_tokens)[0] * (s.cg + s.cc) * self.row_bytes
-                             for unit, s in splits)
             pcie = self.profile.pcie_h2d_bytes_s or 0.0
-            return host_bytes / (self.profile.dram_read_bytes_s + pcie)
+            floor_s = 0.0
+            for unit, s in splits:
+                active, tokens = self.unit_rates(layer, unit, num_tokens)[:2]
+                cpu = max(self.profile.dram_read_bytes_s, self.cpu_table.bytes_s(tokens))
+                floor_s += active * (s.cg + s.cc) * self.row_bytes / (cpu + pcie)
+            return floor_s
         pieces, _ = self._host_pieces(layer, splits, num_tokens, overheads=False)
         if self.profile.pcie_h2d_bytes_s is None:
             return sum(p.cpu_s for p in pieces)
-        cpu_s, pcie_s, _ = balance(pieces, 0.0)
+        cpu_s, pcie_s, _ = balance(pieces, 0.0, 0.0)
         return max(cpu_s, pcie_s)
 
     # -- whole steps -----------------------------------------------------------------------
@@ -253,14 +304,17 @@ def prefill_chunks(prompt_len: int, chunk_tokens: int | None) -> list[int]:
     return [min(chunk, prompt_len - start) for start in range(0, prompt_len, chunk)]
 
 
-def balance(pieces: list[_HostPiece], gg_s: float) -> tuple[float, float, float]:
+def balance(pieces: list[_HostPiece], gg_s: float, cpu_latency_s: float) -> tuple[float, float, float]:
     """(cpu_s, pcie_s, gpu_s) when each piece's work goes to the CPU or is streamed, a piece
     possibly split, so that the CPU and the streaming side (PCIe, or GPU compute if slower)
-    finish together. Pieces cheapest on the CPU relative to streaming go to the CPU first."""
+    finish together. Pieces cheapest on the CPU relative to streaming go to the CPU first; the
+    CPU, once used, costs `cpu_latency_s` more."""
     if not pieces:
         return 0.0, 0.0, gg_s
     order = sorted(pieces, key=lambda p: p.cpu_s / max(p.pcie_s, 1e-30))
-    cpu, pcie, gpu = 0.0, sum(p.pcie_s for p in order), gg_s + sum(p.gpu_s for p in order)
+    cpu, pcie, gpu = cpu_latency_s, sum(p.pcie_s for p in order), gg_s + sum(p.gpu_s for p in order)
+    if cpu >= max(pcie, gpu):
+        return 0.0, pcie, gpu  # the CPU's latency alone is longer than streaming everything
     for piece in order:
         after = (cpu + piece.cpu_s, pcie - piece.pcie_s, gpu - piece.gpu_s)
         if after[0] >= max(after[1], after[2]):
@@ -306,7 +360,8 @@ class Prediction:
     decode_step_s: float
     floor_decode_step_s: float
     batch_size: int
-    mode: HostMode
+    decode_mode: HostMode
+    prefill_mode: HostMode
     prefill_chunk_tokens: int | None
     model: CostModel = field(repr=False, compare=False)
     plan: PartitionPlan = field(repr=False, compare=False)
@@ -324,9 +379,13 @@ class Prediction:
     def decode_tok_s(self) -> float:
         return 1.0 / self.decode_s_per_token
 
+    def decode_s(self, mode: HostMode) -> float:
+        """Seconds per token when decode runs host pieces by `mode`."""
+        return self.model.step_s(self.plan, self.batch_size, self.batch_size, mode) / self.batch_size
+
     def prefill_s(self, prompt_len: int, mode: HostMode | None = None) -> float:
         """Seconds to prefill one prompt of `prompt_len` tokens (`mode`: how host pieces are run)."""
-        mode = mode or self.mode
+        mode = mode or self.prefill_mode
         return sum(self.model.step_s(self.plan, n, 1, mode)
                    for n in prefill_chunks(prompt_len, self.prefill_chunk_tokens))
 
@@ -340,24 +399,36 @@ class Prediction:
     def to_dict(self, prompt_lens: tuple[int, ...] = (512, 2048)) -> dict:
         """JSON-ready (for logs and GET /v1/engine/plan)."""
         return {
-            "policy": self.policy, "host_mode": str(self.mode), "batch_size": self.batch_size,
+            "policy": self.policy, "decode_mode": str(self.decode_mode), "prefill_mode": str(self.prefill_mode),
+            "batch_size": self.batch_size,
             "decode_s_per_token": self.decode_s_per_token, "decode_tok_s": self.decode_tok_s,
-            "floor_decode_s_per_token": self.floor_decode_s, "floor_decode_tok_s": 1.0 / self.floor_decode_s,
+            "floor_decode_s_per_token": self.floor_decode_s, "floor_decode_tok_s": _per_s(1, self.floor_decode_s),
             "prefill_chunk_tokens": self.prefill_chunk_tokens,
             "prefill": [{"prompt_len": n, "prefill_s": self.prefill_s(n), "prefill_tok_s": self.prefill_tok_s(n),
                          "floor_prefill_s": self.floor_prefill_s(n),
-                         "floor_prefill_tok_s": n / self.floor_prefill_s(n)} for n in prompt_lens],
+                         "floor_prefill_tok_s": _per_s(n, self.floor_prefill_s(n))} for n in prompt_lens],
         }
 
 
-def host_mode_of(plan: PartitionPlan, token_assignment: bool | None = None) -> HostMode:
-    """How the engine runs `plan`'s host pieces: a per-step token-assignment rule (any dynamic
-    rule but Fiddler's), Fiddler's rule, or the plan's fixed kinds."""
+def _per_s(count: int, seconds: float) -> float | None:
+    """count / seconds; None for a zero floor (nothing on the host: no bound from host bytes)."""
+    return count / seconds if seconds > 0 else None
+
+
+def host_modes(plan: PartitionPlan, token_assignment: bool | None = None) -> tuple[HostMode, HostMode]:
+    """(decode, prefill) modes in which the engine runs `plan`'s host pieces: Fiddler's rule; the
+    executor's "balance" rule (the plan's kinds in decode, re-assigned in prefill); any other
+    per-step rule (re-assigned always); or the plan's fixed kinds. `token_assignment` overrides:
+    True as "balance", False as fixed kinds."""
     if plan.dynamic == "fiddler":
-        return HostMode.FIDDLER
+        return HostMode.FIDDLER, HostMode.FIDDLER
     if token_assignment is None:
         token_assignment = plan.dynamic is not None
-    return HostMode.ASSIGN if token_assignment else HostMode.STATIC
+    if not token_assignment:
+        return HostMode.STATIC, HostMode.STATIC
+    if plan.dynamic in (None, "balance"):
+        return HostMode.STATIC, HostMode.ASSIGN
+    return HostMode.ASSIGN, HostMode.ASSIGN
 
 
 def predict_plan(plan: PartitionPlan, config: ModelConfig, profile: HardwareProfile, itemsize: int = 2,
@@ -365,8 +436,8 @@ def predict_plan(plan: PartitionPlan, config: ModelConfig, profile: HardwareProf
     """Predicted decode and prefill speed of `plan` (see `predict` for a PlanRequest)."""
     workload = workload or WorkloadMix()
     model = CostModel(config, profile, itemsize, plan.host_chunk, workload.expert_popularity)
-    mode = host_mode_of(plan, token_assignment)
+    decode_mode, prefill_mode = host_modes(plan, token_assignment)
     batch = workload.batch_size
-    return Prediction(plan.policy, model.step_s(plan, batch, batch, mode),
-                      model.floor_step_s(plan, batch, decode=True), batch, mode,
+    return Prediction(plan.policy, model.step_s(plan, batch, batch, decode_mode),
+                      model.floor_step_s(plan, batch, decode=True), batch, decode_mode, prefill_mode,
                       workload.prefill_chunk_tokens, model, plan)

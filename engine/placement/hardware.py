@@ -107,6 +107,15 @@ class HardwareProfile:
     gpu_ffn: LinearTimeTable | None = None
     gpu_total_bytes: int | None = None
     gpu_free_bytes: int | None = None  # free when profiled (nothing of the engine allocated yet)
+    cpu_with_pcie_bytes_s: float | None = None  # CPU FFN rate at 1 token while PCIe streams
+    pcie_with_cpu_bytes_s: float | None = None  # PCIe rate meanwhile (both read host DRAM)
+    cpu_job_latency_s: float = 0.0  # one CPU job's round trip: activations out, hand-over, partials back
+    # Calibrated against a benchmark of the whole engine (0 when never calibrated): serial time
+    # outside the three resources per layer of a step (decoder launches, attention, routing), per
+    # layer that has CPU work, and per FFN piece the step uses (the host thread's work per piece).
+    layer_overhead_s: float = 0.0
+    cpu_layer_overhead_s: float = 0.0
+    piece_overhead_s: float = 0.0
     slice_hidden: int = 4096  # shape of the measured CPU slices: [hidden] x [rows] (x3 matrices)
     slice_rows: int = 1024
     dtype: str = "bfloat16"
@@ -118,6 +127,13 @@ class HardwareProfile:
     @property
     def has_gpu(self) -> bool:
         return self.gpu_ffn is not None and self.pcie_h2d_bytes_s is not None
+
+    @property
+    def host_read_bytes_s(self) -> float | None:
+        """Host DRAM read rate shared by the CPU and PCIe when both read (None: not measured)."""
+        if self.cpu_with_pcie_bytes_s is None or self.pcie_with_cpu_bytes_s is None:
+            return None
+        return self.cpu_with_pcie_bytes_s + self.pcie_with_cpu_bytes_s
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), indent=1)
@@ -155,8 +171,14 @@ class HardwareProfile:
         if self.pcie_h2d_bytes_s is not None:
             lines.append(f"PCIe pinned host->device {self.pcie_h2d_bytes_s / 1e9:.1f} GB/s, "
                          f"latency {1e6 * (self.pcie_latency_s or 0):.1f} us")
+        if self.host_read_bytes_s is not None:
+            lines.append(f"CPU and PCIe at once: CPU {self.cpu_with_pcie_bytes_s / 1e9:.1f} GB/s + PCIe "
+                         f"{self.pcie_with_cpu_bytes_s / 1e9:.1f} GB/s = host DRAM {self.host_read_bytes_s / 1e9:.1f} GB/s")
         if self.gpu_total_bytes is not None:
             lines.append(f"GPU memory {(self.gpu_free_bytes or 0) / 2**30:.1f} GiB free of {self.gpu_total_bytes / 2**30:.1f} GiB")
+        lines.append(f"CPU job round trip {1e6 * self.cpu_job_latency_s:.0f} us; calibrated overheads: per layer "
+                     f"{1e3 * self.layer_overhead_s:.2f} ms, +{1e3 * self.cpu_layer_overhead_s:.2f} ms with CPU work, "
+                     f"per piece {1e6 * self.piece_overhead_s:.0f} us")
         lines.append(f"sync {1e6 * self.sync_s:.1f} us; created {self.created} ({self.measure_s:.1f} s of measuring)"
                      + (f"; source: {self.source}" if self.source else ""))
         return "\n".join(lines)

@@ -50,8 +50,10 @@ def _model_text(config: ModelConfig) -> str:
 
 
 def _speed_row(name: str, seconds: float, tokens: int, floor_s: float, note: str = "") -> str:
-    return (f"  {name:<16}{tokens / seconds:10.1f} tok/s {1e3 * seconds:9.1f} ms   floor {tokens / floor_s:10.1f} tok/s"
-            f"   {floor_s / seconds:4.0%} of floor{note}")
+    row = f"  {name:<16}{tokens / seconds:10.1f} tok/s {1e3 * seconds:9.1f} ms"
+    if floor_s <= 0:
+        return row + "   floor: none (no host weights)" + note
+    return row + f"   floor {tokens / floor_s:10.1f} tok/s   {floor_s / seconds:4.0%} of floor{note}"
 
 
 def render_plan_report(config: ModelConfig, plan: PartitionPlan, memory: GpuMemoryBreakdown,
@@ -66,18 +68,17 @@ def render_plan_report(config: ModelConfig, plan: PartitionPlan, memory: GpuMemo
              f"GPU memory: {memory.describe()}",
              "FFN weights per kind (GG resident, CG streamed, CC on the CPU):",
              *layer_table(bytes_by_kind_per_layer(plan, config, itemsize)),
-             f"predicted, batch {prediction.batch_size}, host pieces run by {_MODE_TEXT[prediction.mode]}:",
+             f"predicted, batch {prediction.batch_size}; host pieces: decode by {_MODE_TEXT[prediction.decode_mode]}, "
+             f"prefill by {_MODE_TEXT[prediction.prefill_mode]}:",
              _speed_row("decode", prediction.decode_s_per_token, 1, prediction.floor_decode_s)]
     chunk = prediction.prefill_chunk_tokens
     for n in prompt_lens:
         steps = -(-n // chunk) if chunk else 1
         note = f" ({steps} steps of {chunk})" if steps > 1 else ""
         lines.append(_speed_row(f"prefill-{n}", prediction.prefill_s(n), n, prediction.floor_prefill_s(n), note))
-    if prediction.mode is HostMode.ASSIGN:
+    if prediction.prefill_mode is HostMode.ASSIGN:
         static = ", ".join(f"prefill-{n} {prediction.prefill_tok_s(n, HostMode.STATIC):.1f} tok/s" for n in prompt_lens)
-        batch = prediction.batch_size
-        decode_s = prediction.model.step_s(plan, batch, batch, HostMode.STATIC) / batch
-        lines.append(f"  with the plan's fixed kinds instead: decode {1 / decode_s:.2f} tok/s, {static}")
+        lines.append(f"  with the plan's fixed kinds in prefill too: {static}")
     lines.append("floors: decode = routed host bytes read by the CPU at DRAM speed while PCIe streams; "
                  "prefill = host bytes split between PCIe and the CPU's measured rate")
     return "\n".join(lines)

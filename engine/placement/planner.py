@@ -20,6 +20,8 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass, replace
+
 from engine.model.config import ModelConfig
 from engine.placement.cost_model import (
     CostModel,
@@ -42,17 +44,19 @@ from engine.placement.plan import PartitionPlan, UnitKey, UnitSplit
 from engine.placement.policies import PlanRequest, plan_memory
 
 ADAPTIVE_POLICY = "adaptive"
+TOKEN_ASSIGNMENT_RULE = "balance"  # the executor's per-step rule: plan's kinds in decode, re-assigned in prefill
 SHARE_STEPS = 64  # CG shares tried: 0, 1/64, ..., 1
 
-__all__ = ["ADAPTIVE_POLICY", "Prediction", "WorkloadMix", "build_plan_request", "make_adaptive_plan",
-           "plan_partition", "predict"]
+__all__ = ["ADAPTIVE_POLICY", "TOKEN_ASSIGNMENT_RULE", "MeasuredStep", "Prediction", "WorkloadMix",
+           "build_plan_request", "calibrate_overheads", "dispatch_rates", "make_adaptive_plan", "plan_partition",
+           "predict"]
 
 
 def plan_partition(config: ModelConfig, profile: HardwareProfile, request: PlanRequest, workload: WorkloadMix,
-                   *, dynamic: str | None = None) -> PartitionPlan:
+                   *, dynamic: str | None = TOKEN_ASSIGNMENT_RULE) -> PartitionPlan:
     """The adaptive plan (pure: no tensors, no clocks). `dynamic` names the executor's per-step
-    rule stored in the plan (a dynamic plan always keeps a staging ring). Does not check the
-    budget: see `make_adaptive_plan`."""
+    rule stored in the plan (a dynamic plan always keeps a staging ring; None: fixed kinds).
+    Does not check the budget: see `make_adaptive_plan`."""
     units = ffn_units(config)
     row_bytes = bytes_per_row(config, request.itemsize)
     budget = request.budget_bytes if request.budget_bytes is not None else profile.gpu_free_bytes
@@ -76,7 +80,7 @@ def plan_partition(config: ModelConfig, profile: HardwareProfile, request: PlanR
 
 
 def make_adaptive_plan(request: PlanRequest, profile: HardwareProfile, workload: WorkloadMix | None = None,
-                       *, dynamic: str | None = None) -> tuple[PartitionPlan, GpuMemoryBreakdown]:
+                       *, dynamic: str | None = TOKEN_ASSIGNMENT_RULE) -> tuple[PartitionPlan, GpuMemoryBreakdown]:
     """Policy "adaptive": the plan and what it keeps on the GPU (like `policies.make_plan`);
     raises PlanDoesNotFitError when even no resident FFN row fits the budget."""
     plan = plan_partition(request.config, profile, request, workload or WorkloadMix(), dynamic=dynamic)
@@ -90,8 +94,20 @@ def make_adaptive_plan(request: PlanRequest, profile: HardwareProfile, workload:
 def predict(plan: PartitionPlan, config: ModelConfig, profile: HardwareProfile, request: PlanRequest,
             workload: WorkloadMix | None = None, token_assignment: bool | None = None) -> Prediction:
     """Predicted decode and prefill speed of any plan (adaptive or fixed) on `profile`.
-    `token_assignment` None: assumed when the plan names a dynamic rule other than Fiddler's."""
+    `token_assignment` None: as the plan's dynamic rule says (see cost_model.host_modes)."""
     return predict_plan(plan, config, profile, request.itemsize, workload, token_assignment)
+
+
+def dispatch_rates(profile: HardwareProfile) -> dict[str, float]:
+    """Keyword arguments of the executor's DispatchRates (engine/executor/token_assignment.py)
+    from a profile: the CPU's decode bandwidth and prefill flop rate, pinned PCIe, job overhead."""
+    cpu = profile.cpu_ffn
+    rates = {"cpu_bytes_s": cpu.bytes_s(1), "cpu_flops": cpu.flops(cpu.num_tokens[-1], 2)}
+    if profile.pcie_h2d_bytes_s:
+        rates["pcie_bytes_s"] = profile.pcie_h2d_bytes_s
+    if profile.cpu_job_latency_s:
+        rates["cpu_job_overhead_s"] = profile.cpu_job_latency_s
+    return rates
 
 
 def build_plan_request(config: ModelConfig, budget_bytes: int | None, itemsize: int = 2,
@@ -193,5 +209,67 @@ def _best_share(model: CostModel, units: list[tuple[int, int, int]], resident: d
 
     coarse = SHARE_STEPS // 16
     best = min(range(0, SHARE_STEPS + 1, coarse), key=request_s)
-    best = min(range(max(0, best - coarse), min(SHARE_STEPS, best + coarse) + 1), key=lambda i: (request_s(i), i))
-    return best / SHARE_STEPS
+    fine = range(max(0, best - coarse), min(SHARE_STEPS, best + coarse) + 1)
+    best_s = min(request_s(i) for i in fine)
+    # shares within 0.5% of the best are as good to the model: take the middle of them, the
+    # choice least sensitive to errors in the rates (a flat optimum when host DRAM is the limit)
+    near = [i for i in fine if request_s(i) <= best_s * 1.005]
+    return near[len(near) // 2] / SHARE_STEPS
+
+
+# -- calibration -------------------------------------------------------------------------------
+
+OVERHEAD_FIELDS = ("layer_overhead_s", "cpu_layer_overhead_s", "piece_overhead_s")
+
+
+@dataclass(frozen=True)
+class MeasuredStep:
+    """One measured point of a benchmark of the whole engine: a plan, and its decode step time
+    (batch 1) or its prefill time for `prompt_len` tokens."""
+
+    plan: PartitionPlan
+    decode_s: float | None = None
+    prefill_s: float | None = None
+    prompt_len: int = 512
+
+
+def calibrate_overheads(profile: HardwareProfile, config: ModelConfig, request: PlanRequest,
+                        points: list[MeasuredStep], workload: WorkloadMix | None = None) -> HardwareProfile:
+    """`profile` with its three overheads (per layer, per layer with CPU work, per piece) fitted to
+    the measured points: non-negative least squares on relative errors. The overheads are serial
+    and additive in the cost model, so each one's effect on a prediction is linear."""
+    base = replace(profile, **dict.fromkeys(OVERHEAD_FIELDS, 0.0))
+    rows: list[list[float]] = []
+    targets: list[float] = []
+    for point in points:
+        for measured, phase in ((point.decode_s, "decode"), (point.prefill_s, "prefill")):
+            if measured is None:
+                continue
+
+            def predicted(p: HardwareProfile, phase=phase, point=point) -> float:
+                prediction = predict(point.plan, config, p, request, workload)
+                return prediction.decode_step_s if phase == "decode" else prediction.prefill_s(point.prompt_len)
+
+            zero = predicted(base)
+            rows.append([(predicted(replace(base, **{f: 1.0})) - zero) / measured for f in OVERHEAD_FIELDS])
+            targets.append((measured - zero) / measured)
+    return replace(base, **dict(zip(OVERHEAD_FIELDS, _nnls(rows, targets), strict=True)))
+
+
+def _nnls(rows: list[list[float]], targets: list[float]) -> list[float]:
+    """Least squares with every coefficient >= 0, by trying each set of free coefficients (3 here)."""
+    import numpy as np
+
+    a, b = np.asarray(rows, dtype=float), np.asarray(targets, dtype=float)
+    best, best_err = [0.0] * a.shape[1], float(np.sum(b * b))
+    for mask in range(1, 1 << a.shape[1]):
+        cols = [j for j in range(a.shape[1]) if mask >> j & 1]
+        x, *_ = np.linalg.lstsq(a[:, cols], b, rcond=None)
+        if np.all(x >= 0):
+            full = [0.0] * a.shape[1]
+            for j, v in zip(cols, x, strict=True):
+                full[j] = float(v)
+            err = float(np.sum((a @ np.asarray(full) - b) ** 2))
+            if err < best_err:
+                best, best_err = full, err
+    return best

@@ -19,7 +19,7 @@ import sys
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -36,6 +36,7 @@ from engine.placement.hardware import (
 )
 
 MIB = 1 << 20
+HARDWARE_CONFIGS_DIR = Path(__file__).resolve().parents[2] / "configs" / "hardware"
 
 
 @dataclass(frozen=True)
@@ -44,7 +45,8 @@ class ProfileSizes:
 
     hidden: int = 4096
     slice_rows: int = 1024  # rows of one CPU slice: the engine's host chunk
-    cpu_buffer_bytes: int = 1024 * MIB  # CPU weights, rotated (far above any last-level cache)
+    cpu_buffer_bytes: int = 1024 * MIB  # CPU weights, rotated; at least `llc_multiple` last-level caches
+    llc_multiple: int = 8
     cpu_tokens: tuple[int, ...] = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)
     slices_per_call: int = 4  # slices handed to the CPU path at once, like one layer's CC pieces
     min_reading_s: float = 0.05  # each reading repeats calls for at least this long
@@ -63,14 +65,17 @@ class ProfileSizes:
     @classmethod
     def quick(cls) -> ProfileSizes:
         """Small shapes for tests and CPU-only CI (a second or two)."""
-        return cls(hidden=256, slice_rows=256, cpu_buffer_bytes=48 * MIB, cpu_tokens=(1, 8, 64),
+        return cls(hidden=256, slice_rows=256, cpu_buffer_bytes=48 * MIB, llc_multiple=0, cpu_tokens=(1, 8, 64),
                    slices_per_call=8, min_reading_s=0.01, repeat=3, pcie_bytes=32 * MIB, gpu_rows=2048,
                    gpu_tokens=(1, 64, 512))
 
 
 # -- CPU -----------------------------------------------------------------------------------------
 
-def _cpu_path() -> tuple[str, int, Callable[[list[tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]]], None]]:
+Job = tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]  # x, gate_up, down, out
+
+
+def _cpu_path() -> tuple[str, int, Callable[[list[Job]], None]]:
     """(path name, threads, run): the CPU path the executor's CPU pool uses for bf16 silu slices."""
     from engine.executor.cpu_pool import default_cpu_threads
 
@@ -81,17 +86,75 @@ def _cpu_path() -> tuple[str, int, Callable[[list[tuple[torch.Tensor, torch.Tens
     if kernel_info is not None:
         info = kernel_info()
         if info["path"] != "torch":
-            def run_kernel(jobs):
+            def run_kernel(jobs: list[Job]) -> None:
                 run_slice_jobs([SliceJob(*job) for job in jobs], "silu")
 
             return info["path"], int(info["num_threads"]), run_kernel
 
-    def run_torch(jobs):
+    def run_torch(jobs: list[Job]) -> None:
         for x, gate_up, down, out in jobs:
             gate, up = F.linear(x, gate_up).chunk(2, dim=-1)
             out.copy_(F.linear(F.silu(gate) * up, down))
 
     return "torch", default_cpu_threads(), run_torch
+
+
+def llc_bytes() -> int:
+    """Size of the largest CPU cache (Linux sysfs; 32 MiB when unknown)."""
+    sizes = []
+    for index in Path("/sys/devices/system/cpu/cpu0/cache").glob("index*"):
+        try:
+            text = (index / "size").read_text().strip().upper()
+        except OSError:
+            continue
+        scale = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}.get(text[-1:], 1)
+        digits = text.rstrip("KMG")
+        if digits.isdigit():
+            sizes.append(int(digits) * scale)
+    return max(sizes, default=32 * MIB)
+
+
+def cpu_buffer_bytes(sizes: ProfileSizes) -> int:
+    """At least `llc_multiple` last-level caches, at most an eighth of the machine's memory."""
+    wanted = max(sizes.cpu_buffer_bytes, sizes.llc_multiple * llc_bytes())
+    try:
+        total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError):
+        return wanted
+    return max(sizes.cpu_buffer_bytes, min(wanted, total // 8))
+
+
+class CpuSlices:
+    """FFN slices carved from one large bf16 buffer; each call runs the next `slices_per_call`
+    of them through the CPU path, so that successive calls read different memory."""
+
+    def __init__(self, sizes: ProfileSizes, buffer: torch.Tensor) -> None:
+        self.path, self.num_threads, self._run = _cpu_path()
+        h, n = sizes.hidden, sizes.slice_rows
+        self.hidden = h
+        self.slice_bytes = 3 * n * h * buffer.element_size()
+        numel = 3 * n * h
+        count = buffer.numel() // numel
+        if count < sizes.slices_per_call:
+            raise ValueError(f"CPU buffer of {buffer.nbytes} bytes holds fewer than {sizes.slices_per_call} slices")
+        self.slices = [(buffer[i * numel: i * numel + 2 * n * h].view(2 * n, h),
+                        buffer[i * numel + 2 * n * h: (i + 1) * numel].view(h, n)) for i in range(count)]
+        self.per_call = sizes.slices_per_call
+        self.num_calls = count // self.per_call
+
+    def caller(self, num_tokens: int) -> Callable[[int], int]:
+        """call(i): runs the i-th call at `num_tokens` tokens, returns the weight bytes it read."""
+        x = torch.randn(num_tokens, self.hidden).to(torch.bfloat16)
+        outs = [torch.empty(num_tokens, self.hidden, dtype=torch.float32) for _ in range(self.per_call)]
+
+        def call(i: int) -> int:
+            first = (i % self.num_calls) * self.per_call
+            group = self.slices[first: first + self.per_call]
+            with torch.inference_mode():
+                self._run([(x, gate_up, down, out) for (gate_up, down), out in zip(group, outs, strict=True)])
+            return len(group) * self.slice_bytes
+
+        return call
 
 
 def _reading_s_per_byte(call: Callable[[int], int], sizes: ProfileSizes) -> float:
@@ -111,37 +174,49 @@ def _reading_s_per_byte(call: Callable[[int], int], sizes: ProfileSizes) -> floa
     return statistics.median(readings)
 
 
-def measure_cpu_ffn(sizes: ProfileSizes, buffer: torch.Tensor, bar: tqdm) -> tuple[LinearTimeTable, str, int]:
-    """CPU slice time vs tokens on slices carved from `buffer` (bf16), rotated call after call."""
-    path, threads, run = _cpu_path()
-    h, n = sizes.hidden, sizes.slice_rows
-    slice_numel = 3 * n * h
-    num_slices = buffer.numel() // slice_numel
-    if num_slices < sizes.slices_per_call:
-        raise ValueError(f"CPU buffer of {buffer.nbytes} bytes holds fewer than {sizes.slices_per_call} slices")
-    slices = [(buffer[i * slice_numel: i * slice_numel + 2 * n * h].view(2 * n, h),
-               buffer[i * slice_numel + 2 * n * h: (i + 1) * slice_numel].view(h, n)) for i in range(num_slices)]
-    num_calls = num_slices // sizes.slices_per_call
-    previous_threads = torch.get_num_threads()
-    torch.set_num_threads(threads)
+def measure_cpu_ffn(sizes: ProfileSizes, slices: CpuSlices, bar: tqdm) -> LinearTimeTable:
+    """CPU slice time vs tokens, rotating over the slices call after call."""
     rates = []
-    try:
-        for num_tokens in sizes.cpu_tokens:
-            x = torch.randn(num_tokens, h).to(torch.bfloat16)
-            outs = [torch.empty(num_tokens, h, dtype=torch.float32) for _ in range(sizes.slices_per_call)]
+    for num_tokens in sizes.cpu_tokens:
+        rates.append(_reading_s_per_byte(slices.caller(num_tokens), sizes))
+        bar.update(1)
+    return LinearTimeTable(tuple(sizes.cpu_tokens), tuple(rates))
 
-            def call(i: int, x=x, outs=outs) -> int:
-                first = (i % num_calls) * sizes.slices_per_call
-                group = slices[first: first + sizes.slices_per_call]
-                run([(x, gate_up, down, out) for (gate_up, down), out in zip(group, outs, strict=True)])
-                return len(group) * slice_numel * buffer.element_size()
 
-            with torch.inference_mode():
-                rates.append(_reading_s_per_byte(call, sizes))
-            bar.update(1)
-    finally:
-        torch.set_num_threads(previous_threads)
-    return LinearTimeTable(tuple(sizes.cpu_tokens), tuple(rates)), path, threads
+def measure_cpu_job_latency_s(slices: CpuSlices, has_gpu: bool) -> float:
+    """The executor's round trip for one tiny CPU job: activations device->host (pinned), an
+    event, a hand-over to a worker thread that waits for it and runs the CPU path on one small
+    slice, the partial sums host->device, and the wait for them. Median of many."""
+    device = "cuda" if has_gpu else "cpu"
+    h = slices.hidden
+    gate_up, down = slices.slices[0][0][:32], slices.slices[0][1][:, :16].contiguous()
+    x = torch.randn(1, h, device=device).to(torch.bfloat16)
+    host_x = torch.empty(1, h, dtype=torch.bfloat16, pin_memory=has_gpu)
+    host_out = torch.empty(1, h, dtype=torch.float32, pin_memory=has_gpu)
+
+    def work(ready) -> None:
+        if ready is not None:
+            ready.synchronize()
+        with torch.inference_mode():
+            slices._run([(host_x, gate_up, down, host_out)])
+
+    times = []
+    with ThreadPoolExecutor(max_workers=1) as worker:
+        for i in range(41):
+            start = time.perf_counter()
+            host_x.copy_(x, non_blocking=True)
+            ready = None
+            if has_gpu:
+                ready = torch.cuda.Event()
+                ready.record()
+            worker.submit(work, ready).result()
+            back = host_out.to(device, non_blocking=True)
+            if has_gpu:
+                torch.cuda.current_stream().synchronize()
+            del back
+            if i:
+                times.append(time.perf_counter() - start)
+    return statistics.median(times)
 
 
 def measure_dram_read(buffer: torch.Tensor, sizes: ProfileSizes) -> float:
@@ -200,6 +275,33 @@ def measure_pcie(sizes: ProfileSizes) -> tuple[float, float]:
     return bytes_s, latency_s
 
 
+def measure_cpu_with_pcie(sizes: ProfileSizes, slices: CpuSlices, window_s: float = 0.15) -> tuple[float, float]:
+    """(CPU bytes/s at 1 token, PCIe bytes/s) while both read host memory at once: copies are
+    queued on a side stream for about `window_s`, and the CPU runs calls until they are done."""
+    pinned = torch.empty(sizes.pcie_bytes, dtype=torch.uint8, pin_memory=True).fill_(1)
+    device = torch.empty_like(pinned, device="cuda")
+    stream = torch.cuda.Stream()
+    call = slices.caller(1)
+    call(0)
+    cpu_rates, pcie_rates, i = [], [], 1
+    for _ in range(max(3, sizes.repeat)):
+        num_copies = max(2, round(window_s * 50e9 / pinned.nbytes))
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        with torch.cuda.stream(stream):
+            start.record()
+            for _ in range(num_copies):
+                device.copy_(pinned, non_blocking=True)
+            end.record()
+        num_bytes, t0 = 0, time.perf_counter()
+        while not end.query():
+            num_bytes += call(i)
+            i += 1
+        cpu_rates.append(num_bytes / (time.perf_counter() - t0))
+        end.synchronize()
+        pcie_rates.append(num_copies * pinned.nbytes / (start.elapsed_time(end) / 1e3))
+    return statistics.median(cpu_rates), statistics.median(pcie_rates)
+
+
 def measure_gpu_ffn(sizes: ProfileSizes, bar: tqdm) -> LinearTimeTable:
     """GPU time of one whole FFN unit vs tokens, computed like the executor (fp32 partial sums)."""
     from engine.executor.accelerator import Accelerator
@@ -246,29 +348,40 @@ def measure_profile(sizes: ProfileSizes | None = None, progress: bool = True, so
     start_s = time.perf_counter()
     fingerprint = current_fingerprint()
     has_gpu = torch.cuda.is_available()
-    steps = len(sizes.cpu_tokens) + 2 + (len(sizes.gpu_tokens) + 2 if has_gpu else 0)
+    steps = len(sizes.cpu_tokens) + 2 + (len(sizes.gpu_tokens) + 3 if has_gpu else 0)
     gpu: dict = {}
     with tqdm(total=steps, desc="profiling", unit="reading", disable=not progress, leave=False) as bar:
         if has_gpu:
             free_bytes, total_bytes = torch.cuda.mem_get_info()  # before anything of ours is allocated
             gpu["gpu_free_bytes"], gpu["gpu_total_bytes"] = int(free_bytes), int(total_bytes)
-        buffer = torch.empty(sizes.cpu_buffer_bytes // 2, dtype=torch.bfloat16).fill_(0.01)
+        buffer = torch.empty(cpu_buffer_bytes(sizes) // 2, dtype=torch.bfloat16).fill_(0.01)
         dram_bytes_s = measure_dram_read(buffer, sizes)
         bar.update(1)
-        cpu_ffn, cpu_path, cpu_threads = measure_cpu_ffn(sizes, buffer, bar)
-        del buffer
-        sync_s = measure_handover_s()
-        bar.update(1)
-        if has_gpu:
-            gpu["pcie_h2d_bytes_s"], gpu["pcie_latency_s"] = measure_pcie(sizes)
+        slices = CpuSlices(sizes, buffer)
+        previous_threads = torch.get_num_threads()
+        torch.set_num_threads(slices.num_threads)  # the torch path runs with the CPU pool's threads
+        try:
+            cpu_ffn = measure_cpu_ffn(sizes, slices, bar)
+            sync_s = measure_handover_s()
+            job_s = measure_cpu_job_latency_s(slices, has_gpu)
             bar.update(1)
-            gpu["gpu_ffn"] = measure_gpu_ffn(sizes, bar)
-            sync_s += measure_gpu_sync_s()
-            bar.update(1)
-            torch.cuda.empty_cache()
+            if has_gpu:
+                gpu["pcie_h2d_bytes_s"], gpu["pcie_latency_s"] = measure_pcie(sizes)
+                bar.update(1)
+                gpu["cpu_with_pcie_bytes_s"], gpu["pcie_with_cpu_bytes_s"] = measure_cpu_with_pcie(sizes, slices)
+                bar.update(1)
+                gpu["gpu_ffn"] = measure_gpu_ffn(sizes, bar)
+                sync_s += measure_gpu_sync_s()
+                bar.update(1)
+                torch.cuda.empty_cache()
+        finally:
+            torch.set_num_threads(previous_threads)
+        slices_path, slices_threads = slices.path, slices.num_threads
+        del slices, buffer
     return HardwareProfile(
-        fingerprint=fingerprint, cpu_ffn=cpu_ffn, cpu_threads=cpu_threads, cpu_path=cpu_path,
-        dram_read_bytes_s=dram_bytes_s, sync_s=sync_s, slice_hidden=sizes.hidden, slice_rows=sizes.slice_rows,
+        fingerprint=fingerprint, cpu_ffn=cpu_ffn, cpu_threads=slices_threads, cpu_path=slices_path,
+        dram_read_bytes_s=dram_bytes_s, sync_s=sync_s, cpu_job_latency_s=job_s, slice_hidden=sizes.hidden,
+        slice_rows=sizes.slice_rows,
         created=time.strftime("%Y-%m-%dT%H:%M:%S"), measure_s=time.perf_counter() - start_s,
         source=source or "measured by engine.placement.profiler", **gpu)
 
@@ -284,8 +397,25 @@ def load_or_profile(reprofile: bool = False, cache_dir: str | Path | None = None
         cached = load_cached(fingerprint, cache_dir)
         if cached is not None:
             return cached
-    profile = measure_profile(sizes, progress)
+    profile = with_committed_calibration(measure_profile(sizes, progress))
     profile.save(cached_profile_path(fingerprint, cache_dir))
+    return profile
+
+
+def with_committed_calibration(profile: HardwareProfile, directory: Path = HARDWARE_CONFIGS_DIR) -> HardwareProfile:
+    """`profile` with the calibrated overheads of a committed profile of the same machine (same
+    fingerprint) under configs/hardware/, if there is one: those come from benchmarks of the
+    whole engine, which the profiler cannot run."""
+    for path in sorted(directory.glob("*.json")):
+        try:
+            committed = HardwareProfile.from_file(path)
+        except (OSError, ValueError, TypeError, KeyError):
+            continue
+        calibrated = (committed.layer_overhead_s, committed.cpu_layer_overhead_s, committed.piece_overhead_s)
+        if committed.fingerprint == profile.fingerprint and any(calibrated):
+            return replace(profile, layer_overhead_s=calibrated[0], cpu_layer_overhead_s=calibrated[1],
+                           piece_overhead_s=calibrated[2],
+                           notes={**profile.notes, "calibration": f"overheads from configs/hardware/{path.name}"})
     return profile
 
 

@@ -1,0 +1,107 @@
+"""The cost model's pieces: shared host memory, overheads, floors and modes."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+import pytest
+
+from engine.model.factory import resolve_model_config
+from engine.placement.cost_model import CostModel, HostMode, LayerTime, host_modes
+from engine.placement.memory import GIB
+from engine.placement.plan import PartitionPlan, UnitSplit
+from engine.placement.planner import build_plan_request, predict
+from engine.placement.policies import make_plan, relabel
+from tests.engine.placement.conftest import synthetic_profile
+
+MIXTRAL = resolve_model_config("mixtral-8x7b")[0]
+
+
+def test_cpu_and_pcie_share_host_memory() -> None:
+    alone = LayerTime(cpu_s=1.0, pcie_s=1.0, gpu_s=0.0, sync_s=0.0)
+    assert alone.total_s == pytest.approx(1.0)
+    # both slowed 2x while together: the CPU ends at 2.0 having done its part, PCIe likewise
+    shared = LayerTime(cpu_s=1.0, pcie_s=1.0, gpu_s=0.0, sync_s=0.0, cpu_shared_s=2.0, pcie_shared_s=2.0)
+    assert shared.total_s == pytest.approx(2.0)
+    # the CPU is done at 1.0 (half of PCIe's shared time): PCIe then finishes its half alone
+    early = LayerTime(cpu_s=0.5, pcie_s=1.0, gpu_s=0.0, sync_s=0.1, cpu_shared_s=1.0, pcie_shared_s=2.0)
+    assert early.total_s == pytest.approx(1.0 + 0.5 + 0.1)
+    assert LayerTime(0.0, 1.0, 3.0, 0.0).total_s == pytest.approx(3.0)  # GPU-bound
+
+
+def test_contention_slows_a_split_plan_only() -> None:
+    request = build_plan_request(MIXTRAL, 24 * GIB, kv_cache_tokens=4096, max_num_seqs=8)
+    free = synthetic_profile()
+    shared = replace(free, cpu_with_pcie_bytes_s=30e9, pcie_with_cpu_bytes_s=40e9)
+    split, _ = make_plan("manual:cg=0.5", request)
+    cpu_only = relabel(split, "cpu-experts")
+    assert predict(split, MIXTRAL, shared, request).decode_s_per_token > predict(split, MIXTRAL, free, request).decode_s_per_token
+    assert predict(cpu_only, MIXTRAL, shared, request).decode_s_per_token == pytest.approx(
+        predict(cpu_only, MIXTRAL, free, request).decode_s_per_token)
+
+
+def test_calibrated_overheads_add_per_layer_and_per_piece() -> None:
+    request = build_plan_request(MIXTRAL, 24 * GIB, kv_cache_tokens=4096, max_num_seqs=8)
+    plan, _ = make_plan("manual:cg=0.5", request)
+    profile = synthetic_profile()
+    base = predict(plan, MIXTRAL, profile, request).decode_s_per_token
+    layer = predict(plan, MIXTRAL, replace(profile, layer_overhead_s=1e-3), request).decode_s_per_token
+    assert layer - base == pytest.approx(32e-3)
+    piece = predict(plan, MIXTRAL, replace(profile, piece_overhead_s=1e-4), request).decode_s_per_token
+    pieces_per_expert = 1 + len(plan.splits[(0, 0)].ranges(1024)) - 1  # GG piece + host chunks
+    assert piece - base == pytest.approx(32 * 2 * pieces_per_expert * 1e-4, rel=0.01)
+
+
+def test_floors_bound_every_policy() -> None:
+    request = build_plan_request(MIXTRAL, 24 * GIB, kv_cache_tokens=4096, max_num_seqs=8)
+    profile = synthetic_profile()
+    for policy in ("cpu-experts", "stream", "fiddler", "manual:cg=0.3", "balanced:cg=0.5"):
+        plan, _ = make_plan(policy, request)
+        p = predict(plan, MIXTRAL, profile, request)
+        assert p.floor_decode_s <= p.decode_s_per_token and p.floor_prefill_s(512) <= p.prefill_s(512), policy
+
+
+def test_modes_follow_the_plans_rule() -> None:
+    plan = PartitionPlan("x", {(0, 0): UnitSplit(1, 1, 1)})
+    assert host_modes(plan) == (HostMode.STATIC, HostMode.STATIC)
+    assert host_modes(replace(plan, dynamic="fiddler")) == (HostMode.FIDDLER, HostMode.FIDDLER)
+    assert host_modes(replace(plan, dynamic="balance")) == (HostMode.STATIC, HostMode.ASSIGN)
+    assert host_modes(plan, token_assignment=True) == (HostMode.STATIC, HostMode.ASSIGN)
+    assert host_modes(replace(plan, dynamic="balance"), token_assignment=False) == (HostMode.STATIC, HostMode.STATIC)
+
+
+def test_routing_expectations() -> None:
+    model = CostModel(MIXTRAL, synthetic_profile())
+    assert model.activity(0, 0, 1) == pytest.approx((0.25, 1.0))
+    active, tokens = model.activity(0, 0, 512)
+    assert active == pytest.approx(1.0) and tokens == pytest.approx(128.0)
+    popular = CostModel(MIXTRAL, synthetic_profile(), expert_popularity=((4, 1, 1, 1, 1, 1, 1, 0),))
+    assert popular.token_probability(3, 0) == pytest.approx(2 * 4 / 10)
+    assert popular.activity(3, 7, 64)[0] == 0.0
+    with pytest.raises(ValueError):
+        CostModel(MIXTRAL, synthetic_profile(), expert_popularity=((1.0, 2.0),))
+
+
+def test_calibration_recovers_known_overheads() -> None:
+    from engine.placement.planner import MeasuredStep, calibrate_overheads
+
+    request = build_plan_request(MIXTRAL, 24 * GIB, kv_cache_tokens=4096, max_num_seqs=8)
+    truth = replace(synthetic_profile(), layer_overhead_s=4e-4, cpu_layer_overhead_s=6e-4, piece_overhead_s=5e-5)
+    points = []
+    for policy in ("cpu-experts", "stream", "manual:cg=0.3", "manual:cg=0.6"):
+        plan, _ = make_plan(policy, request)
+        p = predict(plan, MIXTRAL, truth, request)
+        points.append(MeasuredStep(plan, p.decode_step_s, p.prefill_s(512)))
+    fitted = calibrate_overheads(synthetic_profile(), MIXTRAL, request, points)
+    assert fitted.layer_overhead_s == pytest.approx(4e-4, rel=1e-3)
+    assert fitted.cpu_layer_overhead_s == pytest.approx(6e-4, rel=1e-3)
+    assert fitted.piece_overhead_s == pytest.approx(5e-5, rel=1e-3)
+
+
+def test_dispatch_rates_from_a_profile() -> None:
+    from engine.placement.planner import dispatch_rates
+
+    rates = dispatch_rates(synthetic_profile())
+    assert rates["cpu_bytes_s"] == pytest.approx(48.7e9) and rates["pcie_bytes_s"] == pytest.approx(54.4e9)
+    assert rates["cpu_flops"] == pytest.approx(1.89e12)
+    assert "pcie_bytes_s" not in dispatch_rates(synthetic_profile(with_gpu=False))

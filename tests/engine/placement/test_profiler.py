@@ -1,0 +1,64 @@
+"""The profiler on this machine (quick sizes) and the per-machine profile cache."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+import pytest
+
+from engine.placement import profiler
+from engine.placement.hardware import HardwareProfile, cached_profile_path, current_fingerprint, load_cached
+from engine.placement.profiler import ProfileSizes, load_or_profile, measure_profile
+from tests.engine.placement.conftest import synthetic_profile
+
+
+def test_quick_profile_measures_positive_rates() -> None:
+    profile = measure_profile(ProfileSizes.quick(), progress=False)
+    assert profile.fingerprint == current_fingerprint()
+    assert profile.dram_read_bytes_s > 0 and profile.sync_s > 0 and profile.cpu_threads >= 1
+    assert all(s > 0 for s in profile.cpu_ffn.s_per_byte)
+    assert profile.cpu_ffn.num_tokens == ProfileSizes.quick().cpu_tokens
+    if profile.has_gpu:
+        assert profile.pcie_h2d_bytes_s > 0 and profile.gpu_free_bytes > 0
+    else:
+        assert profile.gpu_ffn is None and profile.pcie_h2d_bytes_s is None and profile.fingerprint.gpu_name == "none"
+    assert 0 < profile.measure_s < 30
+    assert HardwareProfile.from_json(profile.to_json()) == profile
+
+
+@pytest.fixture
+def fake_measure(monkeypatch):
+    """Replaces the measurement by a counter that returns this machine's fingerprint."""
+    calls: list[int] = []
+
+    def measure(sizes=None, progress=True, source=""):
+        calls.append(1)
+        return replace(synthetic_profile(), fingerprint=current_fingerprint(), created=f"run {len(calls)}")
+
+    monkeypatch.setattr(profiler, "measure_profile", measure)
+    return calls
+
+
+def test_cache_is_reused_until_reprofile(tmp_path, fake_measure) -> None:
+    first = load_or_profile(cache_dir=tmp_path, progress=False)
+    assert len(fake_measure) == 1
+    assert cached_profile_path(current_fingerprint(), tmp_path).is_file()
+    assert load_or_profile(cache_dir=tmp_path, progress=False) == first
+    assert len(fake_measure) == 1
+    again = load_or_profile(reprofile=True, cache_dir=tmp_path, progress=False)
+    assert len(fake_measure) == 2 and again.created == "run 2"
+    assert load_cached(current_fingerprint(), tmp_path) == again
+
+
+def test_profile_of_another_machine_is_not_reused(tmp_path, fake_measure) -> None:
+    stranger = synthetic_profile()  # another fingerprint, saved under this machine's name
+    stranger.save(cached_profile_path(current_fingerprint(), tmp_path))
+    profile = load_or_profile(cache_dir=tmp_path, progress=False)
+    assert len(fake_measure) == 1 and profile.fingerprint == current_fingerprint()
+
+
+def test_sizes_for_model() -> None:
+    from engine.model.factory import resolve_model_config
+
+    sizes = ProfileSizes.for_model(resolve_model_config("mixtral-8x7b")[0], host_chunk_rows=1024)
+    assert (sizes.hidden, sizes.slice_rows, sizes.gpu_rows) == (4096, 1024, 14336)
