@@ -114,7 +114,10 @@ def main() -> None:
     parser.add_argument("--final-tokens", type=int, default=128, help="decode tokens for the best split and balanced")
     parser.add_argument("--sweep", default="0.2,0.3,0.4,0.5,0.6")
     parser.add_argument("--sweep-tokens", type=int, default=32)
-    parser.add_argument("--policies", default="cpu-experts,stream,fiddler")
+    parser.add_argument("--policies", default="cpu-experts,stream,fiddler",
+                        help="'adaptive' re-applies the build plan when --build-policy is adaptive")
+    parser.add_argument("--build-policy", default="manual:cg=0",
+                        help="plan the model is built with (sets the resident share every policy shares)")
     parser.add_argument("--out", default=None)
     args = parser.parse_args()
 
@@ -125,7 +128,7 @@ def main() -> None:
     rates = measure_rates(model_config.hidden_size, 2 * widest)
     print("rates", json.dumps(rates), flush=True)
     start = time.perf_counter()
-    llm = LLM(args.model, device="cuda", random_weights=True, gpu_memory_budget=args.budget, policy="manual:cg=0",
+    llm = LLM(args.model, device="cuda", random_weights=True, gpu_memory_budget=args.budget, policy=args.build_policy,
               kv_cache_tokens=4096, max_num_seqs=8, show_progress=False)
     build_s = time.perf_counter() - start
     partition = llm.engine.partition
@@ -136,17 +139,23 @@ def main() -> None:
               "rates": rates, "floor": floors(llm, rates, args.prompt_len), "policies": {}}
     generator = torch.Generator().manual_seed(0)
     prompt = torch.randint(0, config.vocab_size, (args.prompt_len,), generator=generator).tolist()
+    build_plan = partition.plan
     for policy in args.policies.split(","):
-        partition.repartition(policy)
+        partition.repartition(build_plan if policy == "adaptive" else policy)
         result["policies"][policy] = run_policy(llm, prompt, args.new_tokens)
+        if policy == "adaptive":
+            result["policies"][policy]["predicted"] = _prediction(llm, args.prompt_len)
         print(policy, json.dumps(result["policies"][policy]), flush=True)
     sweep = {}
-    for share in args.sweep.split(","):
+    for share in filter(None, args.sweep.split(",")):
         policy = f"manual:cg={share}"
         partition.repartition(policy)
         sweep[policy] = run_policy(llm, prompt, args.sweep_tokens)
         print(policy, json.dumps(sweep[policy]), flush=True)
     result["sweep"] = sweep
+    if not sweep:
+        _save_and_print(args, result, rates, build_s)
+        return
     best = max(sweep, key=lambda p: sweep[p]["decode_tok_s"])
     best_prefill = max(sweep, key=lambda p: sweep[p]["prefill_tok_s"])
     result["best_decode_split"], result["best_prefill_split"] = best, best_prefill
@@ -155,6 +164,22 @@ def main() -> None:
     balanced = "balanced:" + best.split(":", 1)[1]  # the decode-best split, token assignment each step
     partition.repartition(balanced)
     result["policies"][balanced] = run_policy(llm, prompt, args.final_tokens)
+    _save_and_print(args, result, rates, build_s)
+    print(f"best split for decode: {best}; for prefill: {best_prefill}")
+
+
+def _prediction(llm: LLM, prompt_len: int) -> dict[str, float]:
+    """What the adaptive planner predicted for the plan in force (engine/placement/planner.py)."""
+    from engine.placement.planner import predict
+    from engine.placement.profiler import engine_profile
+
+    partition = llm.engine.partition
+    config = llm.engine.model_config
+    prediction = predict(partition.plan, config, engine_profile(config), partition.request)
+    return {"decode_tok_s": prediction.decode_tok_s, "prefill_tok_s": prompt_len / prediction.prefill_s(prompt_len)}
+
+
+def _save_and_print(args: argparse.Namespace, result: dict, rates: dict[str, float], build_s: float) -> None:
     text = json.dumps(result, indent=2)
     if args.out:
         with open(args.out, "w") as f:
@@ -169,9 +194,11 @@ def main() -> None:
         print(f"{name:24} {r['decode_tok_s']:12.2f} {r['prefill_tok_s']:13.1f} {r['decode_cpu_busy']:5.2f} "
               f"{r['decode_pcie_busy']:5.2f} {r['decode_gpu_busy']:5.2f}")
     print(f"{'floor':24} {fl['decode_floor_tok_s']:12.2f} {fl['prefill_floor_tok_s']:13.1f}")
-    for name, r in sweep.items():
+    for name, r in result["policies"].items():
+        if "predicted" in r:
+            print(f"{'predicted ' + name:24} {r['predicted']['decode_tok_s']:12.2f} {r['predicted']['prefill_tok_s']:13.1f}")
+    for name, r in result.get("sweep", {}).items():
         print(f"  sweep {name:18} {r['decode_tok_s']:12.2f} {r['prefill_tok_s']:13.1f}")
-    print(f"best split for decode: {best}; for prefill: {best_prefill}")
 
 
 if __name__ == "__main__":
