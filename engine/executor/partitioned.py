@@ -31,6 +31,8 @@ from engine.model.moe import MoEBlock
 from engine.model.weights import DENSE_MLP, SHARED_EXPERT
 from engine.placement.plan import PartitionPlan, PieceKind
 
+MAX_CPU_ROWS_PER_COPY = 1024  # rows of CPU partial outputs moved to the GPU per copy
+
 
 class PartitionedExecutor:
     def __init__(self, model: DecoderModel, accelerator: Accelerator, cpu_pool: CpuPool,
@@ -127,9 +129,14 @@ class PartitionedExecutor:
         return self.cpu_pool.submit(CpuBatch(jobs, out, dest), ready, self.timeline)
 
     def _add_cpu_results(self, sums_all: torch.Tensor, batch: CpuBatch) -> None:
-        """One host-to-device copy of all CPU partials, summed into their items' rows at once."""
+        """CPU partials copied host-to-device and summed into their items' rows, a bounded block of
+        rows at a time (one block in decode; prefill partials would otherwise need GPU memory
+        proportional to tokens x pieces)."""
         device = self.accelerator.device
-        sums_all.index_add_(0, batch.dest.to(device, non_blocking=True), batch.out.to(device, non_blocking=True))
+        for start in range(0, batch.out.shape[0], MAX_CPU_ROWS_PER_COPY):
+            rows = slice(start, start + MAX_CPU_ROWS_PER_COPY)
+            sums_all.index_add_(0, batch.dest[rows].to(device, non_blocking=True),
+                                batch.out[rows].to(device, non_blocking=True))
 
     def _run_streamed(self, items, streamed: list[tuple[int, UnitSlice]], sums: list[torch.Tensor]) -> None:
         """Streams pieces through the ring, at most one ring's worth ahead of their computation."""

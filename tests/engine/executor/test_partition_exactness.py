@@ -237,3 +237,15 @@ def test_plan_info_reports_bytes_per_kind_and_memory(tiny_checkpoints: dict[str,
     assert sum(layer["CG"] for layer in per_layer) == info["bytes_by_kind"]["CG"] > 0
     assert info["bytes_by_kind"]["CC"] > 0 and info["bytes_by_kind"]["GG"] > 0
     assert LLM(str(tiny_checkpoints["llama"]), show_progress=False).engine.plan_info()["policy"] == "single-device"
+
+
+def test_cpu_partials_copied_in_bounded_blocks_keep_results(tiny_checkpoints: dict[str, Path], monkeypatch) -> None:
+    """Prefill moves CPU partials to the GPU a bounded block of rows at a time (GPU memory stays bounded)."""
+    import engine.executor.partitioned as partitioned
+
+    path = tiny_checkpoints["mixtral"]
+    single = LLM(str(path), dtype="float32", show_progress=False)
+    expected = single.engine.prompt_logits(PROMPTS[0])
+    monkeypatch.setattr(partitioned, "MAX_CPU_ROWS_PER_COPY", 3)
+    llm = LLM(str(path), dtype="float32", show_progress=False, policy=random_plan(path, 7))
+    assert (llm.engine.prompt_logits(PROMPTS[0]) - expected).abs().max().item() <= 1e-5 * expected.abs().max().item()
