@@ -23,7 +23,15 @@ from engine.placement.memory import (
     parse_bytes,
 )
 from engine.placement.plan import PartitionPlan
-from engine.placement.policies import PlanRequest, make_plan, plan_memory, relabel, staging_slot_rows
+from engine.placement.policies import (
+    PlanRequest,
+    check_budget_covers_fixed_part,
+    fits_entirely,
+    make_plan,
+    plan_memory,
+    relabel,
+    staging_slot_rows,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -104,8 +112,12 @@ def build_partitioned(model: str, model_config: ModelConfig, device: str, dtype:
             memory.check(budget)
     else:
         policy = options.policy
+        check_budget_covers_fixed_part(request)
+        if policy == "auto" and fits_entirely(request):
+            logger.warning("the GPU budget holds the whole model: no offloading needed, everything stays on the GPU")
+            policy = "gpu"
         if policy == "auto":  # adaptive on a GPU; on the CPU stand-in a balanced split
-            policy = ("adaptive" if torch.device(device).type == "cuda" else "balanced:cg=0.45") if budget else "gpu"
+            policy = "adaptive" if torch.device(device).type == "cuda" else "balanced:cg=0.45"
         if policy == "adaptive":
             from engine.placement.planner import dispatch_rates, make_adaptive_plan
             from engine.placement.profiler import engine_profile

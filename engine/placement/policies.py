@@ -20,8 +20,10 @@ from dataclasses import dataclass
 from engine.model.config import ModelConfig
 from engine.placement.memory import (
     GpuMemoryBreakdown,
+    PlanDoesNotFitError,
     bytes_per_row,
     ffn_units,
+    format_bytes,
     non_ffn_bytes,
 )
 from engine.placement.plan import PartitionPlan, UnitSplit
@@ -80,6 +82,27 @@ def _max_resident_fraction(req: PlanRequest, streams: bool) -> float:
     return max(0.0, min(1.0, (req.budget_bytes - fixed) / total_ffn))
 
 
+def check_budget_covers_fixed_part(req: PlanRequest) -> None:
+    """A clear error when the budget cannot even hold what always lives on the GPU."""
+    if req.budget_bytes is None:
+        return
+    fixed = GpuMemoryBreakdown(non_ffn_bytes(req.config, req.itemsize), 0, 0, req.kv_cache_bytes, req.activation_bytes)
+    if fixed.total > req.budget_bytes:
+        raise PlanDoesNotFitError(
+            f"a GPU budget of {format_bytes(req.budget_bytes)} is too small for the part of the model that always "
+            f"lives on the GPU: {fixed.describe()} (before any FFN weight); raise the budget or lower "
+            "kv_cache_tokens / max_num_batched_tokens")
+
+
+def fits_entirely(req: PlanRequest) -> bool:
+    """True when the whole model (and KV cache, activations) fits the budget: no offloading needed."""
+    if req.budget_bytes is None:
+        return True
+    total_ffn = sum(size for _, _, size in ffn_units(req.config)) * bytes_per_row(req.config, req.itemsize)
+    fixed = non_ffn_bytes(req.config, req.itemsize) + req.kv_cache_bytes + req.activation_bytes
+    return fixed + total_ffn <= req.budget_bytes
+
+
 def _split_all(req: PlanRequest, split_unit) -> dict[tuple[int, int], UnitSplit]:
     return {(layer, unit): split_unit(size) for layer, unit, size in ffn_units(req.config)}
 
@@ -100,6 +123,7 @@ def make_plan(policy: str, req: PlanRequest) -> tuple[PartitionPlan, GpuMemoryBr
     """The plan for `policy` and what it keeps on the GPU; raises PlanDoesNotFitError if it cannot fit."""
     name, _, spec = policy.partition(":")
     chunk = req.host_chunk_rows
+    check_budget_covers_fixed_part(req)
     if name == "gpu":
         plan = PartitionPlan("gpu", _split_all(req, lambda size: UnitSplit(size, 0, 0)))
     elif name in ("cpu-experts", "stream", "fiddler"):

@@ -108,7 +108,7 @@ def test_host_pieces_live_in_one_arena_and_nothing_is_held_twice(tiny_checkpoint
 
 
 def test_a_budget_too_small_says_what_does_not_fit(tiny_checkpoints: dict[str, Path]) -> None:
-    with pytest.raises(ValueError, match=r"non-FFN weights .* KV cache .* more than the budget of"):
+    with pytest.raises(ValueError, match=r"too small for the part of the model that always lives on the GPU: non-FFN weights .* KV cache"):
         LLM(str(tiny_checkpoints["mixtral"]), show_progress=False, gpu_memory_budget="100KB")
     with pytest.raises(ValueError, match=r"resident FFN weights .* more than the budget"):
         LLM(str(tiny_checkpoints["mixtral"]), show_progress=False, gpu_memory_budget="1.1MB", policy="gpu",
@@ -249,3 +249,15 @@ def test_cpu_partials_copied_in_bounded_blocks_keep_results(tiny_checkpoints: di
     monkeypatch.setattr(partitioned, "MAX_CPU_ROWS_PER_COPY", 3)
     llm = LLM(str(path), dtype="float32", show_progress=False, policy=random_plan(path, 7))
     assert (llm.engine.prompt_logits(PROMPTS[0]) - expected).abs().max().item() <= 1e-5 * expected.abs().max().item()
+
+
+def test_budget_messages_for_too_small_and_larger_than_the_model(tiny_checkpoints: dict[str, Path], caplog) -> None:
+    path = str(tiny_checkpoints["mixtral"])
+    with pytest.raises(ValueError, match=r"too small for the part of the model that always lives on the GPU"):
+        LLM(path, show_progress=False, gpu_memory_budget="200KB", kv_cache_tokens=256,
+            max_num_batched_tokens=64, max_num_seqs=4)
+    with caplog.at_level("WARNING"):
+        llm = LLM(path, show_progress=False, gpu_memory_budget="1GiB")
+    assert "no offloading needed" in caplog.text
+    assert llm.engine.partition.plan.policy == "gpu"
+    assert llm.engine.partition.plan.rows_by_kind()[PieceKind.CC] == 0
