@@ -41,6 +41,7 @@ class LLM:
         cpu_threads: int | None = None,
         staging_slots: int = 8,
         host_chunk_rows: int = 1024,
+        profile_path: str | None = None,
         trace: bool = False,
         show_progress: bool = True,
         **engine_options: object,
@@ -49,7 +50,8 @@ class LLM:
         weights that do not fit are partitioned over CPU, PCIe and GPU by `policy` (see
         engine/placement/policies.py, or pass a PartitionPlan)."""
         scheduler = SchedulerConfig(max_num_seqs, max_num_batched_tokens, max_prefill_chunk)
-        partition = PartitionOptions(policy, gpu_memory_budget, cpu_threads, staging_slots, host_chunk_rows)
+        partition = PartitionOptions(policy, gpu_memory_budget, cpu_threads, staging_slots, host_chunk_rows,
+                                     profile_path)
         config = EngineConfig(model=model, device=device, dtype=dtype, random_weights=random_weights,
                               seed=seed, max_model_len=max_model_len, block_size=block_size,
                               kv_cache_tokens=kv_cache_tokens, scheduler=scheduler, partition=partition,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 from dataclasses import dataclass
 
@@ -16,6 +17,7 @@ from engine.executor.weight_store import WeightStore
 from engine.model.config import ModelConfig
 from engine.model.decoder import DecoderModel
 from engine.model.factory import load_model
+from engine.placement.hardware import HardwareProfile
 from engine.placement.memory import (
     GpuMemoryBreakdown,
     activation_bytes,
@@ -44,6 +46,7 @@ class Partition:
     request: PlanRequest
     store: WeightStore
     executor: PartitionedExecutor
+    profile: HardwareProfile | None = None  # the measurements the adaptive plan came from
 
     def describe(self) -> dict:
         """JSON-ready: the policy, the GPU memory breakdown and weight bytes per kind per layer."""
@@ -54,7 +57,14 @@ class Partition:
             for kind, rows in (("GG", split.gg), ("CG", split.cg), ("CC", split.cc)):
                 entry[kind] += rows * row_bytes
         m = self.memory
+        extra: dict = {}
+        if self.profile is not None:
+            from engine.placement.planner import predict
+
+            extra["predicted"] = predict(self.plan, self.request.config, self.profile, self.request).to_dict()
+            extra["hardware_profile"] = json.loads(self.profile.to_json())
         return {
+            **extra,
             "policy": self.plan.policy,
             "dynamic": self.plan.dynamic,
             "gpu_memory_budget_bytes": self.budget_bytes,
@@ -105,6 +115,7 @@ def build_partitioned(model: str, model_config: ModelConfig, device: str, dtype:
                           activation_bytes(model_config, itemsize, max_num_tokens, max_num_seqs),
                           options.staging_slots, options.host_chunk_rows)
     rates: DispatchRates | None = None  # token assignment's rates; measured ones with the adaptive planner
+    profile: HardwareProfile | None = None
     if isinstance(options.policy, PartitionPlan):
         plan = options.policy
         memory = plan_memory(request, plan)
@@ -141,4 +152,4 @@ def build_partitioned(model: str, model_config: ModelConfig, device: str, dtype:
     pool = CpuPool(decoder.act, model_config.hidden_act, options.cpu_threads)
     executor = PartitionedExecutor(decoder, accelerator, pool, ring, plan.dynamic, rates)
     decoder.unit_executor = executor
-    return decoder, Partition(plan, memory, budget, request, store, executor)
+    return decoder, Partition(plan, memory, budget, request, store, executor, profile)

@@ -261,3 +261,19 @@ def test_budget_messages_for_too_small_and_larger_than_the_model(tiny_checkpoint
     assert "no offloading needed" in caplog.text
     assert llm.engine.partition.plan.policy == "gpu"
     assert llm.engine.partition.plan.rows_by_kind()[PieceKind.CC] == 0
+
+
+def test_adaptive_policy_from_a_saved_profile_keeps_results_and_reports_predictions(
+        tiny_checkpoints: dict[str, Path]) -> None:
+    path = str(tiny_checkpoints["mixtral"])
+    expected = LLM(path, dtype="float32", show_progress=False).generate(prompt_token_ids=PROMPTS, params=GREEDY)
+    profile = Path(__file__).resolve().parents[3] / "configs" / "hardware" / "h100-16core.json"
+    llm = LLM(path, dtype="float32", show_progress=False, gpu_memory_budget="1.1MB", policy="adaptive",
+              profile_path=str(profile), kv_cache_tokens=256, max_num_batched_tokens=64, max_num_seqs=4,
+              host_chunk_rows=16)
+    rows = llm.engine.partition.plan.rows_by_kind()
+    assert rows[PieceKind.GG] > 0 and rows[PieceKind.CG] + rows[PieceKind.CC] > 0
+    got = llm.generate(prompt_token_ids=PROMPTS, params=GREEDY)
+    assert [o.token_ids for o in got] == [o.token_ids for o in expected]
+    info = llm.engine.plan_info()
+    assert info["predicted"] and info["hardware_profile"]["fingerprint"]
