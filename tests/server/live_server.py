@@ -107,3 +107,18 @@ def live_server(settings: ServerSettings, engine: AsyncEngine | None = None,
         server.should_exit = True
         thread.join(timeout=30.0)
         sock.close()
+
+
+class GatedEngine:
+    """The real LLMEngine whose steps wait for `gate` (to hold requests in the queue)."""
+
+    def __init__(self, inner: Any) -> None:
+        self.inner = inner
+        self.gate = threading.Event()
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.inner, name)
+
+    def step(self) -> Any:
+        self.gate.wait()
+        return self.inner.step()

@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import subprocess
 import sys
-import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -22,7 +21,7 @@ from engine.async_engine import (
 )
 from engine.llm_engine import LLMEngine
 from engine.sampling_params import SamplingParams
-from tests.server.live_server import build_engine
+from tests.server.live_server import GatedEngine, build_engine
 
 
 @pytest.fixture
@@ -100,21 +99,6 @@ def test_abort_delivers_final_abort_output(engine: AsyncEngine, llm: LLMEngine) 
 
     last = asyncio.run(main())
     assert last.finished and last.finish_reason == "abort"
-
-
-class GatedEngine:
-    """The real engine whose steps wait for `gate`."""
-
-    def __init__(self, inner: LLMEngine) -> None:
-        self.inner = inner
-        self.gate = threading.Event()
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self.inner, name)
-
-    def step(self) -> Any:
-        self.gate.wait()
-        return self.inner.step()
 
 
 def test_queue_full_and_atomic_admission(llm: LLMEngine) -> None:

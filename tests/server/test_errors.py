@@ -13,7 +13,7 @@ import openai
 import pytest
 
 from engine.async_engine import AsyncEngine
-from tests.server.live_server import LiveServer, build_engine, live_server, make_settings
+from tests.server.live_server import GatedEngine, LiveServer, build_engine, live_server, make_settings
 
 HELLO = [{"role": "user", "content": "Hello"}]
 
@@ -144,21 +144,6 @@ def test_oversized_body_is_413(server: LiveServer) -> None:
 
         assert_openai_error(http.post("/v1/completions", content=chunked(),
                                       headers={"content-type": "application/json"}), 413)
-
-
-class GatedEngine:
-    """The real LLMEngine whose steps wait for `gate` (to hold requests in the queue)."""
-
-    def __init__(self, inner: Any) -> None:
-        self.inner = inner
-        self.gate = threading.Event()
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self.inner, name)
-
-    def step(self) -> Any:
-        self.gate.wait()
-        return self.inner.step()
 
 
 def test_queue_full_is_429_with_retry_after(tiny_model_dir: Path) -> None:
