@@ -117,6 +117,23 @@ def load_settings(config_file: str | Path | None = None, **overrides: Any) -> Se
         raise FileNotFoundError(f"config file not found: {path}")
     token = _config_file.set(path if path.is_file() else None)
     try:
-        return ServerSettings(**{key: value for key, value in overrides.items() if value is not None})
+        settings = ServerSettings(**{key: value for key, value in overrides.items() if value is not None})
     finally:
         _config_file.reset(token)
+    demo = demo_model_dir()
+    if settings.model is None and demo is not None:  # first run: serve the embedded demo model
+        settings = settings.model_copy(update={"model": str(demo),
+                                               "served_model_name": settings.served_model_name or DEMO_MODEL_NAME})
+    return settings
+
+
+DEMO_MODEL_NAME = "scheinfer-demo"
+
+
+def demo_model_dir() -> Path | None:
+    """The small Mixtral-architecture model shipped in engine/demo_model, when it is there."""
+    try:
+        from engine.demo_model import DEMO_MODEL_DIR
+    except ImportError:
+        return None
+    return DEMO_MODEL_DIR if (DEMO_MODEL_DIR / "config.json").is_file() else None
