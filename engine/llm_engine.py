@@ -121,14 +121,14 @@ class LLMEngine:
 
     def stats(self) -> EngineStats:
         bm = self.block_manager
-        cpu_busy_s, bytes_streamed = 0.0, 0
+        busy: dict[str, float] = {}
         if self.partition is not None:
-            executor = self.partition.executor
-            cpu_busy_s = executor.cpu_pool.busy_s
-            bytes_streamed = executor.ring.bytes_streamed if executor.ring is not None else 0
+            executor, ring = self.partition.executor, self.partition.executor.ring
+            busy = {"cpu_busy_s": executor.cpu_pool.busy_s, "gpu_busy_s": executor.gpu_busy.collect(),
+                    "bytes_streamed": ring.bytes_streamed if ring else 0,
+                    "pcie_busy_s": ring.busy.collect() if ring else 0.0}
         return EngineStats(len(self.scheduler.running), len(self.scheduler.waiting), bm.usage,
-                           bm.num_free_blocks, bm.num_blocks, self._num_preemptions, self._last_step,
-                           cpu_busy_s, bytes_streamed)
+                           bm.num_free_blocks, bm.num_blocks, self._num_preemptions, self._last_step, **busy)
 
     def plan_info(self) -> dict:
         """The partition in force (GET /v1/engine/plan): policy, GPU memory, bytes per kind per layer."""

@@ -41,3 +41,5 @@ class EngineStats:
     last_step: StepStats | None
     cpu_busy_s: float = 0.0  # seconds the CPU pool spent on CC pieces
     bytes_streamed: int = 0  # weight bytes streamed to the GPU (CG pieces)
+    pcie_busy_s: float = 0.0  # seconds the copy stream spent streaming weights
+    gpu_busy_s: float = 0.0  # seconds the compute stream spent on FFN pieces

@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from engine.executor.accelerator import Accelerator
 from engine.executor.cpu_pool import CpuBatch, CpuJob, CpuPool
 from engine.executor.staging import StagedSlice, StagingRing
-from engine.executor.timeline import StepTimeline, host_mark
+from engine.executor.timeline import BusyMeter, StepTimeline, host_mark
 from engine.executor.token_assignment import DispatchRates, assign
 from engine.model.decoder import DecoderModel
 from engine.model.ffn import FFNUnit, UnitSlice
@@ -47,6 +47,7 @@ class PartitionedExecutor:
         self.rates = rates or DispatchRates()
         self.act: Callable[[torch.Tensor], torch.Tensor] = model.act
         self.timeline: StepTimeline | None = None  # set by the runner for traced steps
+        self.gpu_busy = BusyMeter()  # seconds the compute stream spent on FFN pieces
         self._prefetched: deque[tuple[UnitSlice, StagedSlice]] = deque()
 
     def apply_plan(self, plan: PartitionPlan) -> None:
@@ -89,8 +90,10 @@ class PartitionedExecutor:
         for i, piece in on_gpu:
             sums[i] += self._partial(items[i][1], piece.gate_up, piece.down)
         self._run_streamed(items, streamed, sums)
+        end = host_mark(acc, acc.compute_stream)
+        self.gpu_busy.add(start, end)
         if self.timeline is not None:
-            self.timeline.gpu_interval("gpu", start, host_mark(acc, acc.compute_stream), f"layer {layer} FFN")
+            self.timeline.gpu_interval("gpu", start, end, f"layer {layer} FFN")
         if cpu_future is not None:
             self._add_cpu_results(sums_all, cpu_future.result())
         self._prefetch_next(layer)

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import torch
 
 from engine.executor.accelerator import Accelerator
-from engine.executor.timeline import StepTimeline, host_mark
+from engine.executor.timeline import BusyMeter, StepTimeline, host_mark
 from engine.model.ffn import UnitSlice
 
 
@@ -33,6 +33,7 @@ class StagingRing:
         self._free_events: list[torch.cuda.Event | None] = [None] * num_slots
         self._next = 0
         self.bytes_streamed = 0
+        self.busy = BusyMeter()  # seconds the copy stream spent streaming pieces
 
     @property
     def num_bytes(self) -> int:
@@ -51,12 +52,14 @@ class StagingRing:
         down = buffer[piece.gate_up.numel() : numel].view(piece.down.shape)
         acc.wait(acc.copy_stream, self._free_events[slot])
         with acc.on(acc.copy_stream):
-            start = host_mark(acc, acc.copy_stream) if timeline is not None else None
+            start = host_mark(acc, acc.copy_stream)
             gate_up.copy_(piece.gate_up, non_blocking=True)
             down.copy_(piece.down, non_blocking=True)
-            ready = acc.record(acc.copy_stream, timing=timeline is not None)
+            ready = acc.record(acc.copy_stream, timing=True)
+        end = ready if ready is not None else host_mark(acc, None)
+        self.busy.add(start, end)
         if timeline is not None:
-            timeline.gpu_interval("pcie", start, ready if ready is not None else host_mark(acc, None))
+            timeline.gpu_interval("pcie", start, end)
         self.bytes_streamed += piece.num_bytes
         return StagedSlice(gate_up, down, ready, slot)
 

@@ -8,6 +8,7 @@ summarised as busy fractions and overlap.
 from __future__ import annotations
 
 import json
+from collections import deque
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -124,3 +125,28 @@ class TraceRecorder:
 
     def write(self, path: str | Path) -> None:
         Path(path).write_text(json.dumps(self.chrome_trace()))
+
+
+class BusyMeter:
+    """Busy seconds of one resource from (start, end) marks of work that runs one piece at a time
+    (a stream), added up once the marks have completed: no synchronisation needed."""
+
+    def __init__(self) -> None:
+        self._pending: deque[tuple[Mark, Mark]] = deque()
+        self.busy_s = 0.0
+
+    def add(self, start: Mark, end: Mark) -> None:
+        if start is not None and end is not None:
+            self._pending.append((start, end))
+
+    def collect(self) -> float:
+        while self._pending:
+            start, end = self._pending[0]
+            if isinstance(start, float) and isinstance(end, float):
+                self.busy_s += end - start
+            elif isinstance(end, torch.cuda.Event) and isinstance(start, torch.cuda.Event):
+                if not end.query():
+                    break
+                self.busy_s += start.elapsed_time(end) / 1000.0
+            self._pending.popleft()
+        return self.busy_s

@@ -277,3 +277,15 @@ def test_adaptive_policy_from_a_saved_profile_keeps_results_and_reports_predicti
     assert [o.token_ids for o in got] == [o.token_ids for o in expected]
     info = llm.engine.plan_info()
     assert info["predicted"] and info["hardware_profile"]["fingerprint"]
+
+
+def test_stats_count_busy_seconds_of_every_resource(tiny_checkpoints: dict[str, Path]) -> None:
+    llm = LLM(str(tiny_checkpoints["mixtral"]), dtype="float32", show_progress=False,
+              policy=random_plan(tiny_checkpoints["mixtral"], 5))
+    before = llm.engine.stats()
+    llm.generate(prompt_token_ids=PROMPTS, params=SamplingParams(max_tokens=4, ignore_eos=True))
+    after = llm.engine.stats()
+    assert after.cpu_busy_s > before.cpu_busy_s
+    assert after.gpu_busy_s > before.gpu_busy_s
+    assert after.pcie_busy_s > before.pcie_busy_s
+    assert after.bytes_streamed > before.bytes_streamed
