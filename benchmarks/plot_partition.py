@@ -1,0 +1,54 @@
+"""Draws docs/partition_24GiB.svg from a partition_bench.py JSON result: decode and prefill
+tokens/s per policy next to the floor. Plain SVG, no plotting library.
+
+    python benchmarks/plot_partition.py benchmarks/results/2026-11-24_partition_mixtral-8x7b_24GiB_h100.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+WIDTH, BAR_H, GAP, LEFT = 640, 18, 6, 190
+
+
+def _panel(title: str, rows: list[tuple[str, float]], top: int) -> tuple[list[str], int]:
+    peak = max(v for _, v in rows) or 1.0
+    parts = [f'<text x="10" y="{top + 14}" font-weight="bold">{title}</text>']
+    y = top + 24
+    for label, value in rows:
+        width = (WIDTH - LEFT - 60) * value / peak
+        color = "#999" if label == "floor" else "#3b7dd8"
+        parts += [f'<text x="{LEFT - 6}" y="{y + 13}" text-anchor="end">{label}</text>',
+                  f'<rect x="{LEFT}" y="{y}" width="{width:.1f}" height="{BAR_H}" fill="{color}"/>',
+                  f'<text x="{LEFT + width + 4:.1f}" y="{y + 13}">{value:.1f}</text>']
+        y += BAR_H + GAP
+    return parts, y + 10
+
+
+def render(result: dict) -> str:
+    policies = result["policies"]
+    decode = [(name, r["decode_tok_s"]) for name, r in policies.items()]
+    prefill = [(name, r["prefill_tok_s"]) for name, r in policies.items()]
+    decode.append(("floor", result["floor"]["decode_floor_tok_s"]))
+    prefill.append(("floor", result["floor"]["prefill_floor_tok_s"]))
+    head = f"{result['model']} at {result['budget']}, batch 1, {result['date']} ({result['device']})"
+    parts, y = _panel(f"decode tokens/s — {head}", decode, 0)
+    more, y = _panel("prefill-512 tokens/s", prefill, y)
+    body = "\n".join(parts + more)
+    return (f'<svg xmlns="http://www.w3.org/2000/svg" width="{WIDTH}" height="{y}" font-family="sans-serif" '
+            f'font-size="12">\n<rect width="100%" height="100%" fill="white"/>\n{body}\n</svg>\n')
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("result")
+    parser.add_argument("--out", default="docs/partition_24GiB.svg")
+    args = parser.parse_args()
+    Path(args.out).write_text(render(json.loads(Path(args.result).read_text())))
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,22 @@
+"""The results plot is drawn from a benchmark JSON: one bar per policy and phase, plus the floor."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+from plot_partition import render  # noqa: E402
+
+
+def test_plot_has_a_bar_per_policy_and_the_floor() -> None:
+    result = json.loads((ROOT / "benchmarks/results/2026-11-24_partition_mixtral-8x7b_24GiB_h100.json").read_text())
+    svg = render(result)
+    assert svg.startswith("<svg") and svg.rstrip().endswith("</svg>")
+    assert svg.count("<rect") == 1 + 2 * (len(result["policies"]) + 1)
+    for name in result["policies"]:
+        assert f">{name}</text>" in svg
+    assert f"{result['floor']['decode_floor_tok_s']:.1f}" in svg
