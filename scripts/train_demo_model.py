@@ -29,7 +29,7 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
-from engine.tools.tiny_checkpoint import CHAT_TEMPLATE, CHAT_TOKENS, SPECIAL_TOKENS  # noqa: E402
+from engine.tools.tiny_checkpoint import CHAT_TOKENS, SPECIAL_TOKENS, wrap_tokenizer  # noqa: E402
 
 DEFAULT_OUT = REPO / "engine" / "demo_model"
 
@@ -88,7 +88,6 @@ def load_text() -> list[str]:
 
 def build_tokenizer(docs: list[str], vocab_size: int):
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
-    from transformers import PreTrainedTokenizerFast
 
     tok = Tokenizer(models.BPE(unk_token=None))
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
@@ -106,17 +105,7 @@ def build_tokenizer(docs: list[str], vocab_size: int):
     tok.post_processor = processors.TemplateProcessing(
         single="<s> $A", pair="<s> $A <s> $B", special_tokens=[("<s>", bos_id)]
     )
-    return PreTrainedTokenizerFast(
-        tokenizer_object=tok,
-        bos_token="<s>",
-        eos_token="</s>",
-        unk_token="<unk>",
-        pad_token="<pad>",
-        additional_special_tokens=list(CHAT_TOKENS),
-        chat_template=CHAT_TEMPLATE,
-        clean_up_tokenization_spaces=False,
-        model_max_length=1 << 20,
-    )
+    return wrap_tokenizer(tok)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -75,10 +75,17 @@ def _trained_tokenizer_json() -> str:
 
 def build_tokenizer() -> PreTrainedTokenizerFast:
     """A fresh byte-level BPE tokenizer (~400 tokens) with bos/eos/unk/pad and a chat template."""
+
+    return wrap_tokenizer(RawTokenizer.from_str(_trained_tokenizer_json()))
+
+
+def wrap_tokenizer(raw: RawTokenizer) -> PreTrainedTokenizerFast:
+    """A `tokenizers` tokenizer as a transformers tokenizer with the project's special tokens and
+    chat template (shared by the tiny test checkpoints and the demo model)."""
     from transformers import PreTrainedTokenizerFast
 
     return PreTrainedTokenizerFast(
-        tokenizer_object=RawTokenizer.from_str(_trained_tokenizer_json()),
+        tokenizer_object=raw,
         bos_token="<s>",
         eos_token="</s>",
         unk_token="<unk>",
