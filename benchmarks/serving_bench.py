@@ -121,6 +121,23 @@ def summarize(label: str, concurrency: int, results: list[RequestResult], durati
 # ---- HTTP client ---------------------------------------------------------------------------------
 
 
+@dataclass
+class TokenClock:
+    """When output arrived: the first delivery (TTFT) and the gaps between deliveries (ITL)."""
+
+    first_s: float | None = None
+    last_s: float | None = None
+    gaps_s: list[float] = field(default_factory=list)
+
+    def tick(self) -> None:
+        now_s = time.perf_counter()
+        if self.first_s is None:
+            self.first_s = now_s
+        elif self.last_s is not None:
+            self.gaps_s.append(now_s - self.last_s)
+        self.last_s = now_s
+
+
 async def http_request(http: httpx.AsyncClient, model: str | None, prompt: list[int], max_tokens: int,
                        temperature: float) -> RequestResult:
     body: dict[str, Any] = {"prompt": prompt, "max_tokens": max_tokens, "temperature": temperature, "stream": True,
@@ -128,8 +145,7 @@ async def http_request(http: httpx.AsyncClient, model: str | None, prompt: list[
     if model:
         body["model"] = model
     start_s = time.perf_counter()
-    first_s = last_s = None
-    itl: list[float] = []
+    clock = TokenClock()
     num_output = 0
     try:
         async with http.stream("POST", "/v1/completions", json=body) as response:
@@ -144,16 +160,12 @@ async def http_request(http: httpx.AsyncClient, model: str | None, prompt: list[
                 if chunk.get("usage"):
                     num_output = chunk["usage"]["completion_tokens"]
                 if any(c.get("text") for c in chunk.get("choices", [])):
-                    now_s = time.perf_counter()
-                    if first_s is None:
-                        first_s = now_s
-                    elif last_s is not None:
-                        itl.append(now_s - last_s)
-                    last_s = now_s
+                    clock.tick()
     except (httpx.HTTPError, json.JSONDecodeError) as exc:
         return RequestResult(False, error=f"{type(exc).__name__}: {exc}")
     end_s = time.perf_counter()
-    return RequestResult(True, len(prompt), num_output, (first_s or end_s) - start_s, end_s - start_s, itl)
+    return RequestResult(True, len(prompt), num_output, (clock.first_s or end_s) - start_s, end_s - start_s,
+                         clock.gaps_s)
 
 
 async def run_http(url: str, api_key: str | None, model: str | None, workload: Workload, concurrency: int,
@@ -178,22 +190,17 @@ async def engine_request(engine: Any, request_id: str, prompt: list[int], max_to
 
     params = SamplingParams(max_tokens=max_tokens, temperature=temperature, ignore_eos=True)
     start_s = time.perf_counter()
-    first_s = last_s = None
-    itl: list[float] = []
+    clock = TokenClock()
     num_output = 0
     async for out in engine.generate(request_id, prompt, params):
         if out.delta_token_ids:
-            now_s = time.perf_counter()
-            if first_s is None:
-                first_s = now_s
-            elif last_s is not None:
-                itl.append(now_s - last_s)
-            last_s = now_s
+            clock.tick()
         num_output = len(out.token_ids)
         if out.finished and out.finish_reason not in ("stop", "length"):
             return RequestResult(False, error=str(out.error or out.finish_reason))
     end_s = time.perf_counter()
-    return RequestResult(True, len(prompt), num_output, (first_s or end_s) - start_s, end_s - start_s, itl)
+    return RequestResult(True, len(prompt), num_output, (clock.first_s or end_s) - start_s, end_s - start_s,
+                         clock.gaps_s)
 
 
 async def run_engine(engine: Any, workload: Workload, concurrency: int,

@@ -54,16 +54,6 @@ class UnitSlice:
         gate, up = F.linear(x, self.gate_up).chunk(2, dim=-1)
         return F.linear(act(gate) * up, self.down)
 
-    def split(self, at: int) -> tuple[UnitSlice, UnitSlice]:
-        """Two slices [start, at) and [at, end), sharing no storage with each other."""
-        if not self.start < at < self.end:
-            raise ValueError(f"split point {at} outside ({self.start}, {self.end})")
-        k = at - self.start
-        gate, up = self.gate_up[: self.size], self.gate_up[self.size :]
-        left = UnitSlice(self.start, at, torch.cat([gate[:k], up[:k]]), self.down[:, :k].contiguous(), self.kind)
-        right = UnitSlice(at, self.end, torch.cat([gate[k:], up[k:]]), self.down[:, k:].contiguous(), self.kind)
-        return left, right
-
 
 @dataclass
 class FFNUnit:
