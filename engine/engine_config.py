@@ -24,5 +24,6 @@ class EngineConfig:
     kv_cache_tokens: int = 16384
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
     partition: PartitionOptions = field(default_factory=PartitionOptions)  # GPU budget, policy, CPU threads
+    attention_kernels: str = "flash"  # "flash" | "torch" (transformers' choice): engine/model/attention_kernels.py
     trace: bool = False  # record a per-step timeline of CPU, PCIe and GPU (engine.trace)
     show_progress: bool = True

@@ -17,6 +17,7 @@ from engine.detokenizer import IncrementalDetokenizer
 from engine.engine_config import EngineConfig
 from engine.executor.setup import Partition, build_partitioned
 from engine.kv_cache.block_manager import BlockManager
+from engine.model.attention_kernels import check_attention_kernels
 from engine.model.config import ModelConfig
 from engine.model.factory import load_model, resolve_dtype, resolve_model_config
 from engine.model_runner import ModelRunner
@@ -67,6 +68,7 @@ class LLMEngine:
         else:
             model = load_model(config.model, config.device, config.dtype, config.random_weights, config.seed,
                                show_progress=config.show_progress)
+        model.attention_kernels = check_attention_kernels(config.attention_kernels)
         num_blocks = max(1, config.kv_cache_tokens // config.block_size)
         self.max_model_len = min(config.max_model_len or model_config.max_position_embeddings,
                                  model_config.max_position_embeddings, num_blocks * config.block_size)

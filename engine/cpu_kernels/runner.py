@@ -151,22 +151,25 @@ def _log_choice(path: str, reason: str) -> None:
                     built.path if built else "none")
 
 
-def run_slice_jobs(jobs: list[SliceJob], activation: str = "silu") -> None:
+def run_slice_jobs(jobs: list[SliceJob], activation: str = "silu", check: bool = True) -> None:
     """Computes every job's out = down @ (act(gate @ x) * (up @ x)) as one parallel job.
 
     All jobs of one layer go in one call: their row blocks are spread over the kernel threads
     together. bf16 jobs with activation silu run in the C++ kernels; other jobs in torch.
-    Not re-entrant: calls from several threads are serialised.
+    Not re-entrant: calls from several threads are serialised. `check=False` skips the shape
+    checks for callers that build jobs from the model's own pieces (the executor, every layer).
     """
-    for job in jobs:
-        check_shapes(job)
+    if check:
+        for job in jobs:
+            check_shapes(job)
     path, cap, reason = _active(requested_path())
     _log_choice(path, reason)
     if cap == 0 or activation not in KERNEL_ACTIVATIONS:
         run_torch_jobs(jobs, activation)
         return
-    native = [j for j in jobs if kernel_ready(j)]
-    others = [j for j in jobs if not kernel_ready(j)]
+    native, others = [], []
+    for job in jobs:
+        (native if kernel_ready(job) else others).append(job)
     if others:
         run_torch_jobs(others, activation)
     if not native:

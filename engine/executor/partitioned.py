@@ -20,7 +20,7 @@ from concurrent.futures import Future
 import torch
 import torch.nn.functional as F
 
-from engine.executor.accelerator import Accelerator
+from engine.executor.accelerator import Accelerator, now_s
 from engine.executor.cpu_pool import CpuBatch, CpuJob, CpuPool
 from engine.executor.staging import StagedSlice, StagingRing
 from engine.executor.timeline import BusyMeter, StepTimeline, host_mark
@@ -73,6 +73,7 @@ class PartitionedExecutor:
 
     def __call__(self, layer: int, items: list[tuple[FFNUnit, torch.Tensor]]) -> list[torch.Tensor]:
         acc = self.accelerator
+        entered_s = now_s()
         # one fp32 accumulator for all items (rows of item i at offsets[i]); views per item
         offsets = [0]
         for _, x in items:
@@ -97,7 +98,11 @@ class PartitionedExecutor:
         if cpu_future is not None:
             self._add_cpu_results(sums_all, cpu_future.result())
         self._prefetch_next(layer)
+        if self.ring is not None:
+            self.ring.end_burst()
         result = sums_all.to(items[0][1].dtype)
+        if self.timeline is not None:
+            self.timeline.cpu_interval("host", entered_s, now_s(), f"layer {layer} executor")
         return [result[offsets[i] : offsets[i + 1]] for i in range(len(items))]
 
     def _partial(self, x: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor) -> torch.Tensor:

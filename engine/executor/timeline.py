@@ -16,7 +16,7 @@ import torch
 
 from engine.executor.accelerator import Accelerator, now_s
 
-RESOURCES = ("cpu", "pcie", "gpu")
+RESOURCES = ("cpu", "pcie", "gpu")  # also traced, not a resource: "host" (the driving thread in the executor)
 Mark = torch.cuda.Event | float | None
 
 
@@ -40,8 +40,9 @@ class StepTrace:
         return _union_length([(i.start_s, i.end_s) for i in self.intervals if i.resource == resource])
 
     def overlap_s(self) -> float:
-        """Time during which at least two resources were busy at once."""
-        edges = sorted([(i.start_s, 1) for i in self.intervals] + [(i.end_s, -1) for i in self.intervals])
+        """Time during which at least two resources were busy at once (host intervals are not a resource)."""
+        spans = [i for i in self.intervals if i.resource in RESOURCES]
+        edges = sorted([(i.start_s, 1) for i in spans] + [(i.end_s, -1) for i in spans])
         busy, last, total = 0, 0.0, 0.0
         for t, delta in edges:
             if busy >= 2:

@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from engine.forward_batch import ForwardBatch
 from engine.kv_cache.paged_cache import PagedKVCache
 from engine.model.attention import AttentionShape, AttentionWeights, attention
+from engine.model.attention_kernels import attention_kernels
 from engine.model.config import ModelConfig
 from engine.model.ffn import ACTIVATIONS, FFNUnit
 from engine.model.moe import MoEBlock
@@ -44,6 +45,7 @@ class DecoderModel:
     lm_head: torch.Tensor  # [vocab, hidden]; the embedding itself when tied
     lm_head_bias: torch.Tensor | None = None
     unit_executor: UnitExecutor | None = field(default=None, repr=False)
+    attention_kernels: str = "flash"  # engine/model/attention_kernels.py
 
     def __post_init__(self) -> None:
         c = self.config
@@ -83,10 +85,11 @@ class DecoderModel:
         """Runs the batch, fills the KV cache, returns fp32 logits [len(logits_indices), vocab]."""
         x = F.embedding(batch.input_ids, self.embed_tokens)
         cos_sin = self.rotary.cos_sin(batch.positions, x.dtype, self._long_context_mask(batch))
-        for i, layer in enumerate(self.layers):
-            h = layer.input_norm(x)
-            x = x + attention(h, layer.attn, self.attn_shape, i, batch, cache, cos_sin)
-            h = layer.post_attention_norm(x)
-            x = x + self.run_ffn(i, layer.ffn, h)
+        with attention_kernels(self.attention_kernels, x.device):
+            for i, layer in enumerate(self.layers):
+                h = layer.input_norm(x)
+                x = x + attention(h, layer.attn, self.attn_shape, i, batch, cache, cos_sin)
+                h = layer.post_attention_norm(x)
+                x = x + self.run_ffn(i, layer.ffn, h)
         x = self.final_norm(x[batch.logits_indices])
         return F.linear(x, self.lm_head, self.lm_head_bias).float()

@@ -36,6 +36,12 @@ class UnitSlice:
     gate_up: torch.Tensor
     down: torch.Tensor
     kind: str | None = None  # "GG", "CG" or "CC" once partitioned (engine/placement/plan.py)
+    # gate_up then down as one flat view when they are adjacent in one storage (one copy streams both)
+    packed: torch.Tensor | None = field(default=None, repr=False)
+
+    def __post_init__(self) -> None:
+        if self.packed is None:
+            self.packed = adjacent_flat(self.gate_up, self.down)
 
     @property
     def size(self) -> int:
@@ -53,6 +59,18 @@ class UnitSlice:
         """x: [num_tokens, hidden] on this slice's device -> partial output [num_tokens, hidden]."""
         gate, up = F.linear(x, self.gate_up).chunk(2, dim=-1)
         return F.linear(act(gate) * up, self.down)
+
+
+def adjacent_flat(first: torch.Tensor, second: torch.Tensor) -> torch.Tensor | None:
+    """A 1-D view of `first` followed by `second` when both are contiguous and `second` starts
+    where `first` ends in the same storage; else None."""
+    if not (first.is_contiguous() and second.is_contiguous() and first.dtype == second.dtype):
+        return None
+    if first.untyped_storage().data_ptr() != second.untyped_storage().data_ptr():
+        return None
+    if second.storage_offset() != first.storage_offset() + first.numel():
+        return None
+    return first.new_empty(0).set_(first.untyped_storage(), first.storage_offset(), (first.numel() + second.numel(),))
 
 
 @dataclass

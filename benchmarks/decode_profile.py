@@ -1,0 +1,185 @@
+"""Where a decode step's host time goes: cProfile of decode steps of a partitioned model, and the
+host/GPU time of each SDPA backend at decode shapes (q_len 1, growing context).
+
+    PYTHONPATH=. python3 benchmarks/decode_profile.py --model mixtral-8x7b --budget 24GiB \\
+        --policy balanced:cg=0.4 --steps 16 --out decode_profile.txt
+"""
+
+from __future__ import annotations
+
+import argparse
+import cProfile
+import io
+import pstats
+import statistics
+import time
+
+import torch
+import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
+
+from engine import LLM, SamplingParams
+from engine.model.factory import resolve_model_config
+
+BACKENDS = {"default": None, "flash": SDPBackend.FLASH_ATTENTION, "efficient": SDPBackend.EFFICIENT_ATTENTION,
+            "cudnn": SDPBackend.CUDNN_ATTENTION, "math": SDPBackend.MATH}
+
+
+def sdpa_backends(num_heads: int, num_kv_heads: int, head_dim: int, context: int, calls: int = 64) -> list[str]:
+    """Host and GPU microseconds per decode SDPA call for each backend; each call sees one more key,
+    as decode does. Outputs compared bit for bit with the default backend's."""
+    device = "cuda"
+    q = torch.randn(1, num_heads, 1, head_dim, device=device, dtype=torch.bfloat16)
+    k = torch.randn(1, num_kv_heads, context + calls, head_dim, device=device, dtype=torch.bfloat16)
+    v = torch.randn_like(k)
+    lines, reference = [], None
+    for name, backend in BACKENDS.items():
+        def call(n: int) -> torch.Tensor:
+            return F.scaled_dot_product_attention(q, k[:, :, :n], v[:, :, :n], scale=head_dim**-0.5, enable_gqa=True)
+
+        try:
+            with sdpa_kernel([backend]) if backend is not None else _null():
+                call(context)
+                torch.cuda.synchronize()
+                host, outputs = [], []
+                start_all = time.perf_counter()
+                for i in range(calls):
+                    start = time.perf_counter()
+                    outputs.append(call(context + i))
+                    host.append(time.perf_counter() - start)
+                torch.cuda.synchronize()
+                total = time.perf_counter() - start_all
+        except RuntimeError as exc:
+            lines.append(f"sdpa {name:9} unavailable: {str(exc).splitlines()[0][:100]}")
+            continue
+        out = torch.stack(outputs)
+        if reference is None:
+            reference = out
+        same = bool(torch.equal(out, reference))
+        max_diff = (out.float() - reference.float()).abs().max().item()
+        lines.append(f"sdpa {name:9} host {statistics.median(host) * 1e6:7.1f} us/call, wall {total / calls * 1e6:7.1f} "
+                     f"us/call, equal to default: {same} (max diff {max_diff:.2e})")
+    return lines
+
+
+class _null:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+
+def profile_decode(llm: LLM, prompt_len: int, steps: int, top: int) -> list[str]:
+    engine = llm.engine
+    config = engine.model_config
+    prompt = torch.randint(0, config.vocab_size, (prompt_len,), generator=torch.Generator().manual_seed(0)).tolist()
+    llm.generate(prompt_token_ids=[prompt[:32]], params=SamplingParams(max_tokens=4, ignore_eos=True))
+    engine.add_request("p", prompt, SamplingParams(max_tokens=steps + 4, temperature=0.0, ignore_eos=True))
+    engine.step()  # prefill
+    engine.step()
+    engine.step()
+    profiler = cProfile.Profile()
+    times = []
+    for _ in range(steps):
+        torch.cuda.synchronize()
+        start = time.perf_counter()
+        profiler.enable()
+        engine.step()
+        torch.cuda.synchronize()
+        profiler.disable()
+        times.append(time.perf_counter() - start)
+    while engine.has_unfinished_requests():
+        engine.step()
+    stream = io.StringIO()
+    stats = pstats.Stats(profiler, stream=stream)
+    stats.sort_stats("tottime").print_stats(top)
+    stats.sort_stats("cumulative").print_stats(top)
+    per_layer_ms = statistics.median(times) / config.num_layers * 1e3
+    return [f"decode step median {statistics.median(times) * 1e3:.1f} ms ({per_layer_ms:.2f} ms per layer) "
+            f"under cProfile", stream.getvalue()]
+
+
+def trace_decode(llm: LLM, prompt_len: int, steps: int, trace_path: str | None) -> list[str]:
+    """Per-layer anatomy of traced decode steps (median over layers and steps, ms): the executor's
+    host time, the gap between executors (attention, routing, combining), when the CPU job starts
+    after the executor is entered, CPU and PCIe busy inside the layer, and the GPU FFN span."""
+    from engine.executor.timeline import TraceRecorder
+
+    engine = llm.engine
+    prompt = list(range(1, prompt_len + 1))
+    engine.runner.trace = TraceRecorder()
+    llm.generate(prompt_token_ids=[prompt], params=SamplingParams(max_tokens=steps + 2, ignore_eos=True))
+    recorder = engine.runner.trace
+    engine.runner.trace = None
+    if trace_path:
+        recorder.write(trace_path)
+    rows: dict[str, list[float]] = {k: [] for k in ("executor", "between", "cpu_start", "cpu", "pcie", "gpu", "tail")}
+    decode = [s for s in recorder.steps if s.kind == "decode"][2:]
+    for step in decode:
+        hosts = sorted((i for i in step.intervals if i.resource == "host"), key=lambda i: i.start_s)
+        for n, h in enumerate(hosts):
+            inside = [i for i in step.intervals if i.resource != "host" and h.start_s <= i.start_s < h.end_s]
+            cpu = [i for i in inside if i.resource == "cpu"]
+            pcie = [i for i in inside if i.resource == "pcie"]
+            gpu = [i for i in inside if i.resource == "gpu"]
+            rows["executor"].append(h.end_s - h.start_s)
+            if n:
+                rows["between"].append(h.start_s - hosts[n - 1].end_s)
+            if cpu:
+                rows["cpu_start"].append(cpu[0].start_s - h.start_s)
+                rows["cpu"].append(sum(i.end_s - i.start_s for i in cpu))
+                rows["tail"].append(h.end_s - max(i.end_s for i in cpu))
+            if pcie:
+                rows["pcie"].append(sum(i.end_s - i.start_s for i in pcie))
+            if gpu:
+                rows["gpu"].append(sum(i.end_s - i.start_s for i in gpu))
+    step_ms = statistics.median(s.duration_s for s in decode) * 1e3 if decode else float("nan")
+    out = [f"traced decode: {len(decode)} steps, median step {step_ms:.1f} ms; per layer, median ms:"]
+    for name, values in rows.items():
+        if values:
+            out.append(f"  {name:10} {statistics.median(values) * 1e3:7.3f}   (mean {statistics.fmean(values) * 1e3:7.3f})")
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--model", default="mixtral-8x7b")
+    parser.add_argument("--budget", default="24GiB")
+    parser.add_argument("--policy", default="balanced:cg=0.4")
+    parser.add_argument("--prompt-len", type=int, default=512)
+    parser.add_argument("--steps", type=int, default=16)
+    parser.add_argument("--top", type=int, default=35)
+    parser.add_argument("--out", default=None)
+    parser.add_argument("--trace", default=None, help="write a Chrome trace of the traced decode steps here")
+    parser.add_argument("--spin-us", default="", help="also trace with these CPU-kernel worker spin times (comma list)")
+    parser.add_argument("--skip-sdpa", action="store_true")
+    parser.add_argument("--skip-cprofile", action="store_true")
+    args = parser.parse_args()
+    config, _ = resolve_model_config(args.model)
+    lines = [] if args.skip_sdpa else sdpa_backends(config.num_heads, config.num_kv_heads, config.head_dim,
+                                                    args.prompt_len)
+    print("\n".join(lines), flush=True)
+    llm = LLM(args.model, device="cuda", random_weights=True, gpu_memory_budget=args.budget, policy=args.policy,
+              kv_cache_tokens=4096, max_num_seqs=8, show_progress=False)
+    lines += trace_decode(llm, args.prompt_len, args.steps, args.trace)
+    print("\n".join(lines[-9:]), flush=True)
+    for spin in filter(None, args.spin_us.split(",")):
+        from engine.cpu_kernels.runner import get_tuning, set_tuning
+
+        before = get_tuning("spin_us")
+        set_tuning("spin_us", int(spin))
+        lines += [f"spin_us={spin}"] + trace_decode(llm, args.prompt_len, args.steps, None)
+        set_tuning("spin_us", before)
+        print("\n".join(lines[-10:]), flush=True)
+    if not args.skip_cprofile:
+        lines += profile_decode(llm, args.prompt_len, args.steps, args.top)
+    text = "\n".join(lines)
+    if args.out:
+        with open(args.out, "w") as f:
+            f.write(text)
+    print(text[:6000])
+
+
+if __name__ == "__main__":
+    main()
