@@ -4,6 +4,12 @@ side in one run, next to the floor computed from rates measured in the same run.
     python benchmarks/partition_bench.py --model mixtral-8x7b --budget 24GiB --prompt-len 512 \\
         --new-tokens 32 --final-tokens 128 --sweep 0.3,0.4,0.5,0.6,0.8 --out results.json
 
+The planner's validation (issue 4) runs it per model and budget with the adaptive build:
+
+    python benchmarks/partition_bench.py --model mixtral-8x7b --budget 12GiB --build-policy adaptive \\
+        --policies adaptive,cpu-experts,stream,fiddler --prompt-len 512,2048 --new-tokens 24 \\
+        --sweep-policy balanced --sweep 0.2,0.35,0.5,0.65 --sweep-tokens 24 --final-tokens 0
+
 The model is built once (random weights, resident share fixed by the budget); policies switch by
 re-labelling host pieces (no weight moves), so every policy runs on the same weights and GG share.
 """
@@ -62,28 +68,55 @@ def measure_rates(hidden: int, rows: int, dtype: torch.dtype = torch.bfloat16) -
             "cpu_gemv_bytes_s": weights[0].nbytes / gemv_s, "cpu_gemm64_flops": 2 * 64 * piece / gemm_s}
 
 
-def run_policy(llm: LLM, prompt: list[int], new_tokens: int, traced_tokens: int = 8) -> dict[str, float]:
-    engine = llm.engine
-    warm = SamplingParams(max_tokens=4, temperature=0.0, ignore_eos=True)
-    llm.generate(prompt_token_ids=[prompt[:32]], params=warm)
+def _timed_generation(engine, prompt: list[int], new_tokens: int) -> tuple[float, list[float]]:
+    """(seconds until the first token: every prefill step, chunked or not; seconds of each decode step)."""
     engine.add_request("bench", prompt, SamplingParams(max_tokens=new_tokens, temperature=0.0, ignore_eos=True))
-    step_s = []
+    prefill_s, decode_s, has_token = 0.0, [], False
     while engine.has_unfinished_requests():
         torch.cuda.synchronize()
         start = time.perf_counter()
-        engine.step()
+        outputs = engine.step()
         torch.cuda.synchronize()
-        step_s.append(time.perf_counter() - start)
-    prefill_s, decode_s = step_s[0], step_s[2:]  # the first decode step warms the decode path
+        elapsed = time.perf_counter() - start
+        if has_token:
+            decode_s.append(elapsed)
+        else:
+            prefill_s += elapsed
+            has_token = any(o.token_ids for o in outputs)
+    return prefill_s, decode_s
+
+
+def run_policy(llm: LLM, prompts: list[list[int]], new_tokens: int, traced_tokens: int = 8) -> dict:
+    """Prefill time of each prompt and decode speed after it (median step after the first decode
+    step); the top-level prefill/decode keys are the first prompt's. Then a short traced run for
+    busy fractions."""
+    engine = llm.engine
+    warm = SamplingParams(max_tokens=4, temperature=0.0, ignore_eos=True)
+    llm.generate(prompt_token_ids=[prompts[0][:32]], params=warm)
+    by_prompt = {}
+    for prompt in prompts:
+        prefill_s, decode_s = _timed_generation(engine, prompt, new_tokens)
+        decode = statistics.median(decode_s[1:] or decode_s)  # the first decode step warms the decode path
+        by_prompt[str(len(prompt))] = {"prefill_s": prefill_s, "prefill_tok_s": len(prompt) / prefill_s,
+                                       "decode_s_per_token": decode, "decode_tok_s": 1 / decode,
+                                       "decode_tokens_timed": len(decode_s[1:] or decode_s)}
     engine.runner.trace = TraceRecorder()  # a short traced run for busy fractions
-    llm.generate(prompt_token_ids=[prompt[:64]], params=SamplingParams(max_tokens=traced_tokens, ignore_eos=True))
+    llm.generate(prompt_token_ids=[prompts[0][:64]], params=SamplingParams(max_tokens=traced_tokens, ignore_eos=True))
     decode_steps = [s for s in engine.runner.trace.steps if s.kind == "decode"]
     trace = TraceRecorder(decode_steps).summary()
     engine.runner.trace = None
-    return {"prefill_s": prefill_s, "prefill_tok_s": len(prompt) / prefill_s,
-            "decode_s_per_token": statistics.median(decode_s), "decode_tok_s": 1 / statistics.median(decode_s),
+    first = by_prompt[str(len(prompts[0]))]
+    return {**{k: first[k] for k in ("prefill_s", "prefill_tok_s", "decode_s_per_token", "decode_tok_s")},
+            "by_prompt": by_prompt, "cg_share": _cg_share(llm),
             "decode_cpu_busy": trace["cpu_busy"], "decode_pcie_busy": trace["pcie_busy"],
             "decode_gpu_busy": trace["gpu_busy"], "decode_overlap": trace["overlap"]}
+
+
+def _cg_share(llm: LLM) -> float:
+    """CG rows over all host rows of the plan in force."""
+    rows = llm.engine.partition.plan.rows_by_kind()
+    host = rows["CG"] + rows["CC"]
+    return rows["CG"] / host if host else 0.0
 
 
 def floors(llm: LLM, rates: dict[str, float], prompt_len: int) -> dict[str, float]:
@@ -97,6 +130,8 @@ def floors(llm: LLM, rates: dict[str, float], prompt_len: int) -> dict[str, floa
     moe = config.moe
     active_units = config.num_layers * (moe.num_experts_per_tok if moe else 1)
     active_host_bytes = host_rows / num_units * active_units * row
+    if host_rows == 0:
+        return {"decode_floor_tok_s": float("inf"), "prefill_floor_tok_s": float("inf"), "active_host_bytes_per_token": 0}
     decode_s = active_host_bytes / (rates["dram_read_bytes_s"] + rates["pcie_pinned_bytes_s"])
     tokens_per_unit = prompt_len * (moe.num_experts_per_tok / moe.num_experts if moe else 1)
     cpu_bytes_s = rates["cpu_gemm64_flops"] / tokens_per_unit  # 2 flops per weight (2 bytes) per token
@@ -109,10 +144,13 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--model", default="mixtral-8x7b")
     parser.add_argument("--budget", default="24GiB")
-    parser.add_argument("--prompt-len", type=int, default=512)
-    parser.add_argument("--new-tokens", type=int, default=32, help="decode tokens measured per fixed policy")
-    parser.add_argument("--final-tokens", type=int, default=128, help="decode tokens for the best split and balanced")
+    parser.add_argument("--prompt-len", default="512", help="prompt length(s), comma list: e.g. 512,2048")
+    parser.add_argument("--new-tokens", type=int, default=32, help="decode tokens generated after each prompt")
+    parser.add_argument("--final-tokens", type=int, default=128,
+                        help="decode tokens for the best split and its balanced twin (0: skip them)")
     parser.add_argument("--sweep", default="0.2,0.3,0.4,0.5,0.6")
+    parser.add_argument("--sweep-policy", default="manual", choices=("manual", "balanced"),
+                        help="sweep manual:cg=F (static kinds) or balanced:cg=F (with token assignment)")
     parser.add_argument("--sweep-tokens", type=int, default=32)
     parser.add_argument("--policies", default="cpu-experts,stream,fiddler",
                         help="'adaptive' re-applies the build plan when --build-policy is adaptive")
@@ -123,62 +161,73 @@ def main() -> None:
 
     from engine.model.factory import resolve_model_config
     model_config, _ = resolve_model_config(args.model)
+    prompt_lens = [int(n) for n in args.prompt_len.split(",")]
     widest = max(model_config.intermediate_size, model_config.moe.expert_intermediate_size if model_config.moe else 0)
     torch.set_num_threads(max(1, (os.cpu_count() or 2) - 1))
     rates = measure_rates(model_config.hidden_size, 2 * widest)
     print("rates", json.dumps(rates), flush=True)
     start = time.perf_counter()
+    longest = max(prompt_lens)  # every prompt prefilled in one step: host weights move once per prompt
     llm = LLM(args.model, device="cuda", random_weights=True, gpu_memory_budget=args.budget, policy=args.build_policy,
-              kv_cache_tokens=4096, max_num_seqs=8, show_progress=False)
+              kv_cache_tokens=max(4096, 2 * longest), max_num_seqs=8, max_prefill_chunk=longest,
+              max_num_batched_tokens=max(2048, longest), show_progress=False)
     build_s = time.perf_counter() - start
     partition = llm.engine.partition
     config = llm.engine.model_config
     result = {"date": time.strftime("%Y-%m-%d"), "model": args.model, "budget": args.budget,
               "device": torch.cuda.get_device_name(), "build_s": build_s, "memory": partition.memory.describe(),
               "resident_fraction": partition.plan.rows_by_kind()["GG"] / sum(s.size for s in partition.plan.splits.values()),
-              "rates": rates, "floor": floors(llm, rates, args.prompt_len), "policies": {}}
+              "prompt_lens": prompt_lens, "new_tokens": args.new_tokens, "rates": rates,
+              "floor": floors(llm, rates, prompt_lens[0]),
+              "floor_by_prompt": {str(n): floors(llm, rates, n) for n in prompt_lens}, "policies": {}}
     generator = torch.Generator().manual_seed(0)
-    prompt = torch.randint(0, config.vocab_size, (args.prompt_len,), generator=generator).tolist()
+    prompts = [torch.randint(0, config.vocab_size, (n,), generator=generator).tolist() for n in prompt_lens]
     build_plan = partition.plan
-    # warm-up: first touches of the host weights, kernel build and thread start-up, cuDNN/flash setup
-    llm.generate(prompt_token_ids=[prompt], params=SamplingParams(max_tokens=8, temperature=0.0, ignore_eos=True))
+    if "adaptive" in args.policies.split(","):  # predicted before anything is measured
+        result["predicted_adaptive"] = _prediction(llm, prompt_lens)
+    # warm-up: first touches of the host weights, kernel build and thread start-up, attention kernels
+    llm.generate(prompt_token_ids=[prompts[0]], params=SamplingParams(max_tokens=8, temperature=0.0, ignore_eos=True))
     for policy in args.policies.split(","):
         partition.repartition(build_plan if policy == "adaptive" else policy)
-        result["policies"][policy] = run_policy(llm, prompt, args.new_tokens)
+        result["policies"][policy] = run_policy(llm, prompts, args.new_tokens)
         if policy == "adaptive":
-            result["policies"][policy]["predicted"] = _prediction(llm, args.prompt_len)
+            result["policies"][policy]["predicted"] = result["predicted_adaptive"]
         print(policy, json.dumps(result["policies"][policy]), flush=True)
     sweep = {}
     for share in filter(None, args.sweep.split(",")):
-        policy = f"manual:cg={share}"
+        policy = f"{args.sweep_policy}:cg={share}"
         partition.repartition(policy)
-        sweep[policy] = run_policy(llm, prompt, args.sweep_tokens)
+        sweep[policy] = run_policy(llm, prompts, args.sweep_tokens)
         print(policy, json.dumps(sweep[policy]), flush=True)
     result["sweep"] = sweep
-    if not sweep:
-        _save_and_print(args, result, rates, build_s)
-        return
-    best = max(sweep, key=lambda p: sweep[p]["decode_tok_s"])
-    best_prefill = max(sweep, key=lambda p: sweep[p]["prefill_tok_s"])
-    result["best_decode_split"], result["best_prefill_split"] = best, best_prefill
-    partition.repartition(best)
-    result["policies"][f"best {best}"] = run_policy(llm, prompt, args.final_tokens)
-    balanced = "balanced:" + best.split(":", 1)[1]  # the decode-best split, token assignment each step
-    partition.repartition(balanced)
-    result["policies"][balanced] = run_policy(llm, prompt, args.final_tokens)
+    if sweep:
+        best = max(sweep, key=lambda p: sweep[p]["decode_tok_s"])
+        best_prefill = max(sweep, key=lambda p: sweep[p]["prefill_tok_s"])
+        result["best_decode_split"], result["best_prefill_split"] = best, best_prefill
+        if args.final_tokens:
+            partition.repartition(best)
+            result["policies"][f"best {best}"] = run_policy(llm, prompts, args.final_tokens)
+            balanced = "balanced:" + best.split(":", 1)[1]  # the decode-best split, token assignment each step
+            if balanced != best:
+                partition.repartition(balanced)
+                result["policies"][balanced] = run_policy(llm, prompts, args.final_tokens)
     _save_and_print(args, result, rates, build_s)
-    print(f"best split for decode: {best}; for prefill: {best_prefill}")
+    if sweep:
+        print(f"best split for decode: {result['best_decode_split']}; for prefill: {result['best_prefill_split']}")
 
 
-def _prediction(llm: LLM, prompt_len: int) -> dict[str, float]:
-    """What the adaptive planner predicted for the plan in force (engine/placement/planner.py)."""
+def _prediction(llm: LLM, prompt_lens: list[int]) -> dict:
+    """What the adaptive planner predicts for the plan in force (engine/placement/planner.py), from
+    the engine's hardware profile, before any measurement of this run."""
     from engine.placement.planner import predict
     from engine.placement.profiler import engine_profile
 
     partition = llm.engine.partition
     config = llm.engine.model_config
     prediction = predict(partition.plan, config, engine_profile(config), partition.request)
-    return {"decode_tok_s": prediction.decode_tok_s, "prefill_tok_s": prompt_len / prediction.prefill_s(prompt_len)}
+    by_prompt = {str(n): {"prefill_tok_s": n / prediction.prefill_s(n)} for n in prompt_lens}
+    return {"decode_tok_s": prediction.decode_tok_s, "prefill_tok_s": by_prompt[str(prompt_lens[0])]["prefill_tok_s"],
+            "by_prompt": by_prompt}
 
 
 def _save_and_print(args: argparse.Namespace, result: dict, rates: dict[str, float], build_s: float) -> None:
@@ -187,7 +236,7 @@ def _save_and_print(args: argparse.Namespace, result: dict, rates: dict[str, flo
         with open(args.out, "w") as f:
             f.write(text)
     fl = result["floor"]
-    print(f"\n{args.model} @ {args.budget}, prompt {args.prompt_len}, {args.new_tokens}/{args.final_tokens} new tokens; "
+    print(f"\n{args.model} @ {args.budget}, prompt {args.prompt_len} (table: the first), {args.new_tokens} new tokens; "
           f"resident {result['resident_fraction']:.0%}; built in {build_s:.0f} s")
     print(f"rates: PCIe {rates['pcie_pinned_bytes_s'] / 1e9:.1f} GB/s, DRAM {rates['dram_read_bytes_s'] / 1e9:.1f} GB/s, "
           f"torch GEMV {rates['cpu_gemv_bytes_s'] / 1e9:.1f} GB/s, GEMM64 {rates['cpu_gemm64_flops'] / 1e12:.2f} TFLOP/s")

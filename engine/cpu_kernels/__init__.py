@@ -12,9 +12,10 @@ from engine.cpu_kernels.runner import (
     available_paths,
     job_path,
     kernel_info,
+    prepare_slice_jobs,
     run_slice_jobs,
     set_num_threads,
 )
 from engine.cpu_kernels.slice_job import SliceJob
 
-__all__ = ["SliceJob", "available_paths", "job_path", "kernel_info", "run_slice_jobs", "set_num_threads"]
+__all__ = ["SliceJob", "available_paths", "job_path", "kernel_info", "prepare_slice_jobs", "run_slice_jobs", "set_num_threads"]

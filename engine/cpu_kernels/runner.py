@@ -12,6 +12,7 @@ import logging
 import os
 import threading
 from array import array
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from engine.cpu_kernels.build import BuiltLibrary, KernelBuildError, build_library
@@ -159,28 +160,38 @@ def run_slice_jobs(jobs: list[SliceJob], activation: str = "silu", check: bool =
     Not re-entrant: calls from several threads are serialised. `check=False` skips the shape
     checks for callers that build jobs from the model's own pieces (the executor, every layer).
     """
+    prepare_slice_jobs(jobs, activation, check)()
+
+
+def prepare_slice_jobs(jobs: list[SliceJob], activation: str = "silu", check: bool = True) -> Callable[[], None]:
+    """Does the Python part of `run_slice_jobs` now (checks, path choice, the C++ job records) and
+    returns the call that computes. The executor prepares on the thread that drives the GPU and
+    runs the call on the CPU worker, which then holds the GIL only briefly (the C++ call releases it)."""
     if check:
         for job in jobs:
             check_shapes(job)
     path, cap, reason = _active(requested_path())
     _log_choice(path, reason)
     if cap == 0 or activation not in KERNEL_ACTIVATIONS:
-        run_torch_jobs(jobs, activation)
-        return
+        return lambda: run_torch_jobs(jobs, activation)
     native, others = [], []
     for job in jobs:
         (native if kernel_ready(job) else others).append(job)
-    if others:
-        run_torch_jobs(others, activation)
-    if not native:
-        return
     records = array("q")
     for job in native:
         records.extend(describe(job))
-    buffer = (ctypes.c_int64 * len(records)).from_buffer(records)
     lib = _state.built.lib  # type: ignore[union-attr]
-    if lib.scheinfer_run(ctypes.addressof(buffer), len(native), cap, num_threads()) != 0:
-        raise RuntimeError(f"cpu kernel failed: {lib.scheinfer_last_error().decode()}")
+
+    def run() -> None:
+        if others:
+            run_torch_jobs(others, activation)
+        if not native:
+            return
+        buffer = (ctypes.c_int64 * len(records)).from_buffer(records)
+        if lib.scheinfer_run(ctypes.addressof(buffer), len(native), cap, num_threads()) != 0:
+            raise RuntimeError(f"cpu kernel failed: {lib.scheinfer_last_error().decode()}")
+
+    return run
 
 
 def job_path(job: SliceJob) -> str:

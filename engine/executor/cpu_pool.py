@@ -53,29 +53,30 @@ def _torch_jobs(jobs: list[CpuJob], act: Callable[[torch.Tensor], torch.Tensor])
         job.out.copy_(F.linear(act(gate) * up, job.piece.down))
 
 
-def _kernel_runner(activation: str):
-    """engine.cpu_kernels.run_slice_jobs when it is there (bf16 pieces), else None."""
+def _kernel_preparer(activation: str) -> Callable[[list[CpuJob]], Callable[[], None]] | None:
+    """engine.cpu_kernels.prepare_slice_jobs for the pool's jobs when the kernels exist, else None."""
     try:
-        from engine.cpu_kernels import SliceJob, run_slice_jobs
+        from engine.cpu_kernels import SliceJob, prepare_slice_jobs
     except ImportError:
         return None
 
-    def run(jobs: list[CpuJob]) -> None:
+    def prepare(jobs: list[CpuJob]) -> Callable[[], None]:
         # the executor builds x and out to the pieces' shapes; the pieces are the model's own
-        run_slice_jobs([SliceJob(j.x, j.piece.gate_up, j.piece.down, j.out) for j in jobs], activation, check=False)
+        return prepare_slice_jobs([SliceJob(j.x, j.piece.gate_up, j.piece.down, j.out) for j in jobs], activation,
+                                  check=False)
 
-    return run
+    return prepare
 
 
 class CpuPool:
     def __init__(self, act: Callable[[torch.Tensor], torch.Tensor], activation: str,
                  num_threads: int | None = None) -> None:
         self.num_threads = num_threads or default_cpu_threads()
-        # The worker runs a little Python per layer; with the default 5 ms GIL switch interval the
-        # thread driving the GPU could wait that long to get the GIL back after each torch call.
+        # The worker holds the GIL only briefly per layer, but with the default 5 ms switch interval
+        # the thread driving the GPU could wait that long to get it back.
         sys.setswitchinterval(min(sys.getswitchinterval(), 0.0005))
         self._act = act
-        self._kernel = _kernel_runner(activation)
+        self._prepare = _kernel_preparer(activation)
         # Thread counts are per OS thread in OpenMP: set it in the worker itself.
         self._worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="scheinfer-cpu",
                                           initializer=torch.set_num_threads, initargs=(self.num_threads,))
@@ -83,24 +84,27 @@ class CpuPool:
 
     def submit(self, batch: CpuBatch, inputs_ready: torch.cuda.Event | None,
                timeline: StepTimeline | None = None) -> Future[CpuBatch]:
-        return self._worker.submit(self._run, batch, inputs_ready, timeline)
-
-    def _run(self, batch: CpuBatch, inputs_ready: torch.cuda.Event | None,
-             timeline: StepTimeline | None) -> CpuBatch:
+        """Prepares the batch's kernel call on the calling thread (all the Python), then hands the
+        call to the worker, which waits for the inputs and computes."""
         jobs = batch.jobs
+        if self._prepare is not None and all(j.x.dtype == torch.bfloat16 for j in jobs):
+            compute = self._prepare(jobs)
+        else:
+            def compute() -> None:
+                _torch_jobs(jobs, self._act)
+        return self._worker.submit(self._run, batch, compute, inputs_ready, timeline)
+
+    def _run(self, batch: CpuBatch, compute: Callable[[], None], inputs_ready: torch.cuda.Event | None,
+             timeline: StepTimeline | None) -> CpuBatch:
         if inputs_ready is not None:
             inputs_ready.synchronize()  # the activations' device-to-host copies have landed
         start = now_s()
         with torch.inference_mode():
-            use_kernel = self._kernel is not None and all(j.x.dtype == torch.bfloat16 for j in jobs)
-            if use_kernel:
-                self._kernel(jobs)
-            else:
-                _torch_jobs(jobs, self._act)
+            compute()
         end = now_s()
         self.busy_s += end - start
         if timeline is not None:
-            timeline.cpu_interval("cpu", start, end, f"{len(jobs)} CC pieces")
+            timeline.cpu_interval("cpu", start, end, f"{len(batch.jobs)} CC pieces")
         return batch
 
     def shutdown(self) -> None:

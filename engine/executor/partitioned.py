@@ -1,9 +1,10 @@
 """PartitionedExecutor: evaluates a layer's FFN units over their GG, CG and CC pieces at once.
 
 For one layer (all routed experts, or the dense MLP, as one job):
-  1. CC pieces: the routed tokens' activations go device->host (pinned, async); a CPU worker
+  1. CG pieces: the copy stream streams them into the staging ring, ahead of their use (enqueued
+     first, so that PCIe starts at once).
+  2. CC pieces: the routed tokens' activations go device->host (pinned, async); a CPU worker
      computes the pieces' partial outputs as soon as they land.
-  2. CG pieces: the copy stream streams them into the staging ring, ahead of their use.
   3. GG pieces, then CG pieces as their copies complete, are computed on the compute stream.
   4. The CPU partials come back host->device and are summed in fp32 with the GPU partials.
 The driving thread only waits for the CPU at the end of the layer, where its result is needed.
@@ -16,6 +17,7 @@ from __future__ import annotations
 from collections import deque
 from collections.abc import Callable
 from concurrent.futures import Future
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -32,6 +34,15 @@ from engine.model.weights import DENSE_MLP, SHARED_EXPERT
 from engine.placement.plan import PartitionPlan, PieceKind
 
 MAX_CPU_ROWS_PER_COPY = 1024  # rows of CPU partial outputs moved to the GPU per copy
+
+
+@dataclass
+class _Streaming:
+    """One layer's streamed pieces: copies not yet enqueued, and those enqueued but not computed."""
+
+    queue: deque[tuple[int, UnitSlice]]
+    pending: deque[tuple[int, UnitSlice]]
+    staged: deque[StagedSlice]
 
 
 class PartitionedExecutor:
@@ -83,14 +94,19 @@ class PartitionedExecutor:
         placed = assign(self.dynamic, items, self.rates)
         on_gpu, streamed, on_cpu = placed.on_gpu, placed.streamed, placed.on_cpu
 
-        cpu_future = self._start_cpu(items, offsets, on_cpu)
-        if cpu_future is not None and not self.overlap:
-            self._add_cpu_results(sums_all, cpu_future.result())
-            cpu_future = None
+        if self.overlap:  # copies first: PCIe starts while the CPU job and the GPU pieces are launched
+            streaming = self._begin_streaming(streamed)
+            cpu_future = self._start_cpu(items, offsets, on_cpu)
+        else:  # Fiddler: the CPU's pieces, then the transfers
+            cpu_future = self._start_cpu(items, offsets, on_cpu)
+            if cpu_future is not None:
+                self._add_cpu_results(sums_all, cpu_future.result())
+                cpu_future = None
+            streaming = self._begin_streaming(streamed)
         start = host_mark(acc, acc.compute_stream)
         for i, piece in on_gpu:
             sums[i] += self._partial(items[i][1], piece.gate_up, piece.down)
-        self._run_streamed(items, streamed, sums)
+        self._finish_streaming(streaming, items, sums)
         end = host_mark(acc, acc.compute_stream)
         self.gpu_busy.add(start, end)
         if self.timeline is not None:
@@ -146,34 +162,42 @@ class PartitionedExecutor:
             sums_all.index_add_(0, batch.dest[rows].to(device, non_blocking=True),
                                 batch.out[rows].to(device, non_blocking=True))
 
-    def _run_streamed(self, items, streamed: list[tuple[int, UnitSlice]], sums: list[torch.Tensor]) -> None:
-        """Streams pieces through the ring, at most one ring's worth ahead of their computation."""
+    def _begin_streaming(self, streamed: list[tuple[int, UnitSlice]]) -> _Streaming:
+        """Enqueues the first copies (up to a ring's worth, prefetched ones first)."""
+        state = _Streaming(deque(), deque(), deque())
         if not streamed:
-            return
+            self._drop_prefetched()
+            return state
         if self.ring is None:
             raise RuntimeError("the plan streams pieces but the executor has no staging ring")
-        acc = self.accelerator
         order = [id(piece) for piece, _ in self._prefetched]  # prefetched pieces are consumed first
         streamed = sorted(streamed, key=lambda t: order.index(id(t[1])) if id(t[1]) in order else len(order))
-        staged: deque[StagedSlice] = deque()
-        queue = deque(streamed)
-        pending: deque[tuple[int, UnitSlice]] = deque()
-        while queue and self._prefetched and self._prefetched[0][0] is queue[0][1]:
-            staged.append(self._prefetched.popleft()[1])
-            pending.append(queue.popleft())
+        state.queue.extend(streamed)
+        while state.queue and self._prefetched and self._prefetched[0][0] is state.queue[0][1]:
+            state.staged.append(self._prefetched.popleft()[1])
+            state.pending.append(state.queue.popleft())
         self._drop_prefetched()
-        while queue and len(staged) < self.ring.num_slots:
-            pending.append(queue[0])
-            staged.append(self.ring.stage(queue.popleft()[1], self.timeline))
-        while pending:
-            i, _ = pending.popleft()
-            slot = staged.popleft()
+        while state.queue and len(state.staged) < self.ring.num_slots:
+            self._stage_next(state)
+        return state
+
+    def _stage_next(self, state: _Streaming) -> None:
+        assert self.ring is not None
+        state.pending.append(state.queue[0])
+        state.staged.append(self.ring.stage(state.queue.popleft()[1], self.timeline))
+
+    def _finish_streaming(self, state: _Streaming, items, sums: list[torch.Tensor]) -> None:
+        """Computes each streamed piece once its copy landed; a released slot takes the next copy."""
+        acc = self.accelerator
+        while state.pending:
+            i, _ = state.pending.popleft()
+            slot = state.staged.popleft()
             acc.wait(acc.compute_stream, slot.ready)
             sums[i] += self._partial(items[i][1], slot.gate_up, slot.down)
+            assert self.ring is not None
             self.ring.release(slot)
-            if queue:
-                pending.append(queue[0])
-                staged.append(self.ring.stage(queue.popleft()[1], self.timeline))
+            if state.queue:
+                self._stage_next(state)
 
     def _drop_prefetched(self) -> None:
         """Prefetched slots that were not used (a plan change) are released in order."""
