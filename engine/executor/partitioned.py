@@ -1,10 +1,10 @@
 """PartitionedExecutor: evaluates a layer's FFN units over their GG, CG and CC pieces at once.
 
 For one layer (all routed experts, or the dense MLP, as one job):
-  1. CG pieces: the copy stream streams them into the staging ring, ahead of their use (enqueued
-     first, so that PCIe starts at once).
-  2. CC pieces: the routed tokens' activations go device->host (pinned, async); a CPU worker
+  1. CC pieces: the routed tokens' activations go device->host (pinned, async); a CPU worker
      computes the pieces' partial outputs as soon as they land.
+  2. CG pieces: the copy stream streams them into the staging ring, ahead of their use (a ring's
+     worth enqueued before the GPU's own pieces, so that PCIe starts at once).
   3. GG pieces, then CG pieces as their copies complete, are computed on the compute stream.
   4. The CPU partials come back host->device and are summed in fp32 with the GPU partials.
 The driving thread only waits for the CPU at the end of the layer, where its result is needed.
@@ -94,9 +94,9 @@ class PartitionedExecutor:
         placed = assign(self.dynamic, items, self.rates)
         on_gpu, streamed, on_cpu = placed.on_gpu, placed.streamed, placed.on_cpu
 
-        if self.overlap:  # copies first: PCIe starts while the CPU job and the GPU pieces are launched
-            streaming = self._begin_streaming(streamed)
+        if self.overlap:  # the CPU job, then a ring's worth of copies, then the GPU's own pieces
             cpu_future = self._start_cpu(items, offsets, on_cpu)
+            streaming = self._begin_streaming(streamed)
         else:  # Fiddler: the CPU's pieces, then the transfers
             cpu_future = self._start_cpu(items, offsets, on_cpu)
             if cpu_future is not None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 from dataclasses import dataclass
 
 import torch
@@ -143,6 +144,7 @@ def build_partitioned(model: str, model_config: ModelConfig, device: str, dtype:
     if accelerator.is_cuda and budget is not None:
         total = torch.cuda.get_device_properties(accelerator.device).total_memory
         torch.cuda.set_per_process_memory_fraction(min(1.0, budget / total), accelerator.device)
+        _expandable_segments()
     logger.info("partition %s: %s", plan.policy, memory.describe())
     store = WeightStore(plan, model_config, dtype, accelerator)
     decoder = load_model(model, device, dtype_name, random_weights, seed, allocator=store.allocate,
@@ -153,3 +155,15 @@ def build_partitioned(model: str, model_config: ModelConfig, device: str, dtype:
     executor = PartitionedExecutor(decoder, accelerator, pool, ring, plan.dynamic, rates)
     decoder.unit_executor = executor
     return decoder, Partition(plan, memory, budget, request, store, executor, profile)
+
+
+def _expandable_segments() -> None:
+    """Under a budget, blocks freed by one step's temporaries are reused by the next step's
+    differently sized ones instead of fragmenting the budget (torch's allocator setting; the
+    environment variable PYTORCH_CUDA_ALLOC_CONF, when set, wins)."""
+    if os.environ.get("PYTORCH_CUDA_ALLOC_CONF"):
+        return
+    try:
+        torch.cuda.memory._set_allocator_settings("expandable_segments:True")
+    except (AttributeError, RuntimeError) as exc:  # private API: absent or refused in some builds
+        logger.debug("expandable segments not enabled: %s", exc)

@@ -39,6 +39,7 @@ class StagingRing:
         self._ready_events = [torch.cuda.Event() if cuda else None for _ in range(num_slots)]
         self._free_events = [torch.cuda.Event() if cuda else None for _ in range(num_slots)]
         self._slot_used = [False] * num_slots
+        self._view_cache: dict[tuple[int, torch.Size, torch.Size], tuple[torch.Tensor, torch.Tensor]] = {}
         self._next = 0
         self._burst_start: Mark = None
         self.bytes_streamed = 0
@@ -67,8 +68,7 @@ class StagingRing:
         self._next = (self._next + 1) % self.num_slots
         acc = self.accelerator
         buffer = self.buffers[slot]
-        gate_up = buffer[: piece.gate_up.numel()].view(piece.gate_up.shape)
-        down = buffer[piece.gate_up.numel() : numel].view(piece.down.shape)
+        gate_up, down = self._views(slot, piece.gate_up.shape, piece.down.shape)
         if self._slot_used[slot]:
             acc.wait(acc.copy_stream, self._free_events[slot])
         self.begin_burst()
@@ -86,6 +86,16 @@ class StagingRing:
                 timeline.gpu_interval("pcie", start, host_mark(acc, acc.copy_stream))
         self.bytes_streamed += piece.num_bytes
         return StagedSlice(gate_up, down, ready, slot)
+
+    def _views(self, slot: int, gate_up_shape: torch.Size, down_shape: torch.Size) -> tuple[torch.Tensor, torch.Tensor]:
+        """The slot's gate_up and down views for pieces of these shapes (pieces share a few shapes)."""
+        key = (slot, gate_up_shape, down_shape)
+        views = self._view_cache.get(key)
+        if views is None:
+            buffer, split = self.buffers[slot], gate_up_shape.numel()
+            views = (buffer[:split].view(gate_up_shape), buffer[split : split + down_shape.numel()].view(down_shape))
+            self._view_cache[key] = views
+        return views
 
     def release(self, staged: StagedSlice) -> None:
         """The compute stream is done with this slot (call after enqueuing its last use)."""

@@ -77,7 +77,7 @@ def activation_bytes(config: ModelConfig, itemsize: int, max_num_tokens: int, ma
     widest = max(size for _, _, size in ffn_units(config))
     per_token = (16 * config.hidden_size + 4 * widest) * itemsize
     logits = 2 * max_num_seqs * config.vocab_size * 4
-    return (max_num_tokens * per_token + logits) * 5 // 4
+    return (max_num_tokens * per_token + logits) * 3 // 2  # room for the allocator's fragmentation
 
 
 @dataclass(frozen=True)
