@@ -185,6 +185,8 @@ def main() -> None:
     build_plan = partition.plan
     if "adaptive" in args.policies.split(","):  # predicted before anything is measured
         result["predicted_adaptive"] = _prediction(llm, prompt_lens)
+        if partition.profile is not None:  # the profile the plan and the prediction came from
+            result["profile"] = json.loads(partition.profile.to_json())
     # warm-up: first touches of the host weights, kernel build and thread start-up, attention kernels
     llm.generate(prompt_token_ids=[prompts[0]], params=SamplingParams(max_tokens=8, temperature=0.0, ignore_eos=True))
     for policy in args.policies.split(","):
@@ -224,7 +226,8 @@ def _prediction(llm: LLM, prompt_lens: list[int]) -> dict:
 
     partition = llm.engine.partition
     config = llm.engine.model_config
-    prediction = predict(partition.plan, config, engine_profile(config), partition.request)
+    profile = partition.profile or engine_profile(config)
+    prediction = predict(partition.plan, config, profile, partition.request)
     by_prompt = {str(n): {"prefill_tok_s": n / prediction.prefill_s(n)} for n in prompt_lens}
     return {"decode_tok_s": prediction.decode_tok_s, "prefill_tok_s": by_prompt[str(prompt_lens[0])]["prefill_tok_s"],
             "by_prompt": by_prompt}
