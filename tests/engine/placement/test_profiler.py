@@ -62,3 +62,9 @@ def test_sizes_for_model() -> None:
 
     sizes = ProfileSizes.for_model(resolve_model_config("mixtral-8x7b")[0], host_chunk_rows=1024)
     assert (sizes.hidden, sizes.slice_rows, sizes.gpu_rows) == (4096, 1024, 14336)
+
+
+def test_cpu_time_per_byte_never_falls_as_tokens_grow() -> None:
+    assert profiler.non_decreasing_from_right([3.0, 1.0, 2.0, 5.0]) == [1.0, 1.0, 2.0, 5.0]
+    assert profiler.non_decreasing_from_right([2.02e-11, 1.23e-11, 1.41e-11, 1.31e-11]) == [1.23e-11, 1.23e-11,
+                                                                                          1.31e-11, 1.31e-11]
