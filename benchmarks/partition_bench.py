@@ -191,10 +191,11 @@ def main() -> None:
     llm.generate(prompt_token_ids=[prompts[0]], params=SamplingParams(max_tokens=8, temperature=0.0, ignore_eos=True))
     for policy in args.policies.split(","):
         partition.repartition(build_plan if policy == "adaptive" else policy)
-        result["policies"][policy] = run_policy(llm, prompts, args.new_tokens)
+        name = policy if policy not in result["policies"] else f"{policy} (again)"  # a policy may run twice
+        result["policies"][name] = run_policy(llm, prompts, args.new_tokens)
         if policy == "adaptive":
-            result["policies"][policy]["predicted"] = result["predicted_adaptive"]
-        print(policy, json.dumps(result["policies"][policy]), flush=True)
+            result["policies"][name]["predicted"] = result["predicted_adaptive"]
+        print(name, json.dumps(result["policies"][name]), flush=True)
     sweep = {}
     for share in filter(None, args.sweep.split(",")):
         policy = f"{args.sweep_policy}:cg={share}"
