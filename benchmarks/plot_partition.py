@@ -1,7 +1,8 @@
 """Draws docs/partition_24GiB.svg from a partition_bench.py JSON result: decode and prefill
 tokens/s per policy next to the floor. Plain SVG, no plotting library.
 
-    python benchmarks/plot_partition.py benchmarks/results/2026-11-24_partition_mixtral-8x7b_24GiB_h100.json
+    python benchmarks/plot_partition.py benchmarks/results/2026-11-24_validation_mixtral-8x7b_24GiB_h100_calibration.json \
+        --hf benchmarks/results/2026-11-24_hf_offload_mixtral-8x7b_24GiB_h100.json
 """
 
 from __future__ import annotations
@@ -27,10 +28,15 @@ def _panel(title: str, rows: list[tuple[str, float]], top: int) -> tuple[list[st
     return parts, y + 10
 
 
-def render(result: dict) -> str:
+def render(result: dict, hf: dict | None = None) -> str:
+    """`hf`: an hf_offload_bench.py result for the same model and budget (one more bar per phase)."""
     policies = result["policies"]
     decode = [(name, r["decode_tok_s"]) for name, r in policies.items()]
     prefill = [(name, r["prefill_tok_s"]) for name, r in policies.items()]
+    if hf is not None:
+        first = hf["by_prompt"][min(hf["by_prompt"], key=int)]
+        decode.append(("HF device_map", first["decode_tok_s"]))
+        prefill.append(("HF device_map", first["prefill_tok_s"]))
     decode.append(("floor", result["floor"]["decode_floor_tok_s"]))
     prefill.append(("floor", result["floor"]["prefill_floor_tok_s"]))
     head = f"{result['model']} at {result['budget']}, batch 1, {result['date']} ({result['device']})"
@@ -45,8 +51,10 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("result")
     parser.add_argument("--out", default="docs/partition_24GiB.svg")
+    parser.add_argument("--hf", default=None, help="hf_offload_bench.py JSON of the same model and budget")
     args = parser.parse_args()
-    Path(args.out).write_text(render(json.loads(Path(args.result).read_text())))
+    hf = json.loads(Path(args.hf).read_text()) if args.hf else None
+    Path(args.out).write_text(render(json.loads(Path(args.result).read_text()), hf))
     print(f"wrote {args.out}")
 
 

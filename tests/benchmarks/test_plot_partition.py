@@ -20,3 +20,13 @@ def test_plot_has_a_bar_per_policy_and_the_floor() -> None:
     for name in result["policies"]:
         assert f">{name}</text>" in svg
     assert f"{result['floor']['decode_floor_tok_s']:.1f}" in svg
+
+
+def test_plot_adds_the_hf_baseline_bars() -> None:
+    result = json.loads((ROOT / "benchmarks/results/2026-11-24_partition_mixtral-8x7b_24GiB_h100.json").read_text())
+    hf = {"by_prompt": {"2048": {"decode_tok_s": 0.5, "prefill_tok_s": 9.0},
+                        "512": {"decode_tok_s": 0.25, "prefill_tok_s": 42.5}}}
+    svg = render(result, hf)
+    assert svg.count(">HF device_map</text>") == 2
+    assert ">0.2</text>" in svg or ">0.3</text>" in svg  # the 512-token prompt's numbers, 0.25 printed to .1f
+    assert ">42.5</text>" in svg
