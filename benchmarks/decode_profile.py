@@ -159,6 +159,7 @@ def main() -> None:
     parser.add_argument("--top", type=int, default=35)
     parser.add_argument("--out", default=None)
     parser.add_argument("--trace", default=None, help="write a Chrome trace of the traced decode steps here")
+    parser.add_argument("--cpu-threads", type=int, default=None, help="CPU kernel threads (default: the engine's)")
     parser.add_argument("--spin-us", default="", help="also trace with these CPU-kernel worker spin times (comma list)")
     parser.add_argument("--skip-sdpa", action="store_true")
     parser.add_argument("--skip-cprofile", action="store_true")
@@ -168,7 +169,7 @@ def main() -> None:
                                                     args.prompt_len)
     print("\n".join(lines), flush=True)
     llm = LLM(args.model, device="cuda", random_weights=True, gpu_memory_budget=args.budget, policy=args.policy,
-              kv_cache_tokens=4096, max_num_seqs=8, show_progress=False)
+              kv_cache_tokens=4096, max_num_seqs=8, cpu_threads=args.cpu_threads, show_progress=False)
     lines += trace_decode(llm, args.prompt_len, args.steps, args.trace)
     print("\n".join(lines[-9:]), flush=True)
     for spin in filter(None, args.spin_us.split(",")):

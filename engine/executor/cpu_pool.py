@@ -53,12 +53,16 @@ def _torch_jobs(jobs: list[CpuJob], act: Callable[[torch.Tensor], torch.Tensor])
         job.out.copy_(F.linear(act(gate) * up, job.piece.down))
 
 
-def _kernel_preparer(activation: str) -> Callable[[list[CpuJob]], Callable[[], None]] | None:
-    """engine.cpu_kernels.prepare_slice_jobs for the pool's jobs when the kernels exist, else None."""
+def _kernel_preparer(activation: str, num_threads: int | None) -> Callable[[list[CpuJob]], Callable[[], None]] | None:
+    """engine.cpu_kernels.prepare_slice_jobs for the pool's jobs when the kernels exist, else None.
+    `num_threads` (when given) sizes the kernels' own thread pool; else their default stands
+    (SCHEINFER_CPU_THREADS, or physical cores - 1)."""
     try:
-        from engine.cpu_kernels import SliceJob, prepare_slice_jobs
+        from engine.cpu_kernels import SliceJob, prepare_slice_jobs, set_num_threads
     except ImportError:
         return None
+    if num_threads is not None:
+        set_num_threads(num_threads)
 
     def prepare(jobs: list[CpuJob]) -> Callable[[], None]:
         # the executor builds x and out to the pieces' shapes; the pieces are the model's own
@@ -76,7 +80,7 @@ class CpuPool:
         # the thread driving the GPU could wait that long to get it back.
         sys.setswitchinterval(min(sys.getswitchinterval(), 0.0005))
         self._act = act
-        self._prepare = _kernel_preparer(activation)
+        self._prepare = _kernel_preparer(activation, num_threads)
         # Thread counts are per OS thread in OpenMP: set it in the worker itself.
         self._worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="scheinfer-cpu",
                                           initializer=torch.set_num_threads, initargs=(self.num_threads,))
