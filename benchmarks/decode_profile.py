@@ -13,6 +13,7 @@ import io
 import pstats
 import statistics
 import time
+from contextlib import nullcontext
 
 import torch
 import torch.nn.functional as F
@@ -38,7 +39,7 @@ def sdpa_backends(num_heads: int, num_kv_heads: int, head_dim: int, context: int
             return F.scaled_dot_product_attention(q, k[:, :, :n], v[:, :, :n], scale=head_dim**-0.5, enable_gqa=True)
 
         try:
-            with sdpa_kernel([backend]) if backend is not None else _null():
+            with sdpa_kernel([backend]) if backend is not None else nullcontext():
                 call(context)
                 torch.cuda.synchronize()
                 host, outputs = [], []
@@ -60,14 +61,6 @@ def sdpa_backends(num_heads: int, num_kv_heads: int, head_dim: int, context: int
         lines.append(f"sdpa {name:9} host {statistics.median(host) * 1e6:7.1f} us/call, wall {total / calls * 1e6:7.1f} "
                      f"us/call, equal to default: {same} (max diff {max_diff:.2e})")
     return lines
-
-
-class _null:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return False
 
 
 def profile_decode(llm: LLM, prompt_len: int, steps: int, top: int) -> list[str]:

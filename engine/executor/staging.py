@@ -38,7 +38,6 @@ class StagingRing:
         cuda = accelerator.is_cuda
         self._ready_events = [torch.cuda.Event() if cuda else None for _ in range(num_slots)]
         self._free_events = [torch.cuda.Event() if cuda else None for _ in range(num_slots)]
-        self._slot_used = [False] * num_slots
         self._view_cache: dict[tuple[int, torch.Size, torch.Size], tuple[torch.Tensor, torch.Tensor]] = {}
         self._next = 0
         self._burst_start: Mark = None
@@ -69,8 +68,7 @@ class StagingRing:
         acc = self.accelerator
         buffer = self.buffers[slot]
         gate_up, down = self._views(slot, piece.gate_up.shape, piece.down.shape)
-        if self._slot_used[slot]:
-            acc.wait(acc.copy_stream, self._free_events[slot])
+        acc.wait(acc.copy_stream, self._free_events[slot])  # a never-recorded event does not block
         self.begin_burst()
         ready = self._ready_events[slot]
         with acc.on(acc.copy_stream):
@@ -102,4 +100,3 @@ class StagingRing:
         event = self._free_events[staged.slot]
         if event is not None:
             event.record(self.accelerator.compute_stream)
-        self._slot_used[staged.slot] = True
