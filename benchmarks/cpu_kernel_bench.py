@@ -178,30 +178,51 @@ def bench_model(name: str, pinned: bool, variants_decode: list[str], variants_pr
     return rows
 
 
-def sweep(amx: bool) -> list[dict]:
-    """Tuning knobs of the AMX path on the Mixtral shape (earlier sweeps: docs/CPU_KERNELS.md)."""
-    hidden, n, count = MODELS["mixtral-8x7b"]
-    experts = make_experts(hidden, n, count, pinned=False)
+TUNING_KEYS = ("item_bytes", "prefetch_bytes", "decode_rows", "mid_rows", "next_rows_prefetch", "amx_min_tokens",
+               "amx_rows", "amx_prefill_rows", "amx_pack_min_tiles", "amx_k_block", "amx_prefetch", "spin_us")
+DEFAULT_SWEEP = ("base:", "next_rows:next_rows_prefetch=1", "mid6:mid_rows=6",
+                 "mid6+next:mid_rows=6,next_rows_prefetch=1", "amx_pf:amx_prefetch=1",
+                 "amx_pf+min4:amx_prefetch=1,amx_min_tokens=4", "amx_pf+kb128:amx_prefetch=1,amx_k_block=128",
+                 "kb128:amx_k_block=128")
+
+
+def parse_setting(text: str) -> tuple[str, dict[str, int]]:
+    """'name:key=value,key=value' -> (name, {key: value}); 'name:' is the defaults."""
+    name, _, body = text.partition(":")
+    pairs = [item.split("=") for item in body.split(",") if item]
+    for pair in pairs:
+        if len(pair) != 2 or pair[0] not in TUNING_KEYS:
+            raise SystemExit(f"--setting {text!r}: expected name:key=value,... with keys from {TUNING_KEYS}")
+    return name, {key: int(value) for key, value in pairs}
+
+
+def sweep(models: list[str], settings: list[tuple[str, dict[str, int]]], decode_tokens: list[int],
+          prefill_tokens: list[int], rounds: int = 3) -> list[dict]:
+    """Tuning settings against each other on each model, in alternating rounds (like compare())."""
+    defaults = {key: kernel_runner.get_tuning(key) for key in TUNING_KEYS}
     rows = []
-
-    def measure(tag: str, tokens: int, variant: str = "auto") -> None:
-        jobs_of = layer_calls(experts, tokens)
-        s = run_variant(jobs_of, variant, warmup=count // EXPERTS_PER_CALL, min_reps=8 if tokens <= 8 else 3,
-                        min_s=0.3)
-        rows.append({"sweep": tag, "tokens": tokens, "variant": variant, "seconds": s,
-                     "gbps": call_bytes(experts) / s / 1e9, "tflops": call_flops(experts, tokens) / s / 1e12})
-        print(f"  sweep {tag:28s} t={tokens:<4d} {variant:12s} {rows[-1]['gbps']:7.1f} GB/s "
-              f"{rows[-1]['tflops']:6.2f} TFLOP/s", flush=True)
-
-    if amx:
-        for key, values, token_counts in (("amx_pack_min_tiles", (3, 5, 9), (64, 128)),
-                                          ("amx_k_block", (256, 512), (128, 512))):
-            previous = kernel_runner.get_tuning(key)
-            for value in values:
+    for model in models:
+        hidden, n, count = MODELS[model]
+        experts = make_experts(hidden, n, count, pinned=False)
+        for tokens in [*decode_tokens, *prefill_tokens]:
+            decode = tokens in decode_tokens
+            jobs_of = layer_calls(experts, tokens)
+            per_round: dict[str, list[float]] = {name: [] for name, _ in settings}
+            for r in range(rounds):
+                for name, values in settings:
+                    for key, value in {**defaults, **values}.items():
+                        kernel_runner.set_tuning(key, value)
+                    per_round[name].append(run_variant(jobs_of, "auto", warmup=count // EXPERTS_PER_CALL if r == 0 else 2,
+                                                       min_reps=8 if decode else 2, min_s=0.25 if decode else 0.2))
+            for key, value in defaults.items():
                 kernel_runner.set_tuning(key, value)
-                for tokens in token_counts:
-                    measure(f"{key}={value}", tokens)
-            kernel_runner.set_tuning(key, previous)
+            for name, values in settings:
+                s = statistics.median(per_round[name])
+                rows.append({"sweep": name, "settings": values, "model": model, "tokens": tokens, "seconds": s,
+                             "rounds_s": per_round[name], "gbps": call_bytes(experts) / s / 1e9,
+                             "tflops": call_flops(experts, tokens) / s / 1e12})
+                print(f"  sweep {model:13s} {name:14s} t={tokens:<4d} {rows[-1]['gbps']:7.1f} GB/s "
+                      f"{rows[-1]['tflops']:6.2f} TFLOP/s", flush=True)
     return rows
 
 
@@ -261,7 +282,12 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", default="cpu_kernel_bench.json")
     parser.add_argument("--models", nargs="+", default=list(MODELS))
-    parser.add_argument("--sweep", action="store_true", help="also sweep the tuning knobs")
+    parser.add_argument("--sweep", action="store_true", help="also sweep the tuning knobs (--setting, or a default set)")
+    parser.add_argument("--sweep-only", action="store_true", help="only the sweep (no comparison with torch)")
+    parser.add_argument("--setting", action="append", default=[],
+                        help="a sweep setting 'name:key=value,...' ('name:' = the defaults); repeatable")
+    parser.add_argument("--sweep-decode", default="4,8", help="token counts of the decode sweep")
+    parser.add_argument("--sweep-prefill", default="128,256", help="token counts of the prefill sweep")
     parser.add_argument("--pinned", action="store_true", help="also run decode on pinned (cudaHostAlloc) weights")
     parser.add_argument("--smoke", action="store_true", help="tiny shapes, to check the script itself")
     parser.add_argument("--no-amx", action="store_true", help="never take the AMX path")
@@ -282,11 +308,15 @@ def main() -> None:
     decode_variants = ["auto", "torch"] + [p for p in ("avx512_bf16", "avx2") if p in available[:-1]]
     prefill_variants = ["auto", "torch"] + (["avx512_bf16"] if "amx" in available else [])
     rows: list[dict] = []
-    for name in args.models:
+    for name in [] if args.sweep_only else args.models:
         rows += bench_model(name, False, decode_variants, prefill_variants)
-    if args.pinned and torch.cuda.is_available():
+    if args.pinned and torch.cuda.is_available() and not args.sweep_only:
         rows += bench_model(args.models[0], True, ["auto"], [])
-    sweeps = sweep("amx" in available) if args.sweep else []
+    sweeps = []
+    if args.sweep or args.sweep_only:
+        settings = [parse_setting(text) for text in (args.setting or DEFAULT_SWEEP)]
+        token_list = lambda text: [int(t) for t in text.split(",") if t]
+        sweeps = sweep(args.models, settings, token_list(args.sweep_decode), token_list(args.sweep_prefill))
     result = {
         "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
         "command": "python " + " ".join(sys.argv),
@@ -294,9 +324,7 @@ def main() -> None:
                  "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads()},
         "kernel_info": info,
         "self_check": checks,
-        "tuning": {k: kernel_runner.get_tuning(k) for k in ("item_bytes", "prefetch_bytes", "decode_rows",
-                                                            "amx_min_tokens", "amx_rows", "amx_prefill_rows", "amx_pack_min_tiles",
-                                                            "amx_k_block", "spin_us")},
+        "tuning": {k: kernel_runner.get_tuning(k) for k in TUNING_KEYS},
         "dram": dram,
         "rows": rows,
         "sweeps": sweeps,

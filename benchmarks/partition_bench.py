@@ -153,7 +153,8 @@ def main() -> None:
                         help="sweep manual:cg=F (static kinds) or balanced:cg=F (with token assignment)")
     parser.add_argument("--sweep-tokens", type=int, default=32)
     parser.add_argument("--policies", default="cpu-experts,stream,fiddler",
-                        help="'adaptive' re-applies the build plan when --build-policy is adaptive")
+                        help="'adaptive' re-applies the build plan when --build-policy is adaptive; "
+                             "'adaptive@torch' (or another kernel path) re-profiles the CPU on that path and re-plans")
     parser.add_argument("--build-policy", default="manual:cg=0",
                         help="plan the model is built with (sets the resident share every policy shares)")
     parser.add_argument("--out", default=None)
@@ -191,13 +192,26 @@ def main() -> None:
     # (the first policy measured after a short warm-up ran up to 25% slower than its repeat at the end)
     for prompt, tokens in ((prompts[0], 24), (prompts[-1], 8)):
         llm.generate(prompt_token_ids=[prompt], params=SamplingParams(max_tokens=tokens, temperature=0.0, ignore_eos=True))
+    build_profile = partition.profile
     for policy in args.policies.split(","):
-        partition.repartition(build_plan if policy == "adaptive" else policy)
+        base, _, kernel_path = policy.partition("@")  # adaptive@torch: re-profiled and re-planned on that path
+        os.environ["SCHEINFER_CPU_KERNEL"] = kernel_path or "auto"
+        predicted = result.get("predicted_adaptive")
+        if base == "adaptive" and kernel_path:
+            profile = replanned_profile(llm, build_profile, kernel_path)
+            partition.replan(profile)
+            predicted = _prediction(llm, prompt_lens)
+            result.setdefault("profiles_by_kernel_path", {})[kernel_path] = json.loads(profile.to_json())
+        elif base == "adaptive" and build_profile is not None:
+            partition.replan(build_profile)
+        else:
+            partition.repartition(build_plan if base == "adaptive" else base)
         name = policy if policy not in result["policies"] else f"{policy} (again)"  # a policy may run twice
         result["policies"][name] = run_policy(llm, prompts, args.new_tokens)
-        if policy == "adaptive":
-            result["policies"][name]["predicted"] = result["predicted_adaptive"]
+        if base == "adaptive":
+            result["policies"][name]["predicted"] = predicted
         print(name, json.dumps(result["policies"][name]), flush=True)
+    os.environ["SCHEINFER_CPU_KERNEL"] = "auto"
     sweep = {}
     for share in filter(None, args.sweep.split(",")):
         policy = f"{args.sweep_policy}:cg={share}"
@@ -219,6 +233,21 @@ def main() -> None:
     _save_and_print(args, result, rates, build_s)
     if sweep:
         print(f"best split for decode: {result['best_decode_split']}; for prefill: {result['best_prefill_split']}")
+
+
+def replanned_profile(llm: LLM, build_profile, kernel_path: str):
+    """The build's hardware profile with its CPU readings taken again on `kernel_path` (the
+    environment's SCHEINFER_CPU_KERNEL is already set to it): the planner re-profiled."""
+    from engine.placement.profiler import ProfileSizes, remeasure_cpu
+
+    if build_profile is None:
+        raise SystemExit("adaptive@PATH needs --build-policy adaptive (a profile to re-measure)")
+    partition = llm.engine.partition
+    sizes = ProfileSizes.for_model(llm.engine.model_config, partition.request.host_chunk_rows)
+    profile = remeasure_cpu(build_profile, sizes, source=f"partition_bench: CPU re-measured on {kernel_path}")
+    print(f"re-profiled on {kernel_path}: cpu path {profile.cpu_path}, 1-token CPU "
+          f"{1 / profile.cpu_ffn.s_per_byte[0] / 1e9:.1f} GB/s", flush=True)
+    return profile
 
 
 def _prediction(llm: LLM, prompt_lens: list[int]) -> dict:

@@ -92,6 +92,22 @@ class Partition:
         self.plan, self.memory = plan, memory
         return plan
 
+    def replan(self, profile: HardwareProfile) -> PartitionPlan:
+        """Re-plans adaptively from another hardware profile (for example one measured with another
+        CPU kernel path) over the same resident weights, and dispatches tokens with its rates."""
+        from engine.placement.planner import dispatch_rates, plan_partition
+        from engine.placement.cost_model import WorkloadMix
+
+        plan = plan_partition(self.request.config, profile, self.request, WorkloadMix())
+        moved = [key for key, split in plan.splits.items() if split.gg != self.plan.splits[key].gg]
+        if moved:
+            raise ValueError(f"the new profile changes the resident rows of {len(moved)} units "
+                             "(rebuild the engine to plan with it)")
+        self.repartition(plan)
+        self.executor.rates = DispatchRates(**dispatch_rates(profile))
+        self.profile = profile
+        return plan
+
 
 @dataclass(frozen=True)
 class PartitionOptions:

@@ -402,6 +402,28 @@ def measure_profile(sizes: ProfileSizes | None = None, progress: bool = True, so
         source=source or "measured by engine.placement.profiler", **gpu)
 
 
+def remeasure_cpu(profile: HardwareProfile, sizes: ProfileSizes, source: str) -> HardwareProfile:
+    """`profile` with its CPU readings taken again through the CPU path in force now (after a
+    switch of the CPU kernel path, say) and its PCIe and GPU readings kept. Small enough to run
+    beside a loaded engine under a GPU budget (32 MiB on the GPU for the CPU-with-PCIe reading)."""
+    buffer = torch.empty(cpu_buffer_bytes(sizes) // 2, dtype=torch.bfloat16).fill_(0.01)
+    slices = CpuSlices(sizes, buffer)
+    previous_threads = torch.get_num_threads()
+    torch.set_num_threads(slices.num_threads)
+    try:
+        cpu_ffn = measure_cpu_ffn(sizes, slices, tqdm(disable=True))
+        has_gpu = profile.pcie_h2d_bytes_s is not None and torch.cuda.is_available()
+        job_s = measure_cpu_job_latency_s(slices, has_gpu)
+        gpu = {}
+        if has_gpu:
+            cpu_with_pcie, pcie_with_cpu = measure_cpu_with_pcie(replace(sizes, pcie_bytes=32 * MIB), slices)
+            gpu = {"cpu_with_pcie_bytes_s": cpu_with_pcie, "pcie_with_cpu_bytes_s": pcie_with_cpu}
+    finally:
+        torch.set_num_threads(previous_threads)
+    return replace(profile, cpu_ffn=cpu_ffn, cpu_threads=slices.num_threads, cpu_path=slices.path,
+                   cpu_job_latency_s=job_s, source=source, created=time.strftime("%Y-%m-%dT%H:%M:%S"), **gpu)
+
+
 def load_or_profile(reprofile: bool = False, cache_dir: str | Path | None = None,
                     sizes: ProfileSizes | None = None, progress: bool = True) -> HardwareProfile:
     """This machine's cached profile; measured (and cached) when absent, stale or `reprofile`.

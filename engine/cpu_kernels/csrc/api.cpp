@@ -64,6 +64,41 @@ int g_available = -1;
 
 int64_t clamp64(int64_t v, int64_t lo, int64_t hi) { return std::max(lo, std::min(hi, v)); }
 
+// The knobs settable from Python by name, each with the rule that makes a value valid.
+struct TuningKnob {
+  const char* name;
+  int64_t Tuning::*field;
+  int64_t (*fix)(int64_t);
+};
+
+int64_t at_least_one(int64_t v) { return std::max<int64_t>(1, v); }
+int64_t non_negative(int64_t v) { return std::max<int64_t>(0, v); }
+int64_t as_is(int64_t v) { return v; }
+int64_t amx_row_count(int64_t v) { return clamp64(round_up(v, 32), 32, 1024); }
+int64_t k_block(int64_t v) { return std::max<int64_t>(32, round_up(v, 32)); }
+int64_t flag(int64_t v) { return v != 0 ? 1 : 0; }
+
+const TuningKnob kKnobs[] = {
+    {"item_bytes", &Tuning::item_bytes, at_least_one},
+    {"prefetch_bytes", &Tuning::prefetch_bytes, non_negative},
+    {"decode_rows", &Tuning::decode_rows, as_is},
+    {"mid_rows", &Tuning::mid_rows, as_is},
+    {"next_rows_prefetch", &Tuning::next_rows_prefetch, flag},
+    {"amx_min_tokens", &Tuning::amx_min_tokens, at_least_one},
+    {"amx_rows", &Tuning::amx_rows, amx_row_count},
+    {"amx_prefill_rows", &Tuning::amx_prefill_rows, amx_row_count},
+    {"amx_pack_min_tiles", &Tuning::amx_pack_min_tiles, at_least_one},
+    {"amx_k_block", &Tuning::amx_k_block, k_block},
+    {"amx_prefetch", &Tuning::amx_prefetch, flag},
+    {"spin_us", &Tuning::spin_us, non_negative},
+};
+
+const TuningKnob* find_knob(const char* key) {
+  for (const TuningKnob& knob : kKnobs)
+    if (std::strcmp(knob.name, key) == 0) return &knob;
+  return nullptr;
+}
+
 void ensure_pool(int num_threads) {
   if (g_pool != nullptr && g_pool->size() == num_threads) return;
   delete g_pool;
@@ -236,34 +271,15 @@ int scheinfer_available_paths() { return available_paths(); }
 const char* scheinfer_last_error() { return g_error.c_str(); }
 
 int scheinfer_set_tuning(const char* key, int64_t value) {
-  Tuning& t = tuning();
-  std::string k(key);
-  if (k == "item_bytes") t.item_bytes = std::max<int64_t>(1, value);
-  else if (k == "prefetch_bytes") t.prefetch_bytes = std::max<int64_t>(0, value);
-  else if (k == "decode_rows") t.decode_rows = value;
-  else if (k == "amx_min_tokens") t.amx_min_tokens = std::max<int64_t>(1, value);
-  else if (k == "amx_rows") t.amx_rows = clamp64(round_up(value, 32), 32, 1024);
-  else if (k == "amx_pack_min_tiles") t.amx_pack_min_tiles = std::max<int64_t>(1, value);
-  else if (k == "amx_prefill_rows") t.amx_prefill_rows = clamp64(round_up(value, 32), 32, 1024);
-  else if (k == "amx_k_block") t.amx_k_block = std::max<int64_t>(32, round_up(value, 32));
-  else if (k == "spin_us") t.spin_us = std::max<int64_t>(0, value);
-  else return 1;
+  const TuningKnob* knob = find_knob(key);
+  if (knob == nullptr) return 1;
+  tuning().*(knob->field) = knob->fix(value);
   return 0;
 }
 
 int64_t scheinfer_get_tuning(const char* key) {
-  const Tuning& t = tuning();
-  std::string k(key);
-  if (k == "item_bytes") return t.item_bytes;
-  if (k == "prefetch_bytes") return t.prefetch_bytes;
-  if (k == "decode_rows") return t.decode_rows;
-  if (k == "amx_min_tokens") return t.amx_min_tokens;
-  if (k == "amx_rows") return t.amx_rows;
-  if (k == "amx_prefill_rows") return t.amx_prefill_rows;
-  if (k == "amx_pack_min_tiles") return t.amx_pack_min_tiles;
-  if (k == "amx_k_block") return t.amx_k_block;
-  if (k == "spin_us") return t.spin_us;
-  return -1;
+  const TuningKnob* knob = find_knob(key);
+  return knob == nullptr ? -1 : tuning().*(knob->field);
 }
 
 // descs: num_jobs x 10 int64 (JobDesc). max_path caps the path (3 amx, 2 avx512, 1 avx2).

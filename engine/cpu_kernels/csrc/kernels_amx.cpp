@@ -35,9 +35,16 @@ struct alignas(64) TileConfig {
 // Accumulates into tiles 0..3: C0 += A0 B0, C1 += A0 B1, C2 += A1 B0, C3 += A1 B1 over nk steps of
 // 32 along K. A tiles: 16 rows, row stride a_stride bytes, the next step a_step elements on.
 // B tiles: contiguous 1 KB (tile-major VNNI layout), the next step 256 dwords on. c*: 16 x 16 fp32.
+// next0/next1 (or nullptr): the raw weight rows (row stride next_stride elements) of the A block
+// computed after this one, prefetched into L2 one 32-column step per step (tuning: amx_prefetch).
+inline void prefetch_tile_rows(const bf16_t* rows, int64_t stride) {
+#pragma GCC unroll 16
+  for (int r = 0; r < 16; ++r) _mm_prefetch(reinterpret_cast<const char*>(rows + r * stride), _MM_HINT_T1);
+}
+
 inline void tile_block(const bf16_t* a0, const bf16_t* a1, int64_t a_stride, int64_t a_step, const uint32_t* b0,
                        const uint32_t* b1, int64_t nk, bool two, bool load_c, float* c0, float* c1, float* c2,
-                       float* c3) {
+                       float* c3, const bf16_t* next0, const bf16_t* next1, int64_t next_stride, int64_t next_nk) {
   if (load_c) {
     _tile_loadd(0, c0, 64);
     _tile_loadd(2, c2, 64);
@@ -53,6 +60,10 @@ inline void tile_block(const bf16_t* a0, const bf16_t* a1, int64_t a_stride, int
   }
   if (two) {
     for (int64_t kk = 0; kk < nk; ++kk) {
+      if (next0 != nullptr && kk < next_nk) {
+        prefetch_tile_rows(next0 + 32 * kk, next_stride);
+        prefetch_tile_rows(next1 + 32 * kk, next_stride);
+      }
       _tile_loadd(4, a0 + a_step * kk, a_stride);
       _tile_loadd(6, b0 + 256 * kk, 64);
       _tile_dpbf16ps(0, 4, 6);
@@ -64,6 +75,10 @@ inline void tile_block(const bf16_t* a0, const bf16_t* a1, int64_t a_stride, int
     }
   } else {
     for (int64_t kk = 0; kk < nk; ++kk) {
+      if (next0 != nullptr && kk < next_nk) {
+        prefetch_tile_rows(next0 + 32 * kk, next_stride);
+        prefetch_tile_rows(next1 + 32 * kk, next_stride);
+      }
       _tile_loadd(4, a0 + a_step * kk, a_stride);
       _tile_loadd(6, b0 + 256 * kk, 64);
       _tile_dpbf16ps(0, 4, 6);
@@ -106,12 +121,26 @@ struct ItemGemm {
 
 void run_item_gemm(const ItemGemm& g) {
   const bool packed = g.ntile >= tuning().amx_pack_min_tiles;
+  const bool ahead = tuning().amx_prefetch != 0;
   const int64_t kb_size = tuning().amx_k_block, k_half = g.K / 2;
+  auto block_steps = [&](int64_t kb) { return ((kb + kb_size < g.K ? kb + kb_size : g.K) - kb) / 32; };
   for (int64_t kb = 0; kb < g.K; kb += kb_size) {
-    const int64_t nk = ((kb + kb_size < g.K ? kb + kb_size : g.K) - kb) / 32;
+    const int64_t nk = block_steps(kb);
     for (int64_t blk = 0; blk < g.blocks; ++blk) {
       const bf16_t* a0 = g.tiles[2 * blk] + kb;
       const bf16_t* a1 = g.tiles[2 * blk + 1] + kb;
+      // The A block after this one (next pair of tiles, else the first pair at the next K block).
+      const bf16_t *next0 = nullptr, *next1 = nullptr;
+      int64_t next_nk = 0;
+      if (ahead && blk + 1 < g.blocks) {
+        next0 = g.tiles[2 * blk + 2] + kb;
+        next1 = g.tiles[2 * blk + 3] + kb;
+        next_nk = nk;
+      } else if (ahead && kb + kb_size < g.K) {
+        next0 = g.tiles[0] + kb + kb_size;
+        next1 = g.tiles[1] + kb + kb_size;
+        next_nk = block_steps(kb + kb_size);
+      }
       if (packed) {
         pack_a(a0, g.row_stride, nk, g.panel);
         pack_a(a1, g.row_stride, nk, g.panel + nk * 512);
@@ -124,7 +153,7 @@ void run_item_gemm(const ItemGemm& g) {
         const uint32_t* b0 = g.b + (tt * k_half + kb / 2) * 16;
         tile_block(a0, a1, packed ? 64 : g.row_stride * 2, packed ? 512 : 32, b0, b0 + k_half * 16, nk,
                    tt + 1 < g.ntile, kb > 0, first + tt * 256, first + (tt + 1) * 256, second + tt * 256,
-                   second + (tt + 1) * 256);
+                   second + (tt + 1) * 256, tt == 0 ? next0 : nullptr, next1, g.row_stride, next_nk);
       }
     }
   }

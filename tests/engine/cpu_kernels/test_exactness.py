@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from engine.cpu_kernels import SliceJob, job_path, run_slice_jobs, set_num_threads
-from engine.cpu_kernels.runner import get_tuning, num_threads
+from engine.cpu_kernels.runner import get_tuning, num_threads, set_tuning
 from tests.engine.cpu_kernels.helpers import (
     KERNEL_PATHS,
     force_path,
@@ -88,6 +88,37 @@ def test_thread_count_does_not_change_the_result(monkeypatch: pytest.MonkeyPatch
     for other in results[1:]:
         for a, b in zip(results[0], other, strict=True):
             assert torch.equal(a, b)
+
+
+# Knobs that change how the work is walked (rows per pass, prefetching, K blocking), never the
+# arithmetic of one output element: each must give the default settings' bits exactly.
+WALK_SETTINGS = [{"mid_rows": 6}, {"next_rows_prefetch": 1}, {"amx_prefetch": 1},
+                 {"amx_prefetch": 1, "amx_k_block": 64, "amx_pack_min_tiles": 1}, {"decode_rows": 4}]
+
+
+@pytest.mark.parametrize("path", KERNEL_PATHS)
+@pytest.mark.parametrize("settings", WALK_SETTINGS, ids=lambda s: ",".join(f"{k}={v}" for k, v in s.items()))
+def test_walk_settings_do_not_change_the_result(path: str, settings: dict[str, int],
+                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    force_path(monkeypatch, path)
+    shapes = [(3, 256, 100), (4, 4096, 200), (1, 128, 64), (8, 512, 96), (40, 256, 128), (70, 512, 64)]
+
+    def outputs() -> list[torch.Tensor]:
+        jobs = [make_job(*shape, seed=700 + i, row_pad=5 if i % 2 else 0) for i, shape in enumerate(shapes)]
+        run_slice_jobs(jobs)
+        return [j.out for j in jobs]
+
+    expected = outputs()
+    before = {key: get_tuning(key) for key in settings}
+    try:
+        for key, value in settings.items():
+            set_tuning(key, value)
+        got = outputs()
+    finally:
+        for key, value in before.items():
+            set_tuning(key, value)
+    for shape, a, b in zip(shapes, expected, got, strict=True):
+        assert torch.equal(a, b), shape
 
 
 def test_amx_takes_large_aligned_blocks(monkeypatch: pytest.MonkeyPatch) -> None:

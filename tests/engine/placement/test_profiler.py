@@ -68,3 +68,14 @@ def test_cpu_time_per_byte_never_falls_as_tokens_grow() -> None:
     assert profiler.non_decreasing_from_right([3.0, 1.0, 2.0, 5.0]) == [1.0, 1.0, 2.0, 5.0]
     assert profiler.non_decreasing_from_right([2.02e-11, 1.23e-11, 1.41e-11, 1.31e-11]) == [1.23e-11, 1.23e-11,
                                                                                           1.31e-11, 1.31e-11]
+
+
+def test_remeasure_cpu_takes_the_cpu_path_in_force_and_keeps_the_gpu_readings(monkeypatch) -> None:
+    base = synthetic_profile()  # its GPU readings are synthetic: they must survive untouched
+    monkeypatch.setenv("SCHEINFER_CPU_KERNEL", "torch")
+    again = profiler.remeasure_cpu(base, ProfileSizes.quick(), source="torch path")
+    assert again.cpu_path == "torch" and again.source == "torch path"
+    assert again.cpu_ffn.num_tokens == ProfileSizes.quick().cpu_tokens and again.cpu_ffn != base.cpu_ffn
+    assert all(s > 0 for s in again.cpu_ffn.s_per_byte) and again.cpu_job_latency_s > 0
+    assert (again.gpu_ffn, again.pcie_h2d_bytes_s, again.fingerprint) == (base.gpu_ffn, base.pcie_h2d_bytes_s,
+                                                                          base.fingerprint)
