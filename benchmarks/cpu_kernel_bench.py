@@ -196,6 +196,10 @@ def parse_setting(text: str) -> tuple[str, dict[str, int]]:
     return name, {key: int(value) for key, value in pairs}
 
 
+def _token_list(text: str) -> list[int]:
+    return [int(t) for t in text.split(",") if t]
+
+
 def sweep(models: list[str], settings: list[tuple[str, dict[str, int]]], decode_tokens: list[int],
           prefill_tokens: list[int], rounds: int = 3) -> list[dict]:
     """Tuning settings against each other on each model, in alternating rounds (like compare())."""
@@ -315,8 +319,7 @@ def main() -> None:
     sweeps = []
     if args.sweep or args.sweep_only:
         settings = [parse_setting(text) for text in (args.setting or DEFAULT_SWEEP)]
-        token_list = lambda text: [int(t) for t in text.split(",") if t]
-        sweeps = sweep(args.models, settings, token_list(args.sweep_decode), token_list(args.sweep_prefill))
+        sweeps = sweep(args.models, settings, _token_list(args.sweep_decode), _token_list(args.sweep_prefill))
     result = {
         "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
         "command": "python " + " ".join(sys.argv),

@@ -95,8 +95,8 @@ class Partition:
     def replan(self, profile: HardwareProfile) -> PartitionPlan:
         """Re-plans adaptively from another hardware profile (for example one measured with another
         CPU kernel path) over the same resident weights, and dispatches tokens with its rates."""
-        from engine.placement.planner import dispatch_rates, plan_partition
         from engine.placement.cost_model import WorkloadMix
+        from engine.placement.planner import dispatch_rates, plan_partition
 
         plan = plan_partition(self.request.config, profile, self.request, WorkloadMix())
         moved = [key for key, split in plan.splits.items() if split.gg != self.plan.splits[key].gg]
