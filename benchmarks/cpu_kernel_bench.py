@@ -178,12 +178,10 @@ def bench_model(name: str, pinned: bool, variants_decode: list[str], variants_pr
     return rows
 
 
-TUNING_KEYS = ("item_bytes", "prefetch_bytes", "decode_rows", "mid_rows", "next_rows_prefetch", "amx_min_tokens",
-               "amx_rows", "amx_prefill_rows", "amx_pack_min_tiles", "amx_k_block", "amx_prefetch", "spin_us")
-DEFAULT_SWEEP = ("base:", "next_rows:next_rows_prefetch=1", "mid6:mid_rows=6",
-                 "mid6+next:mid_rows=6,next_rows_prefetch=1", "amx_pf:amx_prefetch=1",
-                 "amx_pf+min4:amx_prefetch=1,amx_min_tokens=4", "amx_pf+kb128:amx_prefetch=1,amx_k_block=128",
-                 "kb128:amx_k_block=128")
+TUNING_KEYS = ("item_bytes", "prefetch_bytes", "decode_rows", "amx_min_tokens", "amx_rows", "amx_prefill_rows",
+               "amx_pack_min_tiles", "amx_k_block", "amx_prefetch", "amx_items_per_thread", "spin_us")
+DEFAULT_SWEEP = ("base:", "no_prefetch:amx_prefetch=0", "rows128:amx_prefill_rows=128",
+                 "rows256:amx_prefill_rows=256", "rows256+items4:amx_prefill_rows=256,amx_items_per_thread=4")
 
 
 def parse_setting(text: str) -> tuple[str, dict[str, int]]:

@@ -82,14 +82,13 @@ const TuningKnob kKnobs[] = {
     {"item_bytes", &Tuning::item_bytes, at_least_one},
     {"prefetch_bytes", &Tuning::prefetch_bytes, non_negative},
     {"decode_rows", &Tuning::decode_rows, as_is},
-    {"mid_rows", &Tuning::mid_rows, as_is},
-    {"next_rows_prefetch", &Tuning::next_rows_prefetch, flag},
     {"amx_min_tokens", &Tuning::amx_min_tokens, at_least_one},
     {"amx_rows", &Tuning::amx_rows, amx_row_count},
     {"amx_prefill_rows", &Tuning::amx_prefill_rows, amx_row_count},
     {"amx_pack_min_tiles", &Tuning::amx_pack_min_tiles, at_least_one},
     {"amx_k_block", &Tuning::amx_k_block, k_block},
     {"amx_prefetch", &Tuning::amx_prefetch, flag},
+    {"amx_items_per_thread", &Tuning::amx_items_per_thread, at_least_one},
     {"spin_us", &Tuning::spin_us, non_negative},
 };
 
@@ -172,8 +171,8 @@ size_t plan_scratch(std::vector<Job>& jobs) {
 int64_t plan_items(const std::vector<Job>& jobs, int num_threads, std::vector<Item>& pack, std::vector<Item>& p1,
                    std::vector<Item>& p2) {
   int64_t scratch_need = 0;
-  // AMX items are heavy: shrink them until every thread gets about 8 per phase.
-  const int64_t target_items = 8 * static_cast<int64_t>(num_threads);
+  // AMX items are heavy: shrink them until every thread gets about amx_items_per_thread per phase.
+  const int64_t target_items = tuning().amx_items_per_thread * static_cast<int64_t>(num_threads);
   const int64_t num_jobs = static_cast<int64_t>(jobs.size());
   const Tuning& t = tuning();
   for (int32_t i = 0; i < static_cast<int32_t>(jobs.size()); ++i) {

@@ -16,11 +16,9 @@ namespace {
 constexpr int kMaxTokenBlock = 8;
 
 // res[t * res_stride + r] = dot(w[r * ws : + K], v[t * vs : + K]) for r < R, t < TB.
-// `next` (or nullptr): the first of the R rows that follow, prefetched into L2 alongside the current
-// rows, so that each thread keeps 2R weight streams in flight (tuning: next_rows_prefetch).
 template <int R, int TB, bool PF>
 inline void dot_block(const bf16_t* w, int64_t ws, const bf16_t* v, int64_t vs, int64_t K, int64_t pf,
-                      const bf16_t* next, float* res, int64_t res_stride) {
+                      float* res, int64_t res_stride) {
   __m512 acc[R][TB];
 #pragma GCC unroll 32
   for (int i = 0; i < R * TB; ++i) acc[i / TB][i % TB] = _mm512_setzero_ps();
@@ -33,10 +31,6 @@ inline void dot_block(const bf16_t* w, int64_t ws, const bf16_t* v, int64_t vs, 
 #pragma GCC unroll 8
       for (int r = 0; r < R; ++r)
         _mm_prefetch(reinterpret_cast<const char*>(w + r * ws + k) + pf, _MM_HINT_T0);
-    }
-    if (next != nullptr) {
-#pragma GCC unroll 8
-      for (int r = 0; r < R; ++r) _mm_prefetch(reinterpret_cast<const char*>(next + r * ws + k), _MM_HINT_T1);
     }
 #pragma GCC unroll 8
     for (int t = 0; t < TB; ++t) {
@@ -70,13 +64,9 @@ constexpr int rows_for() {
 template <int R, int TB, bool PF>
 void dot_rows_r(const bf16_t* w, int64_t ws, int64_t rows, const bf16_t* v, int64_t vs, int64_t K,
                 int64_t pf, float* res, int64_t res_stride) {
-  const bool ahead = tuning().next_rows_prefetch != 0;
   int64_t r = 0;
-  for (; r + R <= rows; r += R) {
-    const bf16_t* next = ahead && r + 2 * R <= rows ? w + (r + R) * ws : nullptr;
-    dot_block<R, TB, PF>(w + r * ws, ws, v, vs, K, pf, next, res + r, res_stride);
-  }
-  for (; r < rows; ++r) dot_block<1, TB, PF>(w + r * ws, ws, v, vs, K, pf, nullptr, res + r, res_stride);
+  for (; r + R <= rows; r += R) dot_block<R, TB, PF>(w + r * ws, ws, v, vs, K, pf, res + r, res_stride);
+  for (; r < rows; ++r) dot_block<1, TB, PF>(w + r * ws, ws, v, vs, K, pf, res + r, res_stride);
 }
 
 template <int TB, bool PF>
@@ -90,7 +80,6 @@ void dot_rows_tb(const bf16_t* w, int64_t ws, int64_t rows, const bf16_t* v, int
       default: break;
     }
   }
-  if ((TB == 3 || TB == 4) && tuning().mid_rows == 6) return dot_rows_r<6, TB, PF>(w, ws, rows, v, vs, K, pf, res, res_stride);
   dot_rows_r<rows_for<TB>(), TB, PF>(w, ws, rows, v, vs, K, pf, res, res_stride);
 }
 

@@ -47,14 +47,13 @@ struct Tuning {
   int64_t item_bytes = 256 << 10;  // weight bytes per work item (avx2/avx512 paths)
   int64_t prefetch_bytes = 1024;   // software prefetch distance in the weight streams (0: off)
   int64_t decode_rows = 8;         // rows per avx512 micro-kernel pass at one token: 1, 2, 4 or 8
-  int64_t mid_rows = 4;            // rows per avx512 pass at 3-4 tokens: 4 or 6
-  int64_t next_rows_prefetch = 0;  // avx512: prefetch the next block of rows into L2 (0/1)
-  int64_t amx_prefetch = 0;        // amx: prefetch the next A block into L2 while computing (0/1)
-  int64_t amx_min_tokens = 6;      // jobs with fewer tokens use avx512
+  int64_t amx_prefetch = 1;        // amx: prefetch the next A block into L2 while computing (0/1)
+  int64_t amx_min_tokens = 4;      // jobs with fewer tokens use avx512
   int64_t amx_rows = 64;           // weight rows per amx work item, up to 64 tokens (multiple of 32)
   int64_t amx_prefill_rows = 64;   // weight rows per amx work item, more tokens (multiple of 32)
   int64_t amx_pack_min_tiles = 5;  // copy A blocks into a panel from this many 16-token tiles on
   int64_t amx_k_block = 256;       // amx K blocking (multiple of 32)
+  int64_t amx_items_per_thread = 8;  // amx items shrink until each thread gets about this many per phase
   int64_t spin_us = 300;           // idle workers spin this long before sleeping
 };
 Tuning& tuning();

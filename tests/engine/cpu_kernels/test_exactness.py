@@ -92,8 +92,9 @@ def test_thread_count_does_not_change_the_result(monkeypatch: pytest.MonkeyPatch
 
 # Knobs that change how the work is walked (rows per pass, prefetching, K blocking), never the
 # arithmetic of one output element: each must give the default settings' bits exactly.
-WALK_SETTINGS = [{"mid_rows": 6}, {"next_rows_prefetch": 1}, {"amx_prefetch": 1},
-                 {"amx_prefetch": 1, "amx_k_block": 64, "amx_pack_min_tiles": 1}, {"decode_rows": 4}]
+WALK_SETTINGS = [{"amx_prefetch": 0}, {"amx_prefetch": 1, "amx_k_block": 64, "amx_pack_min_tiles": 1},
+                 {"amx_prefill_rows": 256, "amx_rows": 128, "amx_items_per_thread": 1}, {"decode_rows": 4},
+                 {"item_bytes": 4096}]
 
 
 @pytest.mark.parametrize("path", KERNEL_PATHS)
