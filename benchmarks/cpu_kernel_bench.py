@@ -179,7 +179,7 @@ def bench_model(name: str, pinned: bool, variants_decode: list[str], variants_pr
 
 
 TUNING_KEYS = ("item_bytes", "prefetch_bytes", "decode_rows", "amx_min_tokens", "amx_rows", "amx_prefill_rows",
-               "amx_pack_min_tiles", "amx_k_block", "amx_prefetch", "amx_items_per_thread", "spin_us")
+               "amx_pack_min_tiles", "amx_k_block", "amx_prefetch", "amx_double_buffer", "amx_items_per_thread", "spin_us")
 DEFAULT_SWEEP = ("base:", "no_prefetch:amx_prefetch=0", "rows128:amx_prefill_rows=128",
                  "rows256:amx_prefill_rows=256", "rows256+items4:amx_prefill_rows=256,amx_items_per_thread=4")
 
@@ -288,6 +288,7 @@ def main() -> None:
     parser.add_argument("--sweep-only", action="store_true", help="only the sweep (no comparison with torch)")
     parser.add_argument("--setting", action="append", default=[],
                         help="a sweep setting 'name:key=value,...' ('name:' = the defaults); repeatable")
+    parser.add_argument("--tune", default="", help="tuning for the main comparison: key=value,... (see TUNING_KEYS)")
     parser.add_argument("--sweep-decode", default="4,8", help="token counts of the decode sweep")
     parser.add_argument("--sweep-prefill", default="128,256", help="token counts of the prefill sweep")
     parser.add_argument("--pinned", action="store_true", help="also run decode on pinned (cudaHostAlloc) weights")
@@ -305,6 +306,8 @@ def main() -> None:
     available = [p for p in kernel_runner.available_paths() if checks[p].startswith("ok")]
     if args.no_amx and "amx" in available:
         available.remove("amx")
+    for key, value in parse_setting("tune:" + args.tune)[1].items():
+        kernel_runner.set_tuning(key, value)
     dram = measure_dram(kernel_runner.num_threads())
     print(f"DRAM read bandwidth: {json.dumps(dram)}", flush=True)
     decode_variants = ["auto", "torch"] + [p for p in ("avx512_bf16", "avx2") if p in available[:-1]]
