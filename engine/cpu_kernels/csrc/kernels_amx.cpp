@@ -94,45 +94,6 @@ inline void tile_block(const bf16_t* a0, const bf16_t* a1, int64_t a_stride, int
   }
 }
 
-// The same product as tile_block for ONE token tile (b), with the two A tiles and the B tile
-// double-buffered (tiles 2-3 and 6, then 4-5 and 7): the loads of step kk + 1 are issued before
-// the multiplies of step kk, so a tile load never waits for a multiply that still reads its
-// register. C0 = tile 0 (rows of a0), C1 = tile 1 (rows of a1). Tuning: amx_double_buffer.
-inline void tile_block_db(const bf16_t* a0, const bf16_t* a1, int64_t a_stride, int64_t a_step, const uint32_t* b,
-                          int64_t nk, bool load_c, float* c0, float* c1) {
-  if (load_c) {
-    _tile_loadd(0, c0, 64);
-    _tile_loadd(1, c1, 64);
-  } else {
-    _tile_zero(0);
-    _tile_zero(1);
-  }
-  _tile_loadd(2, a0, a_stride);
-  _tile_loadd(3, a1, a_stride);
-  _tile_loadd(6, b, 64);
-  int64_t kk = 0;
-  for (; kk + 2 <= nk; kk += 2) {
-    _tile_loadd(4, a0 + a_step * (kk + 1), a_stride);
-    _tile_loadd(5, a1 + a_step * (kk + 1), a_stride);
-    _tile_loadd(7, b + 256 * (kk + 1), 64);
-    _tile_dpbf16ps(0, 2, 6);
-    _tile_dpbf16ps(1, 3, 6);
-    if (kk + 2 < nk) {
-      _tile_loadd(2, a0 + a_step * (kk + 2), a_stride);
-      _tile_loadd(3, a1 + a_step * (kk + 2), a_stride);
-      _tile_loadd(6, b + 256 * (kk + 2), 64);
-    }
-    _tile_dpbf16ps(0, 4, 7);
-    _tile_dpbf16ps(1, 5, 7);
-  }
-  if (kk < nk) {  // odd nk: the last step sits in tiles 2, 3, 6
-    _tile_dpbf16ps(0, 2, 6);
-    _tile_dpbf16ps(1, 3, 6);
-  }
-  _tile_stored(0, c0, 64);
-  _tile_stored(1, c1, 64);
-}
-
 // Copies 16 rows x 32 nk columns (row stride `stride` elements) into nk contiguous 1 KB tiles, so
 // that tile loads reused across token tiles hit L1 (rows of power-of-two stride share one L1 set).
 inline void pack_a(const bf16_t* src, int64_t stride, int64_t nk, bf16_t* dst) {
@@ -161,7 +122,6 @@ struct ItemGemm {
 void run_item_gemm(const ItemGemm& g) {
   const bool packed = g.ntile >= tuning().amx_pack_min_tiles;
   const bool ahead = tuning().amx_prefetch != 0;
-  const bool double_buffer = tuning().amx_double_buffer != 0;
   const int64_t kb_size = tuning().amx_k_block, k_half = g.K / 2;
   auto block_steps = [&](int64_t kb) { return ((kb + kb_size < g.K ? kb + kb_size : g.K) - kb) / 32; };
   for (int64_t kb = 0; kb < g.K; kb += kb_size) {
@@ -189,18 +149,6 @@ void run_item_gemm(const ItemGemm& g) {
       }
       float* first = g.acc + (blk * 2) * g.ntile * 256;
       float* second = first + g.ntile * 256;
-      if (packed && double_buffer) {
-        if (next0 != nullptr) {  // no prefetch inside the double-buffered loop: all of it up front
-          for (int64_t kk = 0; kk < next_nk; ++kk) {
-            prefetch_tile_rows(next0 + 32 * kk, g.row_stride);
-            prefetch_tile_rows(next1 + 32 * kk, g.row_stride);
-          }
-        }
-        for (int64_t tt = 0; tt < g.ntile; ++tt)
-          tile_block_db(a0, a1, 64, 512, g.b + (tt * k_half + kb / 2) * 16, nk, kb > 0, first + tt * 256,
-                        second + tt * 256);
-        continue;
-      }
       for (int64_t tt = 0; tt < g.ntile; tt += 2) {
         const uint32_t* b0 = g.b + (tt * k_half + kb / 2) * 16;
         tile_block(a0, a1, packed ? 64 : g.row_stride * 2, packed ? 512 : 32, b0, b0 + k_half * 16, nk,

@@ -94,8 +94,7 @@ def test_thread_count_does_not_change_the_result(monkeypatch: pytest.MonkeyPatch
 # arithmetic of one output element: each must give the default settings' bits exactly.
 WALK_SETTINGS = [{"amx_prefetch": 0}, {"amx_prefetch": 1, "amx_k_block": 64, "amx_pack_min_tiles": 1},
                  {"amx_prefill_rows": 256, "amx_rows": 128, "amx_items_per_thread": 1}, {"decode_rows": 4},
-                 {"item_bytes": 4096}, {"amx_double_buffer": 1, "amx_pack_min_tiles": 1},
-                 {"amx_double_buffer": 1, "amx_k_block": 96}]
+                 {"item_bytes": 4096}]
 
 
 @pytest.mark.parametrize("path", KERNEL_PATHS)
