@@ -154,7 +154,8 @@ def main() -> None:
     parser.add_argument("--sweep-tokens", type=int, default=32)
     parser.add_argument("--policies", default="cpu-experts,stream,fiddler",
                         help="'adaptive' re-applies the build plan when --build-policy is adaptive; "
-                             "'adaptive@torch' (or another kernel path) re-profiles the CPU on that path and re-plans")
+                             "'adaptive@torch' (or another kernel path) re-profiles the CPU on that path and re-plans; "
+                             "a '#N' suffix runs the CPU kernels with N threads")
     parser.add_argument("--build-policy", default="manual:cg=0",
                         help="plan the model is built with (sets the resident share every policy shares)")
     parser.add_argument("--out", default=None)
@@ -193,9 +194,12 @@ def main() -> None:
     for prompt, tokens in ((prompts[0], 24), (prompts[-1], 8)):
         llm.generate(prompt_token_ids=[prompt], params=SamplingParams(max_tokens=tokens, temperature=0.0, ignore_eos=True))
     build_profile = partition.profile
+    user_threads = os.environ.get("SCHEINFER_CPU_THREADS")
     for policy in args.policies.split(","):
-        base, _, kernel_path = policy.partition("@")  # adaptive@torch: re-profiled and re-planned on that path
+        spec, _, threads = policy.partition("#")  # stream#12: the CPU kernels' pool at 12 threads
+        base, _, kernel_path = spec.partition("@")  # adaptive@torch: re-profiled and re-planned on that path
         os.environ["SCHEINFER_CPU_KERNEL"] = kernel_path or "auto"
+        _set_env("SCHEINFER_CPU_THREADS", threads or user_threads)
         predicted = result.get("predicted_adaptive")
         if base == "adaptive" and kernel_path:
             profile = replanned_profile(llm, build_profile, kernel_path)
@@ -212,6 +216,7 @@ def main() -> None:
             result["policies"][name]["predicted"] = predicted
         print(name, json.dumps(result["policies"][name]), flush=True)
     os.environ["SCHEINFER_CPU_KERNEL"] = "auto"
+    _set_env("SCHEINFER_CPU_THREADS", user_threads)
     sweep = {}
     for share in filter(None, args.sweep.split(",")):
         policy = f"{args.sweep_policy}:cg={share}"
@@ -233,6 +238,13 @@ def main() -> None:
     _save_and_print(args, result, rates, build_s)
     if sweep:
         print(f"best split for decode: {result['best_decode_split']}; for prefill: {result['best_prefill_split']}")
+
+
+def _set_env(name: str, value: str | None) -> None:
+    if value:
+        os.environ[name] = value
+    else:
+        os.environ.pop(name, None)
 
 
 def replanned_profile(llm: LLM, build_profile, kernel_path: str):

@@ -8,7 +8,6 @@ All CC pieces of one layer are handed over as one job. The math runs in the opti
 from __future__ import annotations
 
 import logging
-import os
 import sys
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -17,6 +16,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from engine.cpu_kernels.cpu_info import default_num_threads
 from engine.executor.accelerator import now_s
 from engine.executor.timeline import StepTimeline
 from engine.model.ffn import UnitSlice
@@ -41,10 +41,6 @@ class CpuBatch:
     out: torch.Tensor  # [num_rows, hidden] fp32 host
     dest: torch.Tensor  # [num_rows] int64 host
 
-
-def default_cpu_threads() -> int:
-    """All cores but one: the thread that drives the GPU keeps a core of its own."""
-    return max(1, (os.cpu_count() or 2) - 1)
 
 
 def _torch_jobs(jobs: list[CpuJob], act: Callable[[torch.Tensor], torch.Tensor]) -> None:
@@ -75,7 +71,7 @@ def _kernel_preparer(activation: str, num_threads: int | None) -> Callable[[list
 class CpuPool:
     def __init__(self, act: Callable[[torch.Tensor], torch.Tensor], activation: str,
                  num_threads: int | None = None) -> None:
-        self.num_threads = num_threads or default_cpu_threads()
+        self.num_threads = num_threads or default_num_threads()
         # The worker holds the GIL only briefly per layer, but with the default 5 ms switch interval
         # the thread driving the GPU could wait that long to get it back.
         sys.setswitchinterval(min(sys.getswitchinterval(), 0.0005))

@@ -77,7 +77,7 @@ Job = tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]  # x, gate_u
 
 def _cpu_path() -> tuple[str, int, Callable[[list[Job]], None]]:
     """(path name, threads, run): the CPU path the executor's CPU pool uses for bf16 silu slices."""
-    from engine.executor.cpu_pool import default_cpu_threads
+    from engine.cpu_kernels.cpu_info import default_num_threads
 
     try:
         from engine.cpu_kernels import SliceJob, kernel_info, run_slice_jobs
@@ -96,7 +96,7 @@ def _cpu_path() -> tuple[str, int, Callable[[list[Job]], None]]:
             gate, up = F.linear(x, gate_up).chunk(2, dim=-1)
             out.copy_(F.linear(F.silu(gate) * up, down))
 
-    return "torch", default_cpu_threads(), run_torch
+    return "torch", default_num_threads(), run_torch
 
 
 def llc_bytes() -> int:
