@@ -42,9 +42,23 @@ inline void prefetch_tile_rows(const bf16_t* rows, int64_t stride) {
   for (int r = 0; r < 16; ++r) _mm_prefetch(reinterpret_cast<const char*>(rows + r * stride), _MM_HINT_T1);
 }
 
+// The A block computed after the current one: two 16-row tiles of raw weight rows, `steps` steps
+// of 32 columns. rows0 == nullptr: nothing to prefetch.
+struct NextBlock {
+  const bf16_t* rows0 = nullptr;
+  const bf16_t* rows1 = nullptr;
+  int64_t stride = 0, steps = 0;
+
+  void prefetch_step(int64_t kk) const {
+    if (rows0 == nullptr || kk >= steps) return;
+    prefetch_tile_rows(rows0 + 32 * kk, stride);
+    prefetch_tile_rows(rows1 + 32 * kk, stride);
+  }
+};
+
 inline void tile_block(const bf16_t* a0, const bf16_t* a1, int64_t a_stride, int64_t a_step, const uint32_t* b0,
                        const uint32_t* b1, int64_t nk, bool two, bool load_c, float* c0, float* c1, float* c2,
-                       float* c3, const bf16_t* next0, const bf16_t* next1, int64_t next_stride, int64_t next_nk) {
+                       float* c3, const NextBlock& next) {
   if (load_c) {
     _tile_loadd(0, c0, 64);
     _tile_loadd(2, c2, 64);
@@ -60,10 +74,7 @@ inline void tile_block(const bf16_t* a0, const bf16_t* a1, int64_t a_stride, int
   }
   if (two) {
     for (int64_t kk = 0; kk < nk; ++kk) {
-      if (next0 != nullptr && kk < next_nk) {
-        prefetch_tile_rows(next0 + 32 * kk, next_stride);
-        prefetch_tile_rows(next1 + 32 * kk, next_stride);
-      }
+      next.prefetch_step(kk);
       _tile_loadd(4, a0 + a_step * kk, a_stride);
       _tile_loadd(6, b0 + 256 * kk, 64);
       _tile_dpbf16ps(0, 4, 6);
@@ -75,10 +86,7 @@ inline void tile_block(const bf16_t* a0, const bf16_t* a1, int64_t a_stride, int
     }
   } else {
     for (int64_t kk = 0; kk < nk; ++kk) {
-      if (next0 != nullptr && kk < next_nk) {
-        prefetch_tile_rows(next0 + 32 * kk, next_stride);
-        prefetch_tile_rows(next1 + 32 * kk, next_stride);
-      }
+      next.prefetch_step(kk);
       _tile_loadd(4, a0 + a_step * kk, a_stride);
       _tile_loadd(6, b0 + 256 * kk, 64);
       _tile_dpbf16ps(0, 4, 6);
@@ -130,17 +138,11 @@ void run_item_gemm(const ItemGemm& g) {
       const bf16_t* a0 = g.tiles[2 * blk] + kb;
       const bf16_t* a1 = g.tiles[2 * blk + 1] + kb;
       // The A block after this one (next pair of tiles, else the first pair at the next K block).
-      const bf16_t *next0 = nullptr, *next1 = nullptr;
-      int64_t next_nk = 0;
-      if (ahead && blk + 1 < g.blocks) {
-        next0 = g.tiles[2 * blk + 2] + kb;
-        next1 = g.tiles[2 * blk + 3] + kb;
-        next_nk = nk;
-      } else if (ahead && kb + kb_size < g.K) {
-        next0 = g.tiles[0] + kb + kb_size;
-        next1 = g.tiles[1] + kb + kb_size;
-        next_nk = block_steps(kb + kb_size);
-      }
+      NextBlock next;
+      if (ahead && blk + 1 < g.blocks)
+        next = {g.tiles[2 * blk + 2] + kb, g.tiles[2 * blk + 3] + kb, g.row_stride, nk};
+      else if (ahead && kb + kb_size < g.K)
+        next = {g.tiles[0] + kb + kb_size, g.tiles[1] + kb + kb_size, g.row_stride, block_steps(kb + kb_size)};
       if (packed) {
         pack_a(a0, g.row_stride, nk, g.panel);
         pack_a(a1, g.row_stride, nk, g.panel + nk * 512);
@@ -153,7 +155,7 @@ void run_item_gemm(const ItemGemm& g) {
         const uint32_t* b0 = g.b + (tt * k_half + kb / 2) * 16;
         tile_block(a0, a1, packed ? 64 : g.row_stride * 2, packed ? 512 : 32, b0, b0 + k_half * 16, nk,
                    tt + 1 < g.ntile, kb > 0, first + tt * 256, first + (tt + 1) * 256, second + tt * 256,
-                   second + (tt + 1) * 256, tt == 0 ? next0 : nullptr, next1, g.row_stride, next_nk);
+                   second + (tt + 1) * 256, tt == 0 ? next : NextBlock{});
       }
     }
   }
