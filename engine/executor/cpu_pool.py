@@ -42,7 +42,6 @@ class CpuBatch:
     dest: torch.Tensor  # [num_rows] int64 host
 
 
-
 def _torch_jobs(jobs: list[CpuJob], act: Callable[[torch.Tensor], torch.Tensor]) -> None:
     for job in jobs:
         gate, up = F.linear(job.x, job.piece.gate_up).chunk(2, dim=-1)
