@@ -179,7 +179,8 @@ def bench_model(name: str, pinned: bool, variants_decode: list[str], variants_pr
 
 
 TUNING_KEYS = ("item_bytes", "prefetch_bytes", "decode_rows", "amx_min_tokens", "amx_rows", "amx_prefill_rows",
-               "amx_pack_min_tiles", "amx_k_block", "amx_prefetch", "amx_items_per_thread", "spin_us")
+               "amx_pack_min_tiles", "amx_k_block", "amx_prefetch", "amx_b_prefetch", "amx_items_per_thread", "spin_us")
+SETTING_KEYS = (*TUNING_KEYS, "threads")  # threads: the kernels' pool size for that setting
 DEFAULT_SWEEP = ("base:", "no_prefetch:amx_prefetch=0", "rows128:amx_prefill_rows=128",
                  "rows256:amx_prefill_rows=256", "rows256+items4:amx_prefill_rows=256,amx_items_per_thread=4")
 
@@ -189,8 +190,8 @@ def parse_setting(text: str) -> tuple[str, dict[str, int]]:
     name, _, body = text.partition(":")
     pairs = [item.split("=") for item in body.split(",") if item]
     for pair in pairs:
-        if len(pair) != 2 or pair[0] not in TUNING_KEYS:
-            raise SystemExit(f"--setting {text!r}: expected name:key=value,... with keys from {TUNING_KEYS}")
+        if len(pair) != 2 or pair[0] not in SETTING_KEYS:
+            raise SystemExit(f"--setting {text!r}: expected name:key=value,... with keys from {SETTING_KEYS}")
     return name, {key: int(value) for key, value in pairs}
 
 
@@ -202,6 +203,14 @@ def sweep(models: list[str], settings: list[tuple[str, dict[str, int]]], decode_
           prefill_tokens: list[int], rounds: int = 3) -> list[dict]:
     """Tuning settings against each other on each model, in alternating rounds (like compare())."""
     defaults = {key: kernel_runner.get_tuning(key) for key in TUNING_KEYS}
+    default_threads = kernel_runner.num_threads()
+
+    def apply(values: dict[str, int]) -> None:
+        for key, value in {**defaults, **values}.items():
+            if key != "threads":
+                kernel_runner.set_tuning(key, value)
+        kernel_runner.set_num_threads(values.get("threads", default_threads))
+
     rows = []
     for model in models:
         hidden, n, count = MODELS[model]
@@ -210,22 +219,31 @@ def sweep(models: list[str], settings: list[tuple[str, dict[str, int]]], decode_
             decode = tokens in decode_tokens
             jobs_of = layer_calls(experts, tokens)
             per_round: dict[str, list[float]] = {name: [] for name, _ in settings}
+            phases: dict[str, dict[str, float]] = {}
             for r in range(rounds):
                 for name, values in settings:
-                    for key, value in {**defaults, **values}.items():
-                        kernel_runner.set_tuning(key, value)
+                    apply(values)
+                    kernel_runner.phase_seconds(reset=True)
                     per_round[name].append(run_variant(jobs_of, "auto", warmup=count // EXPERTS_PER_CALL if r == 0 else 2,
                                                        min_reps=8 if decode else 2, min_s=0.25 if decode else 0.2))
-            for key, value in defaults.items():
-                kernel_runner.set_tuning(key, value)
+                    phases[name] = kernel_runner.phase_seconds(reset=True)
+            apply({})
             for name, values in settings:
                 s = statistics.median(per_round[name])
+                share = phase_shares(phases[name])
                 rows.append({"sweep": name, "settings": values, "model": model, "tokens": tokens, "seconds": s,
                              "rounds_s": per_round[name], "gbps": call_bytes(experts) / s / 1e9,
-                             "tflops": call_flops(experts, tokens) / s / 1e12})
+                             "tflops": call_flops(experts, tokens) / s / 1e12, "phase_share": share})
                 print(f"  sweep {model:13s} {name:14s} t={tokens:<4d} {rows[-1]['gbps']:7.1f} GB/s "
-                      f"{rows[-1]['tflops']:6.2f} TFLOP/s", flush=True)
+                      f"{rows[-1]['tflops']:6.2f} TFLOP/s  phases " +
+                      " ".join(f"{k} {v:.0%}" for k, v in share.items()), flush=True)
     return rows
+
+
+def phase_shares(seconds: dict[str, float]) -> dict[str, float]:
+    """Share of the kernel calls' time in each phase (pack, gate_up, down), from phase_seconds()."""
+    total = sum(v for k, v in seconds.items() if k != "calls")
+    return {k: v / total for k, v in seconds.items() if k != "calls"} if total > 0 else {}
 
 
 def summary(rows: list[dict], dram_gbps: float) -> list[str]:

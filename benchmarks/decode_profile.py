@@ -103,7 +103,9 @@ def profile_decode(llm: LLM, prompt_len: int, steps: int, top: int) -> list[str]
 def trace_decode(llm: LLM, prompt_len: int, steps: int, trace_path: str | None) -> list[str]:
     """Per-layer anatomy of traced decode steps (median over layers and steps, ms): the executor's
     host time, the gap between executors (attention, routing, combining), when the CPU job starts
-    after the executor is entered, CPU and PCIe busy inside the layer, and the GPU FFN span."""
+    after the executor is entered, CPU and PCIe busy inside the layer, the GPU FFN span, and when the
+    last copy and the GPU's FFN work end relative to the executor's return (pcie_end, gpu_end: a
+    positive value is time the next layer's host work waits behind)."""
     from engine.executor.timeline import TraceRecorder
 
     engine = llm.engine
@@ -114,7 +116,8 @@ def trace_decode(llm: LLM, prompt_len: int, steps: int, trace_path: str | None) 
     engine.runner.trace = None
     if trace_path:
         recorder.write(trace_path)
-    rows: dict[str, list[float]] = {k: [] for k in ("executor", "between", "cpu_start", "cpu", "pcie", "gpu", "tail")}
+    rows: dict[str, list[float]] = {k: [] for k in ("executor", "between", "cpu_start", "cpu", "pcie", "gpu", "tail",
+                                                    "pcie_end", "gpu_end")}
     decode = [s for s in recorder.steps if s.kind == "decode"][2:]
     for step in decode:
         hosts = sorted((i for i in step.intervals if i.resource == "host"), key=lambda i: i.start_s)
@@ -132,8 +135,10 @@ def trace_decode(llm: LLM, prompt_len: int, steps: int, trace_path: str | None) 
                 rows["tail"].append(h.end_s - max(i.end_s for i in cpu))
             if pcie:
                 rows["pcie"].append(sum(i.end_s - i.start_s for i in pcie))
+                rows["pcie_end"].append(max(i.end_s for i in pcie) - h.end_s)  # > 0: copies outlast the executor
             if gpu:
                 rows["gpu"].append(sum(i.end_s - i.start_s for i in gpu))
+                rows["gpu_end"].append(max(i.end_s for i in gpu) - h.end_s)
     step_ms = statistics.median(s.duration_s for s in decode) * 1e3 if decode else float("nan")
     out = [f"traced decode: {len(decode)} steps, median step {step_ms:.1f} ms; per layer, median ms:"]
     for name, values in rows.items():
@@ -154,6 +159,8 @@ def main() -> None:
     parser.add_argument("--trace", default=None, help="write a Chrome trace of the traced decode steps here")
     parser.add_argument("--cpu-threads", type=int, default=None, help="CPU kernel threads (default: the engine's)")
     parser.add_argument("--spin-us", default="", help="also trace with these CPU-kernel worker spin times (comma list)")
+    parser.add_argument("--switch-interval", default="",
+                        help="also trace with these Python GIL switch intervals in seconds (comma list)")
     parser.add_argument("--skip-sdpa", action="store_true")
     parser.add_argument("--skip-cprofile", action="store_true")
     args = parser.parse_args()
@@ -164,7 +171,15 @@ def main() -> None:
     llm = LLM(args.model, device="cuda", random_weights=True, gpu_memory_budget=args.budget, policy=args.policy,
               kv_cache_tokens=4096, max_num_seqs=8, cpu_threads=args.cpu_threads, show_progress=False)
     lines += trace_decode(llm, args.prompt_len, args.steps, args.trace)
-    print("\n".join(lines[-9:]), flush=True)
+    print("\n".join(lines[-11:]), flush=True)
+    for interval in filter(None, args.switch_interval.split(",")):
+        import sys
+
+        before_interval = sys.getswitchinterval()
+        sys.setswitchinterval(float(interval))
+        lines += [f"GIL switch interval {interval} s", *trace_decode(llm, args.prompt_len, args.steps, None)]
+        sys.setswitchinterval(before_interval)
+        print("\n".join(lines[-12:]), flush=True)
     for spin in filter(None, args.spin_us.split(",")):
         from engine.cpu_kernels.runner import get_tuning, set_tuning
 

@@ -75,6 +75,8 @@ def _declare(lib: ctypes.CDLL) -> None:
     lib.scheinfer_job_path.restype = i32
     lib.scheinfer_stream_read.argtypes = [ctypes.c_void_p, i64, i32]
     lib.scheinfer_stream_read.restype = i64
+    lib.scheinfer_phase_ns.argtypes = [ctypes.c_void_p, i32]
+    lib.scheinfer_phase_ns.restype = None
 
 
 def build_library() -> BuiltLibrary:

@@ -91,6 +91,17 @@ def get_tuning(key: str) -> int:
     return -1 if built is None else int(built.lib.scheinfer_get_tuning(key.encode()))
 
 
+def phase_seconds(reset: bool = True) -> dict[str, float]:
+    """Seconds the kernel calls spent in each phase (pack, gate_up, down) since the last reset, and
+    the number of calls; for benchmarks. Empty when the kernels are not built."""
+    built = _library()
+    if built is None:
+        return {}
+    values = (ctypes.c_int64 * 4)()
+    built.lib.scheinfer_phase_ns(ctypes.addressof(values), int(reset))
+    return {"pack": values[0] / 1e9, "gate_up": values[1] / 1e9, "down": values[2] / 1e9, "calls": values[3]}
+
+
 def _active(requested: str) -> tuple[str, int, str]:
     """(top path in force, its cap for the C++ driver, why)."""
     if requested == "torch":

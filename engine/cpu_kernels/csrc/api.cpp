@@ -8,6 +8,7 @@
 // Weights are read in place, once each (row-major as stored); h stays in cache between phases.
 #include <algorithm>
 #include <atomic>
+#include <chrono>
 #include <cstdlib>
 #include <cstring>
 #include <memory>
@@ -61,6 +62,15 @@ char* g_scratch = nullptr;
 size_t g_scratch_bytes = 0;
 std::string g_error;
 int g_available = -1;
+// Wall time of each phase (pack, gate/up, down) summed over calls, as the calling thread sees it
+// between barriers; read and reset by scheinfer_phase_ns (benchmarks).
+int64_t g_phase_ns[3] = {0, 0, 0};
+int64_t g_phase_calls = 0;
+
+int64_t now_ns() {
+  return std::chrono::duration_cast<std::chrono::nanoseconds>(std::chrono::steady_clock::now().time_since_epoch())
+      .count();
+}
 
 int64_t clamp64(int64_t v, int64_t lo, int64_t hi) { return std::max(lo, std::min(hi, v)); }
 
@@ -88,6 +98,7 @@ const TuningKnob kKnobs[] = {
     {"amx_pack_min_tiles", &Tuning::amx_pack_min_tiles, at_least_one},
     {"amx_k_block", &Tuning::amx_k_block, k_block},
     {"amx_prefetch", &Tuning::amx_prefetch, flag},
+    {"amx_b_prefetch", &Tuning::amx_b_prefetch, flag},
     {"amx_items_per_thread", &Tuning::amx_items_per_thread, at_least_one},
     {"spin_us", &Tuning::spin_us, non_negative},
 };
@@ -224,6 +235,7 @@ void run_jobs(std::vector<Job>& jobs, int num_threads) {
   std::atomic<int64_t> next_pack{0}, next1{0}, next2{0};
   std::atomic<int> failures{0};
 
+  int64_t marks[3] = {now_ns(), 0, 0};  // start, pack done, phase 1 done (written by tid 0)
   g_pool->run([&](int tid) {
     ThreadScratch& ts = *g_thread_scratch[tid];
     try {
@@ -236,6 +248,7 @@ void run_jobs(std::vector<Job>& jobs, int num_threads) {
         });
         g_pool->barrier();
       }
+      if (tid == 0) marks[1] = now_ns();
       drain(p1, next1, [&](const Item& it) {
         const Job& j = jobs[it.job];
         if (j.path == kPathAmx) amx_phase1(j, it.begin, it.end, ts);
@@ -243,6 +256,7 @@ void run_jobs(std::vector<Job>& jobs, int num_threads) {
         else avx2_phase1(j, it.begin, it.end, ts);
       });
       g_pool->barrier();
+      if (tid == 0) marks[2] = now_ns();
       drain(p2, next2, [&](const Item& it) {
         const Job& j = jobs[it.job];
         if (j.path == kPathAmx) amx_phase2(j, it.begin, it.end, ts);
@@ -254,6 +268,11 @@ void run_jobs(std::vector<Job>& jobs, int num_threads) {
       failures.fetch_add(1);  // nothing should throw here: scratch is allocated before the run
     }
   });
+  const int64_t end = now_ns();
+  g_phase_ns[0] += marks[1] - marks[0];
+  g_phase_ns[1] += marks[2] - marks[1];
+  g_phase_ns[2] += end - marks[2];
+  ++g_phase_calls;
   if (failures.load() != 0) throw std::runtime_error("out of memory in a kernel thread");
 }
 
@@ -325,6 +344,18 @@ int scheinfer_job_path(const int64_t* desc, int max_path) {
   JobDesc d;
   std::memcpy(&d, desc, sizeof(JobDesc));
   return choose_path(d, max_path, available_paths());
+}
+
+// Benchmark helper: out[0..2] = nanoseconds spent in the pack, gate/up and down phases, out[3] =
+// calls, summed since the last reset; reset != 0 zeroes them after reading.
+void scheinfer_phase_ns(int64_t* out, int reset) {
+  std::lock_guard<std::mutex> lock(g_call_mutex);
+  for (int i = 0; i < 3; ++i) out[i] = g_phase_ns[i];
+  out[3] = g_phase_calls;
+  if (reset != 0) {
+    g_phase_ns[0] = g_phase_ns[1] = g_phase_ns[2] = 0;
+    g_phase_calls = 0;
+  }
 }
 
 // Benchmark helper: reads [data, data + bytes) once with num_threads pool threads; returns a
