@@ -240,6 +240,24 @@ def sweep(models: list[str], settings: list[tuple[str, dict[str, int]]], decode_
     return rows
 
 
+def amx_probe(num_threads: int, iters: int = 200_000) -> list[dict]:
+    """The TMUL's own rate on this machine: 4 tdpbf16ps per step with sources resident (mode 0),
+    reloaded from L1 (1) or stepping through L1/L2 like the kernel (2); 1 thread and all threads."""
+    lib = kernel_runner._library().lib  # type: ignore[union-attr]
+    rows = []
+    for mode in (0, 1, 2):
+        for threads in sorted({1, num_threads}):
+            lib.scheinfer_amx_probe(iters // 10, mode, threads)  # warm-up
+            seconds = lib.scheinfer_amx_probe(iters, mode, threads)
+            if seconds < 0:
+                return []
+            tflops = threads * iters * 4 * 16 * 16 * 32 * 2 / seconds / 1e12
+            rows.append({"mode": mode, "threads": threads, "tflops": tflops, "tflops_per_thread": tflops / threads})
+            print(f"amx probe mode {mode} threads {threads:2d}: {tflops:6.2f} TFLOP/s ({tflops / threads:.2f} per thread)",
+                  flush=True)
+    return rows
+
+
 def phase_shares(seconds: dict[str, float]) -> dict[str, float]:
     """Share of the kernel calls' time in each phase (pack, gate_up, down), from phase_seconds()."""
     total = sum(v for k, v in seconds.items() if k != "calls")
@@ -312,6 +330,7 @@ def main() -> None:
     parser.add_argument("--pinned", action="store_true", help="also run decode on pinned (cudaHostAlloc) weights")
     parser.add_argument("--smoke", action="store_true", help="tiny shapes, to check the script itself")
     parser.add_argument("--no-amx", action="store_true", help="never take the AMX path")
+    parser.add_argument("--amx-probe", action="store_true", help="also measure the TMUL's own rate (amx_probe)")
     args = parser.parse_args()
     if args.smoke:
         MODELS.update({name: (512, 768, 3) for name in MODELS})
@@ -328,6 +347,7 @@ def main() -> None:
         kernel_runner.set_tuning(key, value)
     dram = measure_dram(kernel_runner.num_threads())
     print(f"DRAM read bandwidth: {json.dumps(dram)}", flush=True)
+    probe = amx_probe(kernel_runner.num_threads()) if args.amx_probe and "amx" in available else []
     decode_variants = ["auto", "torch"] + [p for p in ("avx512_bf16", "avx2") if p in available[:-1]]
     prefill_variants = ["auto", "torch"] + (["avx512_bf16"] if "amx" in available else [])
     rows: list[dict] = []
@@ -348,6 +368,7 @@ def main() -> None:
         "self_check": checks,
         "tuning": {k: kernel_runner.get_tuning(k) for k in TUNING_KEYS},
         "dram": dram,
+        "amx_probe": probe,
         "rows": rows,
         "sweeps": sweeps,
     }

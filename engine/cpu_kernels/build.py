@@ -77,6 +77,8 @@ def _declare(lib: ctypes.CDLL) -> None:
     lib.scheinfer_stream_read.restype = i64
     lib.scheinfer_phase_ns.argtypes = [ctypes.c_void_p, i32]
     lib.scheinfer_phase_ns.restype = None
+    lib.scheinfer_amx_probe.argtypes = [i64, i32, i32]
+    lib.scheinfer_amx_probe.restype = ctypes.c_double
 
 
 def build_library() -> BuiltLibrary:

@@ -346,6 +346,22 @@ int scheinfer_job_path(const int64_t* desc, int max_path) {
   return choose_path(d, max_path, available_paths());
 }
 
+// Benchmark helper: runs amx_probe(iters, mode) on num_threads pool threads at once; returns the
+// wall seconds (-1 when AMX is not available).
+double scheinfer_amx_probe(int64_t iters, int mode, int num_threads) {
+  if (!(available_paths() >> kPathAmx & 1)) return -1.0;
+  std::lock_guard<std::mutex> lock(g_call_mutex);
+  ensure_pool(num_threads < 1 ? 1 : num_threads);
+  std::atomic<float> sink{0.0f};
+  const int64_t start = now_ns();
+  g_pool->run([&](int) {
+    amx_configure_thread();
+    sink.store(amx_probe(iters, mode));
+    amx_release_thread();
+  });
+  return (now_ns() - start) / 1e9;
+}
+
 // Benchmark helper: out[0..2] = nanoseconds spent in the pack, gate/up and down phases, out[3] =
 // calls, summed since the last reset; reset != 0 zeroes them after reading.
 void scheinfer_phase_ns(int64_t* out, int reset) {

@@ -14,6 +14,8 @@
 #if defined(__AMX_TILE__) && defined(__AMX_BF16__) && defined(__AVX512BF16__) && defined(__AVX512BW__)
 #include <immintrin.h>
 #include <sys/syscall.h>
+
+#include <vector>
 #include <unistd.h>
 
 #include "vec_math.h"
@@ -286,6 +288,45 @@ void amx_phase2(const Job& j, int64_t begin, int64_t end, ThreadScratch& scratch
   }
 }
 
+// Diagnostic (benchmarks only): `iters` steps of 4 tdpbf16ps into tiles 0..3 from sources 4..7.
+// mode 0: sources stay in the tile registers (the TMUL's own rate); mode 1: the 4 sources are
+// reloaded every step from a 4 KB buffer (L1); mode 2: as the kernel does, A from a 16 KB panel and
+// B from a 256 KB buffer (L2), stepping through both. Returns a checksum.
+float amx_probe(int64_t iters, int mode) {
+  static thread_local std::vector<uint8_t> buffer;
+  buffer.assign(300 << 10, 1);
+  const uint8_t* a = buffer.data();
+  const uint8_t* b = buffer.data() + (32 << 10);
+  _tile_loadd(4, a, 64);
+  _tile_loadd(5, a + 1024, 64);
+  _tile_loadd(6, a + 2048, 64);
+  _tile_loadd(7, a + 3072, 64);
+  _tile_zero(0);
+  _tile_zero(1);
+  _tile_zero(2);
+  _tile_zero(3);
+  for (int64_t i = 0; i < iters; ++i) {
+    if (mode == 1) {
+      _tile_loadd(4, a, 64);
+      _tile_loadd(6, a + 2048, 64);
+    } else if (mode == 2) {
+      _tile_loadd(4, a + 1024 * (i % 8), 64);
+      _tile_loadd(6, b + 1024 * (i % 256), 64);
+    }
+    _tile_dpbf16ps(0, 4, 6);
+    if (mode == 1) _tile_loadd(7, a + 3072, 64);
+    else if (mode == 2) _tile_loadd(7, b + 1024 * ((i + 128) % 256), 64);
+    _tile_dpbf16ps(1, 4, 7);
+    if (mode == 1) _tile_loadd(5, a + 1024, 64);
+    else if (mode == 2) _tile_loadd(5, a + 1024 * (8 + i % 8), 64);
+    _tile_dpbf16ps(2, 5, 6);
+    _tile_dpbf16ps(3, 5, 7);
+  }
+  alignas(64) float c[256];
+  _tile_stored(0, c, 64);
+  return c[0];
+}
+
 }  // namespace scheinfer
 
 #else  // no AMX in this build
@@ -298,6 +339,7 @@ void amx_release_thread() {}
 void amx_pack(const Job&, int64_t, int64_t) {}
 void amx_phase1(const Job&, int64_t, int64_t, ThreadScratch&) {}
 void amx_phase2(const Job&, int64_t, int64_t, ThreadScratch&) {}
+float amx_probe(int64_t, int) { return 0.0f; }
 }  // namespace scheinfer
 
 #endif

@@ -107,6 +107,7 @@ void amx_phase1(const Job& job, int64_t begin, int64_t end, ThreadScratch& scrat
 void amx_phase2(const Job& job, int64_t begin, int64_t end, ThreadScratch& scratch);
 void amx_configure_thread();  // load the tile configuration on the calling thread
 void amx_release_thread();
+float amx_probe(int64_t iters, int mode);  // diagnostic: see kernels_amx.cpp
 
 // Floats of per-thread scratch that a work item of `rows` rows of this job needs.
 int64_t scratch_floats(const Job& job, int64_t rows1, int64_t rows2);
