@@ -161,6 +161,7 @@ def main() -> None:
     parser.add_argument("--spin-us", default="", help="also trace with these CPU-kernel worker spin times (comma list)")
     parser.add_argument("--switch-interval", default="",
                         help="also trace with these Python GIL switch intervals in seconds (comma list)")
+    parser.add_argument("--graphs-ab", action="store_true", help="also trace without and with decode graphs, alternating")
     parser.add_argument("--skip-sdpa", action="store_true")
     parser.add_argument("--skip-cprofile", action="store_true")
     args = parser.parse_args()
@@ -172,6 +173,14 @@ def main() -> None:
               kv_cache_tokens=4096, max_num_seqs=8, cpu_threads=args.cpu_threads, show_progress=False)
     lines += trace_decode(llm, args.prompt_len, args.steps, args.trace)
     print("\n".join(lines[-11:]), flush=True)
+    if args.graphs_ab:  # the same engine without and with decode graphs, alternating
+        model = llm.engine.runner.model
+        graphs = model.decode_graphs
+        for use in (False, True, False, True):
+            model.decode_graphs = graphs if use else None
+            lines += [f"decode graphs {'on' if use else 'off'}", *trace_decode(llm, args.prompt_len, args.steps, None)]
+            print("\n".join(lines[-12:]), flush=True)
+        model.decode_graphs = graphs
     for interval in filter(None, args.switch_interval.split(",")):
         import sys
 

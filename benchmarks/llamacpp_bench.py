@@ -88,7 +88,7 @@ def cpu_expert_override(num_cpu_layers: int) -> str | None:
 
 def bench_command(args, binary: Path, gguf: Path, num_layers: int) -> list[str]:
     cmd = [str(binary), "-m", str(gguf), "-p", args.prompt, "-n", args.gen, "-t", args.threads,
-           "-r", str(args.reps), "-lm", args.load_mode, "-fa", args.fa, "-o", "json"]
+           "-r", str(args.reps), "-lm", args.load_mode, "-fa", args.fa, "-o", "json", "-v"]
     if args.cpu_only:
         cmd += ["-ngl", "0"]
     else:
@@ -105,6 +105,12 @@ def run_bench(cmd: list[str], timeout_s: float) -> tuple[list[dict], str]:
         print(proc.stdout[-4000:] + proc.stderr[-8000:], flush=True)
         raise SystemExit(f"llama-bench failed (rc {proc.returncode})")
     return json.loads(proc.stdout), proc.stderr
+
+
+def load_info(stderr: str) -> list[str]:
+    """llama-bench -v lines saying where the weights went (first model load only)."""
+    lines = [ln for ln in stderr.splitlines() if re.search(r"buffer size =|offload", ln)]
+    return lines[:20]
 
 
 def test_key(t: dict) -> str:
@@ -224,7 +230,7 @@ def main() -> None:
             log(f"{num_layers} layers, {test_key(t)}: {t['avg_ts']:.2f} tok/s (median {1 / seconds_per_token(t):.2f})")
         result["runs"].append({"num_layers": num_layers, "num_cpu_expert_layers": num_cpu_layers,
                                "gguf": written, "command": cmd, "bench_s": bench_s, "llama_bench": tests,
-                               "stderr_tail": "\n".join(re.split(r"\r?\n", stderr)[-30:])})
+                               "load_info": load_info(stderr)})
     result["fit"] = fit_and_scale(result["runs"], target_layers)
     for key, f in result["fit"].items():
         log(f"{key}: {f['tok_per_s_scaled']:.2f} tok/s at {target_layers} layers "

@@ -155,7 +155,8 @@ def main() -> None:
     parser.add_argument("--policies", default="cpu-experts,stream,fiddler",
                         help="'adaptive' re-applies the build plan when --build-policy is adaptive; "
                              "'adaptive@torch' (or another kernel path) re-profiles the CPU on that path and re-plans; "
-                             "a '#N' suffix runs the CPU kernels with N threads")
+                             "a '#N' suffix runs the CPU kernels with N threads; a '~eager' suffix decodes "
+                             "without the per-layer CUDA graphs")
     parser.add_argument("--build-policy", default="manual:cg=0",
                         help="plan the model is built with (sets the resident share every policy shares)")
     parser.add_argument("--out", default=None)
@@ -195,8 +196,11 @@ def main() -> None:
         llm.generate(prompt_token_ids=[prompt], params=SamplingParams(max_tokens=tokens, temperature=0.0, ignore_eos=True))
     build_profile = partition.profile
     user_threads = os.environ.get("SCHEINFER_CPU_THREADS")
+    graphs = llm.engine.runner.model.decode_graphs
     for policy in args.policies.split(","):
-        spec, _, threads = policy.partition("#")  # stream#12: the CPU kernels' pool at 12 threads
+        # adaptive~eager: decode without the per-layer CUDA graphs (engine/model/decode_graphs.py)
+        llm.engine.runner.model.decode_graphs = None if policy.endswith("~eager") else graphs
+        spec, _, threads = policy.removesuffix("~eager").partition("#")  # stream#12: the CPU kernels' pool at 12 threads
         base, _, kernel_path = spec.partition("@")  # adaptive@torch: re-profiled and re-planned on that path
         os.environ["SCHEINFER_CPU_KERNEL"] = kernel_path or "auto"
         _set_env("SCHEINFER_CPU_THREADS", threads or user_threads)

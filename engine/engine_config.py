@@ -25,5 +25,6 @@ class EngineConfig:
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
     partition: PartitionOptions = field(default_factory=PartitionOptions)  # GPU budget, policy, CPU threads
     attention_kernels: str = "flash"  # "flash" | "torch" (transformers' choice): engine/model/attention_kernels.py
+    decode_graphs: bool = True  # replay each layer's fixed-shape decode work as CUDA graphs (on a GPU)
     trace: bool = False  # record a per-step timeline of CPU, PCIe and GPU (engine.trace)
     show_progress: bool = True

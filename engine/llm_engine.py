@@ -18,6 +18,7 @@ from engine.engine_config import EngineConfig
 from engine.executor.setup import Partition, build_partitioned
 from engine.kv_cache.block_manager import BlockManager
 from engine.model.attention_kernels import check_attention_kernels
+from engine.model.decode_graphs import DecodeGraphs
 from engine.model.config import ModelConfig
 from engine.model.factory import load_model, resolve_dtype, resolve_model_config
 from engine.model_runner import ModelRunner
@@ -69,6 +70,8 @@ class LLMEngine:
             model = load_model(config.model, config.device, config.dtype, config.random_weights, config.seed,
                                show_progress=config.show_progress)
         model.attention_kernels = check_attention_kernels(config.attention_kernels)
+        if config.decode_graphs and model.device.type == "cuda":
+            model.decode_graphs = DecodeGraphs(model)
         num_blocks = max(1, config.kv_cache_tokens // config.block_size)
         self.max_model_len = min(config.max_model_len or model_config.max_position_embeddings,
                                  model_config.max_position_embeddings, num_blocks * config.block_size)

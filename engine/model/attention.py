@@ -66,6 +66,57 @@ def _span_attention(
     return attended[0].transpose(0, 1)
 
 
+def project_qkv(
+    x: torch.Tensor,
+    weights: AttentionWeights,
+    shape: AttentionShape,
+    layer: int,
+    slots: torch.Tensor,
+    cache: PagedKVCache,
+    cos_sin: tuple[torch.Tensor, torch.Tensor],
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """x: [num_tokens, hidden] -> rotated q, k and v ([num_tokens, heads, dim]); writes k and v to
+    `cache` at `slots`. Fixed shapes for a fixed token count (a decode step can replay it as a graph)."""
+    num_tokens = x.shape[0]
+    q_size, kv_size = shape.num_heads * shape.head_dim, shape.num_kv_heads * shape.head_dim
+    qkv = F.linear(x, weights.qkv, weights.qkv_bias)
+    q = qkv[:, :q_size].view(num_tokens, shape.num_heads, shape.head_dim)
+    k = qkv[:, q_size : q_size + kv_size].view(num_tokens, shape.num_kv_heads, shape.head_dim)
+    v = qkv[:, q_size + kv_size :].view(num_tokens, shape.num_kv_heads, shape.head_dim)
+    cos, sin = cos_sin
+    q, k, v = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin), v.contiguous()
+    cache.write(layer, slots, k, v)
+    return q, k, v
+
+
+def attend(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    shape: AttentionShape,
+    layer: int,
+    batch: ForwardBatch,
+    cache: PagedKVCache,
+    out: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Each span's queries against its context (this step's k/v for a whole prompt, else the cache)
+    -> [num_tokens, heads * dim], into `out` when given."""
+    num_tokens = q.shape[0]
+    attended = torch.empty_like(q)
+    for span in batch.spans:
+        rows = slice(span.query_start, span.query_start + span.query_len)
+        if span.query_len == span.context_len:  # whole sequence computed now: no cache read
+            keys, values = k[rows], v[rows]
+        else:
+            keys, values = cache.read(layer, span.context_slots)
+        attended[rows] = _span_attention(q[rows], keys, values, span, shape)
+    flat = attended.view(num_tokens, shape.num_heads * shape.head_dim)
+    if out is None:
+        return flat
+    out.copy_(flat)
+    return out
+
+
 def attention(
     x: torch.Tensor,
     weights: AttentionWeights,
@@ -76,22 +127,5 @@ def attention(
     cos_sin: tuple[torch.Tensor, torch.Tensor],
 ) -> torch.Tensor:
     """x: [num_tokens, hidden] -> [num_tokens, hidden]. Writes this step's keys/values to `cache`."""
-    num_tokens = x.shape[0]
-    q_size, kv_size = shape.num_heads * shape.head_dim, shape.num_kv_heads * shape.head_dim
-    qkv = F.linear(x, weights.qkv, weights.qkv_bias)
-    q = qkv[:, :q_size].view(num_tokens, shape.num_heads, shape.head_dim)
-    k = qkv[:, q_size : q_size + kv_size].view(num_tokens, shape.num_kv_heads, shape.head_dim)
-    v = qkv[:, q_size + kv_size :].view(num_tokens, shape.num_kv_heads, shape.head_dim)
-    cos, sin = cos_sin
-    q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
-    cache.write(layer, batch.slots, k, v.contiguous())
-
-    out = torch.empty_like(q)
-    for span in batch.spans:
-        rows = slice(span.query_start, span.query_start + span.query_len)
-        if span.query_len == span.context_len:  # whole sequence computed now: no cache read
-            keys, values = k[rows], v[rows]
-        else:
-            keys, values = cache.read(layer, span.context_slots)
-        out[rows] = _span_attention(q[rows], keys, values, span, shape)
-    return F.linear(out.reshape(num_tokens, q_size), weights.o, weights.o_bias)
+    q, k, v = project_qkv(x, weights, shape, layer, batch.slots, cache, cos_sin)
+    return F.linear(attend(q, k, v, shape, layer, batch, cache), weights.o, weights.o_bias)

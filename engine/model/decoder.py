@@ -18,8 +18,9 @@ from engine.kv_cache.paged_cache import PagedKVCache
 from engine.model.attention import AttentionShape, AttentionWeights, attention
 from engine.model.attention_kernels import attention_kernels
 from engine.model.config import ModelConfig
+from engine.model.decode_graphs import DecodeGraphs
 from engine.model.ffn import ACTIVATIONS, FFNUnit
-from engine.model.moe import MoEBlock
+from engine.model.moe import MoEBlock, Routing
 from engine.model.norms import Norm
 from engine.model.rotary import RotaryEmbedding
 
@@ -46,6 +47,7 @@ class DecoderModel:
     lm_head_bias: torch.Tensor | None = None
     unit_executor: UnitExecutor | None = field(default=None, repr=False)
     attention_kernels: str = "flash"  # engine/model/attention_kernels.py
+    decode_graphs: DecodeGraphs | None = field(default=None, repr=False)  # engine/model/decode_graphs.py
 
     def __post_init__(self) -> None:
         c = self.config
@@ -61,16 +63,17 @@ class DecoderModel:
     def dtype(self) -> torch.dtype:
         return self.embed_tokens.dtype
 
-    def run_ffn(self, layer_idx: int, ffn: FFN, h: torch.Tensor) -> torch.Tensor:
+    def run_ffn(self, layer_idx: int, ffn: FFN, h: torch.Tensor, routing: Routing | None = None) -> torch.Tensor:
+        """`routing`: the MoE routing of `h` when the caller computed it already."""
         if self.unit_executor is None:
-            return ffn(h, self.act)
+            return ffn(h, self.act, routing=routing) if isinstance(ffn, MoEBlock) else ffn(h, self.act)
         executor = self.unit_executor
 
         def run_units(items: list[tuple[FFNUnit, torch.Tensor]]) -> list[torch.Tensor]:
             return executor(layer_idx, items)
 
         if isinstance(ffn, MoEBlock):
-            return ffn(h, self.act, run_units)
+            return ffn(h, self.act, run_units, routing)
         return run_units([(ffn, h)])[0]
 
     def _long_context_mask(self, batch: ForwardBatch) -> torch.Tensor | None:
@@ -83,13 +86,21 @@ class DecoderModel:
     @torch.inference_mode()
     def forward(self, batch: ForwardBatch, cache: PagedKVCache) -> torch.Tensor:
         """Runs the batch, fills the KV cache, returns fp32 logits [len(logits_indices), vocab]."""
-        x = F.embedding(batch.input_ids, self.embed_tokens)
-        cos_sin = self.rotary.cos_sin(batch.positions, x.dtype, self._long_context_mask(batch))
-        with attention_kernels(self.attention_kernels, x.device):
-            for i, layer in enumerate(self.layers):
-                h = layer.input_norm(x)
-                x = x + attention(h, layer.attn, self.attn_shape, i, batch, cache, cos_sin)
-                h = layer.post_attention_norm(x)
-                x = x + self.run_ffn(i, layer.ffn, h)
+        cos_sin = self.rotary.cos_sin(batch.positions, self.dtype, self._long_context_mask(batch))
+        with attention_kernels(self.attention_kernels, self.device):
+            if self.decode_graphs is not None and self.decode_graphs.applies(batch):
+                x = self.decode_graphs.forward_layers(batch, cache, cos_sin)
+            else:
+                x = self._forward_layers(batch, cache, cos_sin)
         x = self.final_norm(x[batch.logits_indices])
         return F.linear(x, self.lm_head, self.lm_head_bias).float()
+
+    def _forward_layers(self, batch: ForwardBatch, cache: PagedKVCache,
+                        cos_sin: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+        x = F.embedding(batch.input_ids, self.embed_tokens)
+        for i, layer in enumerate(self.layers):
+            h = layer.input_norm(x)
+            x = x + attention(h, layer.attn, self.attn_shape, i, batch, cache, cos_sin)
+            h = layer.post_attention_norm(x)
+            x = x + self.run_ffn(i, layer.ffn, h)
+        return x

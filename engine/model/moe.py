@@ -78,14 +78,16 @@ class MoEBlock:
         return softmax_topk(logits, self.config.num_experts_per_tok, self.config.norm_topk_prob, keep_fp32)
 
     def __call__(
-        self, x: torch.Tensor, act: Callable[[torch.Tensor], torch.Tensor], run_units: UnitRunner | None = None
+        self, x: torch.Tensor, act: Callable[[torch.Tensor], torch.Tensor], run_units: UnitRunner | None = None,
+        routing: Routing | None = None,
     ) -> torch.Tensor:
         """x: [num_tokens, hidden] -> [num_tokens, hidden].
 
         The routed experts (and the shared expert) are handed to `run_units` together, so that an
-        executor can schedule all of this layer's units as one job.
+        executor can schedule all of this layer's units as one job. `routing`: `route(x)` when the
+        caller computed it already (a decode graph does).
         """
-        routing = self.route(x)
+        routing = routing if routing is not None else self.route(x)
         assignment = routing.tokens_of()
         items = [(self.experts[e], x[token_idx]) for e, (token_idx, _) in assignment.items()]
         if self.shared_expert is not None:

@@ -1,0 +1,188 @@
+"""Decode steps with the fixed-shape parts of every layer replayed as CUDA graphs.
+
+At batch 1 a decode step launches ~40 small kernels per layer around attention (norms, the QKV
+projection, rotary, KV-cache writes, the output projection, the MoE router): the host spends more
+time launching them than the GPU spends running them, and that time sits on the critical path
+between two FFNs. Per layer and token count this module captures two graphs:
+
+    pre   residual += previous FFN output; input norm; QKV; rotary; K/V written to the cache -> q
+    post  residual += o(attention); post-attention norm -> h; MoE routing of h
+
+What varies from step to step stays eager: attention over each sequence's context (its length
+changes), the FFN (routing decides which pieces run where; the partitioned executor) and the
+combination of expert outputs. Inputs reach the graphs through static buffers (residual, previous
+FFN output, rotary cos/sin, KV slots, attention output) that are filled before each replay.
+
+The graphs replay the very kernels of the eager path, on the same shapes, so results are bitwise
+those of eager decoding (tests/engine/model/test_decode_graphs.py). The same segments also run
+eagerly (`Segments`), which is how CPU tests exercise this code path.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+
+from engine.forward_batch import ForwardBatch
+from engine.kv_cache.paged_cache import PagedKVCache
+from engine.model.attention import attend, project_qkv
+from engine.model.moe import MoEBlock, Routing
+
+MAX_GRAPH_TOKENS = 8  # decode steps of up to this many sequences replay graphs; larger ones run eagerly
+
+
+@dataclass
+class StepBuffers:
+    """The static inputs of one token count's graphs (filled before each replay)."""
+
+    residual: torch.Tensor  # [n, hidden] the residual stream
+    ffn_out: torch.Tensor  # [n, hidden] the previous layer's FFN output (zeros before layer 0)
+    cos: torch.Tensor  # [n, head_dim]
+    sin: torch.Tensor
+    slots: torch.Tensor  # [n] KV slots written this step
+    attended: torch.Tensor  # [n, heads * head_dim] attention output, before the o projection
+
+    @classmethod
+    def allocate(cls, num_tokens: int, hidden: int, head_dim: int, q_size: int, dtype: torch.dtype,
+                 device: torch.device) -> StepBuffers:
+        def zeros(*shape: int, kind: torch.dtype = dtype) -> torch.Tensor:
+            return torch.zeros(shape, dtype=kind, device=device)
+
+        return cls(zeros(num_tokens, hidden), zeros(num_tokens, hidden), zeros(num_tokens, head_dim),
+                   zeros(num_tokens, head_dim), zeros(num_tokens, kind=torch.int64), zeros(num_tokens, q_size))
+
+
+@dataclass
+class LayerOutputs:
+    """What one layer's segments leave for the eager parts: q, k, v for attention, h and its routing."""
+
+    q: torch.Tensor | None = None
+    k: torch.Tensor | None = None
+    v: torch.Tensor | None = None
+    h: torch.Tensor | None = None
+    routing: Routing | None = None
+
+
+class Segments:
+    """The fixed-shape segments of each layer for one set of buffers, run eagerly."""
+
+    def __init__(self, model, cache: PagedKVCache, buffers: StepBuffers) -> None:
+        self.model = model
+        self.cache = cache
+        self.buffers = buffers
+        self.outputs = [LayerOutputs() for _ in model.layers]
+
+    def pre(self, i: int) -> None:
+        model, b = self.model, self.buffers
+        layer = model.layers[i]
+        b.residual.add_(b.ffn_out)
+        h = layer.input_norm(b.residual)
+        out = self.outputs[i]
+        out.q, out.k, out.v = project_qkv(h, layer.attn, model.attn_shape, i, b.slots, self.cache, (b.cos, b.sin))
+
+    def post(self, i: int) -> None:
+        b = self.buffers
+        layer = self.model.layers[i]
+        b.residual.add_(F.linear(b.attended, layer.attn.o, layer.attn.o_bias))
+        h = layer.post_attention_norm(b.residual)
+        self.outputs[i].h = h
+        self.outputs[i].routing = layer.ffn.route(h) if isinstance(layer.ffn, MoEBlock) else None
+
+
+@dataclass
+class CapturedStep:
+    """One token count's graphs (or, without CUDA, its segments run eagerly)."""
+
+    segments: Segments
+    pre: list[Callable[[], None]] = field(default_factory=list)
+    post: list[Callable[[], None]] = field(default_factory=list)
+
+
+def _capture(segments: Segments, pool) -> CapturedStep:
+    """Warms every segment up once on a side stream, then captures each as a graph. The warm-up
+    writes K/V at the buffers' slots: call with this step's inputs in the buffers (the step then
+    rewrites those slots) and fill them again before replaying."""
+    n = len(segments.outputs)
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for i in range(n):
+            segments.pre(i)
+            segments.post(i)
+    torch.cuda.current_stream().wait_stream(side)
+    step = CapturedStep(segments)
+    for i in range(n):
+        for kind, run in (("pre", segments.pre), ("post", segments.post)):
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph, pool=pool, capture_error_mode="thread_local"):
+                run(i)
+            getattr(step, kind).append(graph.replay)
+    return step
+
+
+class DecodeGraphs:
+    """Runs decode steps (every sequence has one new token) through per-layer graphs."""
+
+    def __init__(self, model, max_tokens: int = MAX_GRAPH_TOKENS, capture: bool | None = None) -> None:
+        self.model = model
+        self.max_tokens = max_tokens
+        self.capture = model.device.type == "cuda" if capture is None else capture
+        self._steps: dict[int, CapturedStep] = {}
+        self._cache_id: int | None = None
+        self._pool = None
+
+    def applies(self, batch: ForwardBatch) -> bool:
+        n = batch.num_tokens
+        return 0 < n <= self.max_tokens and all(span.query_len == 1 for span in batch.spans)
+
+    def captured_sizes(self) -> list[int]:
+        """The token counts that have graphs (or, without capture, segments) so far."""
+        return sorted(self._steps)
+
+    def _step(self, num_tokens: int, cache: PagedKVCache) -> tuple[CapturedStep, bool]:
+        """This token count's step, and whether it still has to be captured."""
+        if self._cache_id != id(cache):  # graphs hold the cache tensors' addresses
+            self._steps.clear()
+            self._cache_id = id(cache)
+        step = self._steps.get(num_tokens)
+        if step is not None:
+            return step, False
+        c, model = self.model.config, self.model
+        buffers = StepBuffers.allocate(num_tokens, c.hidden_size, c.head_dim, c.num_heads * c.head_dim,
+                                       model.dtype, model.device)
+        segments = Segments(model, cache, buffers)
+        num_layers = len(model.layers)
+        step = CapturedStep(segments, [lambda i=i: segments.pre(i) for i in range(num_layers)],
+                            [lambda i=i: segments.post(i) for i in range(num_layers)])
+        return step, self.capture
+
+    def forward_layers(self, batch: ForwardBatch, cache: PagedKVCache,
+                       cos_sin: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+        """The decoder layers for a decode batch -> the residual stream after the last layer."""
+        model = self.model
+        step, needs_capture = self._step(batch.num_tokens, cache)
+        self._fill(step.segments.buffers, batch, cos_sin)
+        if needs_capture:
+            if self._pool is None:
+                self._pool = torch.cuda.graph_pool_handle()
+            step = _capture(step.segments, self._pool)
+            self._fill(step.segments.buffers, batch, cos_sin)
+        self._steps[batch.num_tokens] = step
+        b, outputs = step.segments.buffers, step.segments.outputs
+        for i, layer in enumerate(model.layers):
+            step.pre[i]()
+            out = outputs[i]
+            attend(out.q, out.k, out.v, model.attn_shape, i, batch, cache, out=b.attended)
+            step.post[i]()
+            b.ffn_out.copy_(model.run_ffn(i, layer.ffn, out.h, out.routing))
+        return b.residual + b.ffn_out
+
+    def _fill(self, b: StepBuffers, batch: ForwardBatch, cos_sin: tuple[torch.Tensor, torch.Tensor]) -> None:
+        b.residual.copy_(F.embedding(batch.input_ids, self.model.embed_tokens))
+        b.ffn_out.zero_()
+        b.cos.copy_(cos_sin[0])
+        b.sin.copy_(cos_sin[1])
+        b.slots.copy_(batch.slots)
