@@ -36,7 +36,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from llamacpp_gguf import REPO_ROOT, load_shape, tensor_plan, write_gguf  # noqa: E402
+from llamacpp_gguf import REPO_ROOT, load_shape, tensor_plan, write_gguf
 
 DEFAULT_TARBALL = REPO_ROOT / ".cache" / "llamacpp" / "llama.cpp-src.tar.gz"
 DEFAULT_BUILD_SCRIPT = REPO_ROOT / ".cache" / "llamacpp" / "build_llamacpp.sh"
@@ -48,6 +48,8 @@ def log(msg: str) -> None:
 
 def build(args) -> tuple[Path, dict]:
     """Run the build script; return the llama-bench binary and what the build reported."""
+    if not args.build_script.exists():
+        raise SystemExit(f"no build script {args.build_script} (see benchmarks/README.md, llama.cpp baseline)")
     cmd = ["bash", str(args.build_script), str(args.tarball), str(args.work_dir), "--jobs", str(args.jobs)]
     cmd += ["--cpu-only"] if args.cpu_only else []
     cmd += ["--cuda-fa"] if args.cuda_fa else []
@@ -126,7 +128,7 @@ def seconds_per_token(t: dict) -> float:
 def fit_line(xs: list[float], ys: list[float]) -> tuple[float, float]:
     """Least squares y = a + b x (exact through two points)."""
     mx, my = statistics.fmean(xs), statistics.fmean(ys)
-    b = sum((x - mx) * (y - my) for x, y in zip(xs, ys)) / sum((x - mx) ** 2 for x in xs)
+    b = sum((x - mx) * (y - my) for x, y in zip(xs, ys, strict=True)) / sum((x - mx) ** 2 for x in xs)
     return my - b * mx, b
 
 
@@ -150,10 +152,10 @@ def fit_and_scale(runs: list[dict], target_layers: int) -> dict:
 
 def machine_info() -> dict:
     info = {"host": platform.node(), "cpu_count": os.cpu_count()}
-    try:
-        info["cpu"] = next(line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
+    cpuinfo = Path("/proc/cpuinfo")
+    models = [ln.split(":", 1)[1].strip() for ln in cpuinfo.read_text().splitlines()
+              if ln.startswith("model name")] if cpuinfo.exists() else []
+    info["cpu"] = models[0] if models else None
     if shutil.which("nvidia-smi"):
         q = subprocess.run(["nvidia-smi", "--query-gpu=name,memory.total,driver_version", "--format=csv,noheader"],
                            capture_output=True, text=True)
@@ -208,6 +210,8 @@ def main() -> None:
     target_layers = args.target_layers or load_shape(args.model).num_layers
     result["runs"] = []
     for num_layers in layer_counts:
+        if not args.cpu_only and abs(args.budget_fraction * num_layers - round(args.budget_fraction * num_layers)) > 1e-9:
+            log(f"warning: {args.budget_fraction} x {num_layers} layers is not whole; rounded")
         shape = load_shape(args.model, num_layers, args.tiny)
         need = sum(math.prod(t[1]) * (2 if t[2] == "bf16" else 4) for t in tensor_plan(shape))
         free = shutil.disk_usage(args.gguf_dir).free
@@ -232,6 +236,7 @@ def main() -> None:
                                "gguf": written, "command": cmd, "bench_s": bench_s, "llama_bench": tests,
                                "load_info": load_info(stderr)})
     result["fit"] = fit_and_scale(result["runs"], target_layers)
+    result["summary_tok_per_s_scaled"] = {k: f["tok_per_s_scaled"] for k, f in result["fit"].items()}
     for key, f in result["fit"].items():
         log(f"{key}: {f['tok_per_s_scaled']:.2f} tok/s at {target_layers} layers "
             f"(a {f['a_s'] * 1e3:.3f} ms + {f['b_s_per_layer'] * 1e3:.3f} ms/layer per token)")

@@ -169,6 +169,9 @@ def vocabulary(s: MoeShape) -> tuple[list[str], list[float], list[int]]:
     types += [normal] * num_fill
     if s.eos_token_id >= len(tokens) - num_fill:
         types[s.eos_token_id] = control
+    if s.arch == "phimoe":  # llama.cpp looks "<|endoftext|>" up by text for models named phi-3*
+        eot = s.eos_token_id if s.eos_token_id >= len(tokens) - num_fill else len(tokens) - 1
+        tokens[eot], types[eot] = "<|endoftext|>", control
     scores = [0.0] * (len(tokens) - num_fill) + [-float(i) for i in range(num_fill)]
     return tokens, scores, types
 
@@ -219,7 +222,7 @@ def write_gguf(path: Path, s: MoeShape, seed: int = 0, gguf_py_dir: Path | None 
     w.write_kv_data_to_file()
     w.write_ti_data_to_file()
     num_bytes = 0
-    for name, shape, kind in plan:
+    for _name, shape, kind in plan:
         n = int(np.prod(shape))
         if kind == "bf16":
             data = RepeatedBlock(block, n, int(rng.integers(block.size)))
