@@ -18,7 +18,7 @@ from engine.engine_config import EngineConfig
 from engine.executor.setup import Partition, build_partitioned
 from engine.kv_cache.block_manager import BlockManager
 from engine.model.attention_kernels import check_attention_kernels
-from engine.model.decode_graphs import DecodeGraphs
+from engine.model.decode_graphs import MAX_GRAPH_TOKENS, DecodeGraphs
 from engine.model.config import ModelConfig
 from engine.model.factory import load_model, resolve_dtype, resolve_model_config
 from engine.model_runner import ModelRunner
@@ -59,19 +59,21 @@ class LLMEngine:
         tokenizer_dir = config.tokenizer or (str(checkpoint) if checkpoint else None)
         self.tokenizer = tokenizer or (Tokenizer.from_dir(tokenizer_dir) if tokenizer_dir else None)
         self.partition: Partition | None = None
+        sched = config.scheduler
+        on_gpu = torch.device(config.device).type == "cuda"
+        graph_tokens = min(MAX_GRAPH_TOKENS, sched.max_num_seqs) if config.decode_graphs and on_gpu else 0
         if config.partition.partitioned:
             dtype = resolve_dtype(config.dtype, model_config, config.random_weights)
-            sched = config.scheduler
             model, self.partition = build_partitioned(
                 config.model, model_config, config.device, dtype, config.dtype, config.random_weights, config.seed,
                 config.partition, config.kv_cache_tokens, sched.max_num_batched_tokens, sched.max_num_seqs,
-                config.show_progress)
+                config.show_progress, graph_tokens)
         else:
             model = load_model(config.model, config.device, config.dtype, config.random_weights, config.seed,
                                show_progress=config.show_progress)
         model.attention_kernels = check_attention_kernels(config.attention_kernels)
-        if config.decode_graphs and model.device.type == "cuda":
-            model.decode_graphs = DecodeGraphs(model)
+        if graph_tokens:
+            model.decode_graphs = DecodeGraphs(model, graph_tokens)
         num_blocks = max(1, config.kv_cache_tokens // config.block_size)
         self.max_model_len = min(config.max_model_len or model_config.max_position_embeddings,
                                  model_config.max_position_embeddings, num_blocks * config.block_size)

@@ -22,6 +22,7 @@ from engine.placement.hardware import HardwareProfile
 from engine.placement.memory import (
     GpuMemoryBreakdown,
     activation_bytes,
+    decode_graph_bytes,
     kv_bytes_per_token,
     parse_bytes,
 )
@@ -125,12 +126,16 @@ class PartitionOptions:
 
 def build_partitioned(model: str, model_config: ModelConfig, device: str, dtype: torch.dtype, dtype_name: str,
                       random_weights: bool, seed: int, options: PartitionOptions, kv_cache_tokens: int,
-                      max_num_tokens: int, max_num_seqs: int, show_progress: bool) -> tuple[DecoderModel, Partition]:
+                      max_num_tokens: int, max_num_seqs: int, show_progress: bool,
+                      graph_tokens: int = 0) -> tuple[DecoderModel, Partition]:
+    """`graph_tokens`: decode graphs will be captured for up to this many sequences (their memory is
+    reserved in the budget)."""
     itemsize = torch.empty((), dtype=dtype).element_size()
     budget = parse_bytes(options.gpu_memory_budget) if options.gpu_memory_budget is not None else None
+    activations = activation_bytes(model_config, itemsize, max_num_tokens, max_num_seqs)
+    activations += decode_graph_bytes(model_config, itemsize, graph_tokens)
     request = PlanRequest(model_config, itemsize, budget, kv_cache_tokens * kv_bytes_per_token(model_config, itemsize),
-                          activation_bytes(model_config, itemsize, max_num_tokens, max_num_seqs),
-                          options.staging_slots, options.host_chunk_rows)
+                          activations, options.staging_slots, options.host_chunk_rows)
     rates: DispatchRates | None = None  # token assignment's rates; measured ones with the adaptive planner
     profile: HardwareProfile | None = None
     if isinstance(options.policy, PartitionPlan):

@@ -80,6 +80,25 @@ def activation_bytes(config: ModelConfig, itemsize: int, max_num_tokens: int, ma
     return (max_num_tokens * per_token + logits) * 3 // 2  # room for the allocator's fragmentation
 
 
+def decode_graph_bytes(config: ModelConfig, itemsize: int, max_tokens: int) -> int:
+    """What decode graphs for 1..max_tokens sequences keep on the GPU (engine/model/decode_graphs.py):
+    per captured token and layer the q, k, v, h and routing outputs, per token count the static
+    inputs, once the largest count's temporaries; the graphs' private pool takes whole 2 MiB
+    segments."""
+    if max_tokens <= 0:
+        return 0
+    c, h = config, config.hidden_size
+    q, kv = c.num_heads * c.head_dim, c.num_kv_heads * c.head_dim
+    top_k = c.moe.num_experts_per_tok if c.moe is not None else 0
+    captured_tokens = max_tokens * (max_tokens + 1) // 2  # every size 1..max_tokens, each captured once
+    per_layer = (q + 2 * kv + h) * itemsize + top_k * 12 + (c.moe.num_experts * 4 if c.moe else 0)
+    static = (3 * h + q + 2 * c.head_dim) * itemsize + 8
+    temporaries = max_tokens * (q + 2 * kv + 8 * h) * 4
+    total = captured_tokens * (per_layer * c.num_layers + static) + temporaries
+    segment = 2 << 20
+    return (total + segment - 1) // segment * segment + segment
+
+
 @dataclass(frozen=True)
 class GpuMemoryBreakdown:
     non_ffn_weights: int

@@ -23,6 +23,7 @@ from __future__ import annotations
 from dataclasses import dataclass, replace
 
 from engine.model.config import ModelConfig
+from engine.model.decode_graphs import MAX_GRAPH_TOKENS
 from engine.placement.cost_model import (
     CostModel,
     HostMode,
@@ -35,6 +36,7 @@ from engine.placement.hardware import HardwareProfile
 from engine.placement.memory import (
     GpuMemoryBreakdown,
     activation_bytes,
+    decode_graph_bytes,
     bytes_per_row,
     ffn_units,
     kv_bytes_per_token,
@@ -112,11 +114,15 @@ def dispatch_rates(profile: HardwareProfile) -> dict[str, float]:
 
 def build_plan_request(config: ModelConfig, budget_bytes: int | None, itemsize: int = 2,
                        kv_cache_tokens: int = 16384, max_num_batched_tokens: int = 2048, max_num_seqs: int = 64,
-                       staging_slots: int = 8, host_chunk_rows: int = 1024) -> PlanRequest:
-    """The PlanRequest the engine builds for these settings (defaults: the engine's), without weights."""
+                       staging_slots: int = 8, host_chunk_rows: int = 1024,
+                       decode_graphs: bool = True) -> PlanRequest:
+    """The PlanRequest the engine builds on a GPU for these settings (defaults: the engine's), without
+    weights."""
+    graph_tokens = min(MAX_GRAPH_TOKENS, max_num_seqs) if decode_graphs else 0
+    activations = activation_bytes(config, itemsize, max_num_batched_tokens, max_num_seqs)
+    activations += decode_graph_bytes(config, itemsize, graph_tokens)
     return PlanRequest(config, itemsize, budget_bytes, kv_cache_tokens * kv_bytes_per_token(config, itemsize),
-                       activation_bytes(config, itemsize, max_num_batched_tokens, max_num_seqs),
-                       staging_slots, host_chunk_rows)
+                       activations, staging_slots, host_chunk_rows)
 
 
 # -- resident rows --------------------------------------------------------------------------------

@@ -10,9 +10,13 @@ import pytest
 import torch
 
 from engine import LLM, SamplingParams
-from engine.model.decode_graphs import DecodeGraphs
+from engine.model.decode_graphs import MAX_GRAPH_TOKENS, DecodeGraphs
+from engine.model.factory import resolve_model_config
+from engine.placement.memory import decode_graph_bytes
+from engine.placement.planner import build_plan_request
 from engine.tools.tiny_checkpoint import write_tiny_checkpoint
 from tests.conftest import ARCHS
+from tests.engine.executor.test_partition_exactness import random_plan
 
 PROMPTS = [[5, 9, 13, 22, 40, 41, 42, 7, 8, 100, 3], [3, 4, 250, 17], [77]]
 PARAMS = SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True)
@@ -78,11 +82,23 @@ def test_cuda_graphs_match_eager_decoding_bitwise(arch: str, tmp_path: Path) -> 
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("policy", ["balanced:cg=0.5", "cpu-experts"])
-def test_cuda_graphs_with_a_partitioned_ffn(policy: str, tmp_path: Path) -> None:
-    path = str(write_tiny_checkpoint(tmp_path / "mixtral", arch="mixtral", seed=1, dtype="bfloat16"))
-    options = dict(device="cuda", dtype="bfloat16", show_progress=False, gpu_memory_budget="1.1MB", policy=policy,
-                   kv_cache_tokens=256, max_num_batched_tokens=64, max_num_seqs=4, host_chunk_rows=16)
-    eager = LLM(path, decode_graphs=False, **options)
-    graphs = LLM(path, **options)
+@pytest.mark.parametrize("seed", [0, 1])
+def test_cuda_graphs_with_a_partitioned_ffn(seed: int, tmp_path: Path) -> None:
+    path = write_tiny_checkpoint(tmp_path / "mixtral", arch="mixtral", seed=1, dtype="bfloat16")
+    plan = random_plan(path, seed)  # GG, CG and CC pieces in every layer's experts
+    options = dict(device="cuda", dtype="bfloat16", show_progress=False, policy=plan, kv_cache_tokens=256,
+                   max_num_batched_tokens=64, max_num_seqs=4)
+    eager = LLM(str(path), decode_graphs=False, **options)
+    graphs = LLM(str(path), **options)
     _assert_same(eager, graphs)
+
+
+def test_decode_graph_memory_is_reserved_in_the_budget() -> None:
+    config, _ = resolve_model_config("mixtral-8x7b")
+    without = build_plan_request(config, 24 << 30, decode_graphs=False).activation_bytes
+    with_graphs = build_plan_request(config, 24 << 30).activation_bytes
+    extra = with_graphs - without
+    assert extra == decode_graph_bytes(config, 2, MAX_GRAPH_TOKENS)
+    # 36 captured tokens x 32 layers x (q, k, v, h) in bf16 ~ 24 MB, in 2 MiB segments
+    assert 24e6 < extra < 40e6 and extra % (2 << 20) == 0
+    assert decode_graph_bytes(config, 2, 0) == 0
