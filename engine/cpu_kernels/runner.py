@@ -34,6 +34,7 @@ class _State:
     tried: bool = False
     num_threads: int | None = None
     logged_path: str | None = None
+    active: dict = field(default_factory=dict)  # (requested path, build state) -> _active's answer
 
 
 _state = _State()
@@ -181,7 +182,11 @@ def prepare_slice_jobs(jobs: list[SliceJob], activation: str = "silu", check: bo
     if check:
         for job in jobs:
             check_shapes(job)
-    path, cap, reason = _active(requested_path())
+    requested = requested_path()
+    key = (requested, _state.built is not None, _state.build_error)
+    if key not in _state.active:  # once per setting: this runs for every layer of every step
+        _state.active[key] = _active(requested)
+    path, cap, reason = _state.active[key]
     _log_choice(path, reason)
     if cap == 0 or activation not in KERNEL_ACTIVATIONS:
         return lambda: run_torch_jobs(jobs, activation)

@@ -34,6 +34,16 @@ from engine.model.weights import DENSE_MLP, SHARED_EXPERT
 from engine.placement.plan import PartitionPlan, PieceKind
 
 MAX_CPU_ROWS_PER_COPY = 1024  # rows of CPU partial outputs moved to the GPU per copy
+FIRST_COPIES = 2  # copies enqueued before the CPU job is prepared (the rest of the ring after it)
+
+
+@dataclass
+class _CpuInputs:
+    """The CPU items' activations on their way to the host: item i's rows start at first_row[i]."""
+
+    x_host: torch.Tensor
+    first_row: dict[int, int]
+    ready: torch.cuda.Event | None  # recorded after the copy
 
 
 @dataclass
@@ -94,11 +104,15 @@ class PartitionedExecutor:
         placed = assign(self.dynamic, items, self.rates)
         on_gpu, streamed, on_cpu = placed.on_gpu, placed.streamed, placed.on_cpu
 
-        if self.overlap:  # the CPU job, then a ring's worth of copies, then the GPU's own pieces
-            cpu_future = self._start_cpu(items, offsets, on_cpu)
-            streaming = self._begin_streaming(streamed)
+        if self.overlap:
+            # The CPU's activations leave first, then the first copies start (PCIe busy while the
+            # CPU job is prepared), then the CPU job, then the rest of a ring's worth of copies.
+            cpu_inputs = self._ship_cpu_inputs(items, on_cpu)
+            streaming = self._begin_streaming(streamed, FIRST_COPIES)
+            cpu_future = self._submit_cpu(items, offsets, on_cpu, cpu_inputs)
+            self._fill_ring(streaming)
         else:  # Fiddler: the CPU's pieces, then the transfers
-            cpu_future = self._start_cpu(items, offsets, on_cpu)
+            cpu_future = self._submit_cpu(items, offsets, on_cpu, self._ship_cpu_inputs(items, on_cpu))
             if cpu_future is not None:
                 self._add_cpu_results(sums_all, cpu_future.result())
                 cpu_future = None
@@ -125,10 +139,9 @@ class PartitionedExecutor:
         gate, up = F.linear(x, gate_up).chunk(2, dim=-1)
         return self.accelerator.linear_fp32(self.act(gate) * up, down)
 
-    def _start_cpu(self, items: list[tuple[FFNUnit, torch.Tensor]], offsets: list[int],
-                   on_cpu: list[tuple[int, UnitSlice]]) -> Future[CpuBatch] | None:
-        """Ships the CPU items' activations to the host in one copy and hands all CC pieces of the
-        layer to the CPU worker as one job, writing into one host buffer."""
+    def _ship_cpu_inputs(self, items: list[tuple[FFNUnit, torch.Tensor]],
+                         on_cpu: list[tuple[int, UnitSlice]]) -> _CpuInputs | None:
+        """Enqueues one device-to-host copy of the CPU items' activations."""
         if not on_cpu:
             return None
         acc = self.accelerator
@@ -136,21 +149,30 @@ class PartitionedExecutor:
         x_device = torch.cat([items[i][1] for i in cpu_items]) if len(cpu_items) > 1 else items[cpu_items[0]][1]
         x_host = acc.host_empty(tuple(x_device.shape), x_device.dtype)
         x_host.copy_(x_device, non_blocking=True)
-        ready = acc.record(acc.compute_stream)
-        host_rows, row = {}, 0
+        first_row, row = {}, 0
         for i in cpu_items:
-            host_rows[i] = x_host[row : row + items[i][1].shape[0]]
+            first_row[i] = row
             row += items[i][1].shape[0]
-        num_rows = sum(host_rows[i].shape[0] for i, _ in on_cpu)
-        out = acc.host_empty((num_rows, x_host.shape[1]), torch.float32)
-        dest = acc.host_empty((num_rows,), torch.int64)
-        jobs, row = [], 0
-        for i, piece in on_cpu:
-            n = host_rows[i].shape[0]
-            jobs.append(CpuJob(i, host_rows[i], piece, out[row : row + n]))
-            torch.arange(offsets[i], offsets[i] + n, out=dest[row : row + n])
+        return _CpuInputs(x_host, first_row, acc.record(acc.compute_stream))
+
+    def _submit_cpu(self, items: list[tuple[FFNUnit, torch.Tensor]], offsets: list[int],
+                    on_cpu: list[tuple[int, UnitSlice]], inputs: _CpuInputs | None) -> Future[CpuBatch] | None:
+        """Hands all CC pieces of the layer to the CPU worker as one job, writing into one host
+        buffer (rows of job k at its offset, destined for the accumulator rows in `dest`)."""
+        if inputs is None:
+            return None
+        acc, x_host = self.accelerator, inputs.x_host
+        counts = [items[i][1].shape[0] for i, _ in on_cpu]
+        out = acc.host_empty((sum(counts), x_host.shape[1]), torch.float32)
+        dest = acc.host_empty((len(out),), torch.int64)
+        jobs, dest_rows, row = [], [], 0
+        for (i, piece), n in zip(on_cpu, counts, strict=True):
+            first = inputs.first_row[i]
+            jobs.append(CpuJob(i, x_host[first : first + n], piece, out[row : row + n]))
+            dest_rows.extend(range(offsets[i], offsets[i] + n))
             row += n
-        return self.cpu_pool.submit(CpuBatch(jobs, out, dest), ready, self.timeline)
+        dest.numpy()[:] = dest_rows
+        return self.cpu_pool.submit(CpuBatch(jobs, out, dest), inputs.ready, self.timeline)
 
     def _add_cpu_results(self, sums_all: torch.Tensor, batch: CpuBatch) -> None:
         """CPU partials copied host-to-device and summed into their items' rows, a bounded block of
@@ -162,8 +184,8 @@ class PartitionedExecutor:
             sums_all.index_add_(0, batch.dest[rows].to(device, non_blocking=True),
                                 batch.out[rows].to(device, non_blocking=True))
 
-    def _begin_streaming(self, streamed: list[tuple[int, UnitSlice]]) -> _Streaming:
-        """Enqueues the first copies (up to a ring's worth, prefetched ones first)."""
+    def _begin_streaming(self, streamed: list[tuple[int, UnitSlice]], max_copies: int | None = None) -> _Streaming:
+        """Enqueues the first copies (prefetched ones first): up to `max_copies`, else a ring's worth."""
         state = _Streaming(deque(), deque(), deque())
         if not streamed:
             self._drop_prefetched()
@@ -177,9 +199,16 @@ class PartitionedExecutor:
             state.staged.append(self._prefetched.popleft()[1])
             state.pending.append(state.queue.popleft())
         self._drop_prefetched()
-        while state.queue and len(state.staged) < self.ring.num_slots:
-            self._stage_next(state)
+        self._fill_ring(state, max_copies)
         return state
+
+    def _fill_ring(self, state: _Streaming, max_copies: int | None = None) -> None:
+        """Enqueues copies until the ring is full (or `max_copies` are in flight)."""
+        if self.ring is None:
+            return
+        limit = self.ring.num_slots if max_copies is None else min(max_copies, self.ring.num_slots)
+        while state.queue and len(state.staged) < limit:
+            self._stage_next(state)
 
     def _stage_next(self, state: _Streaming) -> None:
         assert self.ring is not None
