@@ -116,8 +116,8 @@ def trace_decode(llm: LLM, prompt_len: int, steps: int, trace_path: str | None) 
     engine.runner.trace = None
     if trace_path:
         recorder.write(trace_path)
-    rows: dict[str, list[float]] = {k: [] for k in ("executor", "between", "cpu_start", "cpu", "pcie", "gpu", "tail",
-                                                    "pcie_end", "gpu_end")}
+    rows: dict[str, list[float]] = {k: [] for k in ("executor", "between", "cpu_start", "cpu", "pcie_start", "pcie",
+                                                    "gpu", "tail", "pcie_end", "gpu_end")}
     decode = [s for s in recorder.steps if s.kind == "decode"][2:]
     for step in decode:
         hosts = sorted((i for i in step.intervals if i.resource == "host"), key=lambda i: i.start_s)
@@ -135,6 +135,7 @@ def trace_decode(llm: LLM, prompt_len: int, steps: int, trace_path: str | None) 
                 rows["tail"].append(h.end_s - max(i.end_s for i in cpu))
             if pcie:
                 rows["pcie"].append(sum(i.end_s - i.start_s for i in pcie))
+                rows["pcie_start"].append(min(i.start_s for i in pcie) - h.start_s)
                 rows["pcie_end"].append(max(i.end_s for i in pcie) - h.end_s)  # > 0: copies outlast the executor
             if gpu:
                 rows["gpu"].append(sum(i.end_s - i.start_s for i in gpu))
@@ -162,6 +163,9 @@ def main() -> None:
     parser.add_argument("--switch-interval", default="",
                         help="also trace with these Python GIL switch intervals in seconds (comma list)")
     parser.add_argument("--graphs-ab", action="store_true", help="also trace without and with decode graphs, alternating")
+    parser.add_argument("--first-copies", default="",
+                        help="also trace with these counts of copies enqueued before the CPU job (comma list, "
+                             "each twice, alternating; 0 = the CPU job first)")
     parser.add_argument("--skip-sdpa", action="store_true")
     parser.add_argument("--skip-cprofile", action="store_true")
     args = parser.parse_args()
@@ -172,7 +176,7 @@ def main() -> None:
     llm = LLM(args.model, device="cuda", random_weights=True, gpu_memory_budget=args.budget, policy=args.policy,
               kv_cache_tokens=4096, max_num_seqs=8, cpu_threads=args.cpu_threads, show_progress=False)
     lines += trace_decode(llm, args.prompt_len, args.steps, args.trace)
-    print("\n".join(lines[-11:]), flush=True)
+    print("\n".join(lines[-12:]), flush=True)
     if args.graphs_ab:  # the same engine without and with decode graphs, alternating
         model = llm.engine.runner.model
         graphs = model.decode_graphs
@@ -181,6 +185,15 @@ def main() -> None:
             lines += [f"decode graphs {'on' if use else 'off'}", *trace_decode(llm, args.prompt_len, args.steps, None)]
             print("\n".join(lines[-12:]), flush=True)
         model.decode_graphs = graphs
+    if args.first_copies:  # copies enqueued before the CPU job is prepared, alternating values
+        from engine.executor import partitioned
+
+        default = partitioned.FIRST_COPIES
+        for value in [int(v) for v in args.first_copies.split(",")] * 2:
+            partitioned.FIRST_COPIES = value
+            lines += [f"first copies {value}", *trace_decode(llm, args.prompt_len, args.steps, None)]
+            print("\n".join(lines[-12:]), flush=True)
+        partitioned.FIRST_COPIES = default
     for interval in filter(None, args.switch_interval.split(",")):
         import sys
 
