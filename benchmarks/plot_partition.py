@@ -1,7 +1,8 @@
 """Draws docs/partition_24GiB.svg from a partition_bench.py JSON result: decode and prefill
 tokens/s per policy next to the floor. Plain SVG, no plotting library.
 
-    python benchmarks/plot_partition.py benchmarks/results/2026-11-24_validation_mixtral-8x7b_24GiB_h100_calibration.json \
+    python benchmarks/plot_partition.py benchmarks/results/2026-11-24_s4_scheinfer_mixtral_24GiB_side_by_side_h100.json \
+        --llamacpp benchmarks/results/2026-11-24_s4_llamacpp_mixtral_side_by_side_h100.json \
         --hf benchmarks/results/2026-11-24_hf_offload_mixtral-8x7b_24GiB_h100.json
 """
 
@@ -28,11 +29,24 @@ def _panel(title: str, rows: list[tuple[str, float]], top: int) -> tuple[list[st
     return parts, y + 10
 
 
-def render(result: dict, hf: dict | None = None) -> str:
-    """`hf`: an hf_offload_bench.py result for the same model and budget (one more bar per phase)."""
+def llamacpp_best(llamacpp: dict, phase: str) -> float:
+    """The best scaled tokens/s over thread counts of a llamacpp_bench.py result; phase "pp512"
+    (prefill-512) or "tg" (decode)."""
+    values = [fit["tok_per_s_scaled"] for name, fit in llamacpp["fit"].items() if name.startswith(phase)]
+    if not values:
+        raise ValueError(f"the llama.cpp result has no {phase} fit")
+    return max(values)
+
+
+def render(result: dict, hf: dict | None = None, llamacpp: dict | None = None) -> str:
+    """`hf`: an hf_offload_bench.py result for the same model and budget; `llamacpp`: a
+    llamacpp_bench.py result for the same model (one more bar per phase each)."""
     policies = result["policies"]
     decode = [(name, r["decode_tok_s"]) for name, r in policies.items()]
     prefill = [(name, r["prefill_tok_s"]) for name, r in policies.items()]
+    if llamacpp is not None:
+        decode.append(("llama.cpp", llamacpp_best(llamacpp, "tg")))
+        prefill.append(("llama.cpp", llamacpp_best(llamacpp, "pp512")))
     if hf is not None:
         first = hf["by_prompt"][min(hf["by_prompt"], key=int)]
         decode.append(("HF device_map", first["decode_tok_s"]))
@@ -52,9 +66,11 @@ def main() -> None:
     parser.add_argument("result")
     parser.add_argument("--out", default="docs/partition_24GiB.svg")
     parser.add_argument("--hf", default=None, help="hf_offload_bench.py JSON of the same model and budget")
+    parser.add_argument("--llamacpp", default=None, help="llamacpp_bench.py JSON of the same model")
     args = parser.parse_args()
     hf = json.loads(Path(args.hf).read_text()) if args.hf else None
-    Path(args.out).write_text(render(json.loads(Path(args.result).read_text()), hf))
+    llamacpp = json.loads(Path(args.llamacpp).read_text()) if args.llamacpp else None
+    Path(args.out).write_text(render(json.loads(Path(args.result).read_text()), hf, llamacpp))
     print(f"wrote {args.out}")
 
 
