@@ -13,6 +13,7 @@ import io
 import pstats
 import statistics
 import time
+from collections.abc import Callable
 from contextlib import nullcontext
 
 import torch
@@ -148,6 +149,37 @@ def trace_decode(llm: LLM, prompt_len: int, steps: int, trace_path: str | None) 
     return out
 
 
+def variants(llm: LLM, args: argparse.Namespace) -> list[tuple[str, Callable[[], None]]]:
+    """(label, setter) for every engine setting to trace as asked on the command line; a setting's
+    values come in alternating order, and an unlabelled setter after them restores the default."""
+    import sys
+
+    from engine.cpu_kernels.runner import get_tuning, set_tuning
+    from engine.executor import partitioned
+
+    model = llm.engine.runner.model
+    out: list[tuple[str, Callable[[], None]]] = []
+
+    def add(values: list, label: Callable[[object], str], set_value: Callable[[object], None], default: object) -> None:
+        out.extend((label(v), lambda v=v: set_value(v)) for v in values)
+        out.append(("", lambda: set_value(default)))
+
+    if args.graphs_ab:  # the same engine without and with decode graphs
+        graphs = model.decode_graphs
+        add([False, True, False, True], lambda v: f"decode graphs {'on' if v else 'off'}",
+            lambda v: setattr(model, "decode_graphs", graphs if v else None), True)
+    if args.first_copies:  # copies enqueued before the CPU job is prepared
+        add([int(v) for v in args.first_copies.split(",")] * 2, lambda v: f"first copies {v}",
+            lambda v: setattr(partitioned, "FIRST_COPIES", v), partitioned.FIRST_COPIES)
+    if args.switch_interval:
+        add([float(v) for v in args.switch_interval.split(",")], lambda v: f"GIL switch interval {v} s",
+            sys.setswitchinterval, sys.getswitchinterval())
+    if args.spin_us:
+        add([int(v) for v in args.spin_us.split(",")], lambda v: f"spin_us={v}",
+            lambda v: set_tuning("spin_us", v), get_tuning("spin_us"))
+    return out
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--model", default="mixtral-8x7b")
@@ -177,39 +209,11 @@ def main() -> None:
               kv_cache_tokens=4096, max_num_seqs=8, cpu_threads=args.cpu_threads, show_progress=False)
     lines += trace_decode(llm, args.prompt_len, args.steps, args.trace)
     print("\n".join(lines[-12:]), flush=True)
-    if args.graphs_ab:  # the same engine without and with decode graphs, alternating
-        model = llm.engine.runner.model
-        graphs = model.decode_graphs
-        for use in (False, True, False, True):
-            model.decode_graphs = graphs if use else None
-            lines += [f"decode graphs {'on' if use else 'off'}", *trace_decode(llm, args.prompt_len, args.steps, None)]
+    for label, apply in variants(llm, args):
+        apply()
+        if label:
+            lines += [label, *trace_decode(llm, args.prompt_len, args.steps, None)]
             print("\n".join(lines[-12:]), flush=True)
-        model.decode_graphs = graphs
-    if args.first_copies:  # copies enqueued before the CPU job is prepared, alternating values
-        from engine.executor import partitioned
-
-        default = partitioned.FIRST_COPIES
-        for value in [int(v) for v in args.first_copies.split(",")] * 2:
-            partitioned.FIRST_COPIES = value
-            lines += [f"first copies {value}", *trace_decode(llm, args.prompt_len, args.steps, None)]
-            print("\n".join(lines[-12:]), flush=True)
-        partitioned.FIRST_COPIES = default
-    for interval in filter(None, args.switch_interval.split(",")):
-        import sys
-
-        before_interval = sys.getswitchinterval()
-        sys.setswitchinterval(float(interval))
-        lines += [f"GIL switch interval {interval} s", *trace_decode(llm, args.prompt_len, args.steps, None)]
-        sys.setswitchinterval(before_interval)
-        print("\n".join(lines[-12:]), flush=True)
-    for spin in filter(None, args.spin_us.split(",")):
-        from engine.cpu_kernels.runner import get_tuning, set_tuning
-
-        before = get_tuning("spin_us")
-        set_tuning("spin_us", int(spin))
-        lines += [f"spin_us={spin}", *trace_decode(llm, args.prompt_len, args.steps, None)]
-        set_tuning("spin_us", before)
-        print("\n".join(lines[-10:]), flush=True)
     if not args.skip_cprofile:
         lines += profile_decode(llm, args.prompt_len, args.steps, args.top)
     text = "\n".join(lines)

@@ -18,8 +18,8 @@ from engine.engine_config import EngineConfig
 from engine.executor.setup import Partition, build_partitioned
 from engine.kv_cache.block_manager import BlockManager
 from engine.model.attention_kernels import check_attention_kernels
-from engine.model.decode_graphs import MAX_GRAPH_TOKENS, DecodeGraphs
 from engine.model.config import ModelConfig
+from engine.model.decode_graphs import MAX_GRAPH_TOKENS, DecodeGraphs
 from engine.model.factory import load_model, resolve_dtype, resolve_model_config
 from engine.model_runner import ModelRunner
 from engine.outputs import EngineStats, RequestOutput, StepStats

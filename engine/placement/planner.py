@@ -36,8 +36,8 @@ from engine.placement.hardware import HardwareProfile
 from engine.placement.memory import (
     GpuMemoryBreakdown,
     activation_bytes,
-    decode_graph_bytes,
     bytes_per_row,
+    decode_graph_bytes,
     ffn_units,
     kv_bytes_per_token,
     non_ffn_bytes,
