@@ -179,7 +179,7 @@ def bench_model(name: str, pinned: bool, variants_decode: list[str], variants_pr
 
 
 TUNING_KEYS = ("item_bytes", "prefetch_bytes", "decode_rows", "amx_min_tokens", "amx_rows", "amx_prefill_rows",
-               "amx_pack_min_tiles", "amx_k_block", "amx_prefetch", "amx_b_prefetch", "amx_items_per_thread", "spin_us")
+               "amx_pack_min_tiles", "amx_k_block", "amx_prefetch", "amx_items_per_thread", "spin_us")
 SETTING_KEYS = (*TUNING_KEYS, "threads")  # threads: the kernels' pool size for that setting
 DEFAULT_SWEEP = ("base:", "no_prefetch:amx_prefetch=0", "rows128:amx_prefill_rows=128",
                  "rows256:amx_prefill_rows=256", "rows256+items4:amx_prefill_rows=256,amx_items_per_thread=4")

@@ -98,7 +98,6 @@ const TuningKnob kKnobs[] = {
     {"amx_pack_min_tiles", &Tuning::amx_pack_min_tiles, at_least_one},
     {"amx_k_block", &Tuning::amx_k_block, k_block},
     {"amx_prefetch", &Tuning::amx_prefetch, flag},
-    {"amx_b_prefetch", &Tuning::amx_b_prefetch, flag},
     {"amx_items_per_thread", &Tuning::amx_items_per_thread, at_least_one},
     {"spin_us", &Tuning::spin_us, non_negative},
 };

@@ -58,31 +58,9 @@ struct NextBlock {
   }
 };
 
-// The token tiles computed after the current ones (same A block): their B tiles (one 1 KB step per
-// step) and, when accumulators are reloaded, their 4 accumulator tiles, prefetched into L1
-// (tuning: amx_b_prefetch). b0 == nullptr: nothing to prefetch.
-struct NextTokens {
-  const uint32_t* b0 = nullptr;
-  const uint32_t* b1 = nullptr;  // nullptr when the next pair has one tile
-  const float* c[4] = {nullptr, nullptr, nullptr, nullptr};
-
-  void prefetch_step(int64_t kk) const {
-    if (b0 == nullptr) return;
-#pragma GCC unroll 16
-    for (int line = 0; line < 16; ++line) {
-      _mm_prefetch(reinterpret_cast<const char*>(b0 + 256 * kk + 16 * line), _MM_HINT_T0);
-      if (b1 != nullptr) _mm_prefetch(reinterpret_cast<const char*>(b1 + 256 * kk + 16 * line), _MM_HINT_T0);
-    }
-    if (kk < 4 && c[kk] != nullptr) {
-#pragma GCC unroll 16
-      for (int line = 0; line < 16; ++line) _mm_prefetch(reinterpret_cast<const char*>(c[kk] + 16 * line), _MM_HINT_T0);
-    }
-  }
-};
-
 inline void tile_block(const bf16_t* a0, const bf16_t* a1, int64_t a_stride, int64_t a_step, const uint32_t* b0,
                        const uint32_t* b1, int64_t nk, bool two, bool load_c, float* c0, float* c1, float* c2,
-                       float* c3, const NextBlock& next, const NextTokens& next_tokens) {
+                       float* c3, const NextBlock& next) {
   if (load_c) {
     _tile_loadd(0, c0, 64);
     _tile_loadd(2, c2, 64);
@@ -99,7 +77,6 @@ inline void tile_block(const bf16_t* a0, const bf16_t* a1, int64_t a_stride, int
   if (two) {
     for (int64_t kk = 0; kk < nk; ++kk) {
       next.prefetch_step(kk);
-      next_tokens.prefetch_step(kk);
       _tile_loadd(4, a0 + a_step * kk, a_stride);
       _tile_loadd(6, b0 + 256 * kk, 64);
       _tile_dpbf16ps(0, 4, 6);
@@ -112,7 +89,6 @@ inline void tile_block(const bf16_t* a0, const bf16_t* a1, int64_t a_stride, int
   } else {
     for (int64_t kk = 0; kk < nk; ++kk) {
       next.prefetch_step(kk);
-      next_tokens.prefetch_step(kk);
       _tile_loadd(4, a0 + a_step * kk, a_stride);
       _tile_loadd(6, b0 + 256 * kk, 64);
       _tile_dpbf16ps(0, 4, 6);
@@ -156,7 +132,6 @@ struct ItemGemm {
 void run_item_gemm(const ItemGemm& g) {
   const bool packed = g.ntile >= tuning().amx_pack_min_tiles;
   const bool ahead = tuning().amx_prefetch != 0;
-  const bool l1_ahead = tuning().amx_b_prefetch != 0;
   const int64_t kb_size = tuning().amx_k_block, k_half = g.K / 2;
   auto block_steps = [&](int64_t kb) { return ((kb + kb_size < g.K ? kb + kb_size : g.K) - kb) / 32; };
   for (int64_t kb = 0; kb < g.K; kb += kb_size) {
@@ -180,20 +155,9 @@ void run_item_gemm(const ItemGemm& g) {
       float* second = first + g.ntile * 256;
       for (int64_t tt = 0; tt < g.ntile; tt += 2) {
         const uint32_t* b0 = g.b + (tt * k_half + kb / 2) * 16;
-        NextTokens next_tokens;
-        if (l1_ahead && tt + 2 < g.ntile) {
-          next_tokens.b0 = b0 + 2 * k_half * 16;
-          next_tokens.b1 = tt + 3 < g.ntile ? next_tokens.b0 + k_half * 16 : nullptr;
-          if (kb > 0) {
-            next_tokens.c[0] = first + (tt + 2) * 256;
-            next_tokens.c[1] = second + (tt + 2) * 256;
-            next_tokens.c[2] = tt + 3 < g.ntile ? first + (tt + 3) * 256 : nullptr;
-            next_tokens.c[3] = tt + 3 < g.ntile ? second + (tt + 3) * 256 : nullptr;
-          }
-        }
         tile_block(a0, a1, packed ? 64 : g.row_stride * 2, packed ? 512 : 32, b0, b0 + k_half * 16, nk,
                    tt + 1 < g.ntile, kb > 0, first + tt * 256, first + (tt + 1) * 256, second + tt * 256,
-                   second + (tt + 1) * 256, tt == 0 ? next : NextBlock{}, next_tokens);
+                   second + (tt + 1) * 256, tt == 0 ? next : NextBlock{});
       }
     }
   }

@@ -48,7 +48,6 @@ struct Tuning {
   int64_t prefetch_bytes = 1024;   // software prefetch distance in the weight streams (0: off)
   int64_t decode_rows = 8;         // rows per avx512 micro-kernel pass at one token: 1, 2, 4 or 8
   int64_t amx_prefetch = 1;        // amx: prefetch the next A block into L2 while computing (0/1)
-  int64_t amx_b_prefetch = 0;      // amx: prefetch the next token tiles' B and accumulators into L1 (0/1)
   int64_t amx_min_tokens = 4;      // jobs with fewer tokens use avx512
   int64_t amx_rows = 64;           // weight rows per amx work item, up to 64 tokens (multiple of 32)
   int64_t amx_prefill_rows = 64;   // weight rows per amx work item, more tokens (multiple of 32)
