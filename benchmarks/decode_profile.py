@@ -149,6 +149,34 @@ def trace_decode(llm: LLM, prompt_len: int, steps: int, trace_path: str | None) 
     return out
 
 
+def kernel_profile(llm: LLM, prompt_len: int, steps: int, path: str) -> list[str]:
+    """torch.profiler over `steps` decode steps (after a warm-up): every CUDA kernel and copy on its
+    stream, and the host's ops, written gzipped as a Chrome trace; returns the top GPU kernels."""
+    from torch.profiler import ProfilerActivity, profile
+
+    engine = llm.engine
+    prompt = list(range(1, prompt_len + 1))
+    engine.add_request("k", prompt, SamplingParams(max_tokens=steps + 6, temperature=0.0, ignore_eos=True))
+    for _ in range(4):  # prefill and warm-up steps
+        engine.step()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        for _ in range(steps):
+            engine.step()
+        torch.cuda.synchronize()
+    while engine.has_unfinished_requests():
+        engine.step()
+    prof.export_chrome_trace(path)
+    if not path.endswith(".gz"):
+        import gzip
+        import shutil
+
+        with open(path, "rb") as src, gzip.open(path + ".gz", "wb") as dst:
+            shutil.copyfileobj(src, dst)
+    table = prof.key_averages().table(sort_by="self_cuda_time_total", row_limit=25)
+    return [f"kernel profile of {steps} decode steps -> {path}", table]
+
+
 def variants(llm: LLM, args: argparse.Namespace) -> list[tuple[str, Callable[[], None]]]:
     """(label, setter) for every engine setting to trace as asked on the command line; a setting's
     values come in alternating order, and an unlabelled setter after them restores the default."""
@@ -168,6 +196,10 @@ def variants(llm: LLM, args: argparse.Namespace) -> list[tuple[str, Callable[[],
         graphs = model.decode_graphs
         add([False, True, False, True], lambda v: f"decode graphs {'on' if v else 'off'}",
             lambda v: setattr(model, "decode_graphs", graphs if v else None), True)
+    if args.driver_ab:  # CPU jobs on the kernels' C++ driver thread, or on the pool's Python worker
+        pool = llm.engine.runner.executor.cpu_pool
+        add([False, True, False, True], lambda v: f"C++ driver {'on' if v else 'off'}",
+            lambda v: setattr(pool, "use_driver", v), True)
     if args.first_copies:  # copies enqueued before the CPU job is prepared
         add([int(v) for v in args.first_copies.split(",")] * 2, lambda v: f"first copies {v}",
             lambda v: setattr(partitioned, "FIRST_COPIES", v), partitioned.FIRST_COPIES)
@@ -195,9 +227,14 @@ def main() -> None:
     parser.add_argument("--switch-interval", default="",
                         help="also trace with these Python GIL switch intervals in seconds (comma list)")
     parser.add_argument("--graphs-ab", action="store_true", help="also trace without and with decode graphs, alternating")
+    parser.add_argument("--driver-ab", action="store_true",
+                        help="also trace with CPU jobs on the Python worker and on the C++ driver, alternating")
     parser.add_argument("--first-copies", default="",
                         help="also trace with these counts of copies enqueued before the CPU job (comma list, "
                              "each twice, alternating; 0 = the CPU job first)")
+    parser.add_argument("--kernel-trace", default=None,
+                        help="also run torch.profiler over a few decode steps and write its Chrome trace here")
+    parser.add_argument("--kernel-steps", type=int, default=3)
     parser.add_argument("--skip-sdpa", action="store_true")
     parser.add_argument("--skip-cprofile", action="store_true")
     args = parser.parse_args()
@@ -214,6 +251,8 @@ def main() -> None:
         if label:
             lines += [label, *trace_decode(llm, args.prompt_len, args.steps, None)]
             print("\n".join(lines[-12:]), flush=True)
+    if args.kernel_trace:
+        lines += kernel_profile(llm, args.prompt_len, args.kernel_steps, args.kernel_trace)
     if not args.skip_cprofile:
         lines += profile_decode(llm, args.prompt_len, args.steps, args.top)
     text = "\n".join(lines)

@@ -15,7 +15,9 @@ from engine.cpu_kernels.runner import (
     prepare_slice_jobs,
     run_slice_jobs,
     set_num_threads,
+    start_slice_jobs,
 )
 from engine.cpu_kernels.slice_job import SliceJob
 
-__all__ = ["SliceJob", "available_paths", "job_path", "kernel_info", "prepare_slice_jobs", "run_slice_jobs", "set_num_threads"]
+__all__ = ["SliceJob", "available_paths", "job_path", "kernel_info", "prepare_slice_jobs", "run_slice_jobs", "set_num_threads",
+           "start_slice_jobs"]

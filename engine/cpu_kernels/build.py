@@ -23,8 +23,8 @@ from engine.cpu_kernels.cpu_info import cpu_info
 logger = logging.getLogger(__name__)
 
 CSRC_DIR = Path(__file__).parent / "csrc"
-SOURCES = ("api.cpp", "thread_pool.cpp", "kernels_avx2.cpp", "kernels_avx512.cpp", "kernels_amx.cpp")
-HEADERS = ("slice_ffn.h", "thread_pool.h", "vec_math.h")
+SOURCES = ("api.cpp", "driver.cpp", "thread_pool.cpp", "kernels_avx2.cpp", "kernels_avx512.cpp", "kernels_amx.cpp")
+HEADERS = ("driver.h", "slice_ffn.h", "thread_pool.h", "vec_math.h")
 CFLAGS = ("-O3", "-march=native", "-fno-math-errno", "-fno-trapping-math", "-pthread", "-Wno-uninitialized",
           "-Wno-maybe-uninitialized")
 STALE_LOCK_S = 600.0  # a build lock older than this was left by a killed build
@@ -71,6 +71,10 @@ def _declare(lib: ctypes.CDLL) -> None:
     lib.scheinfer_get_tuning.restype = i64
     lib.scheinfer_run.argtypes = [ctypes.c_void_p, i32, i32, i32]
     lib.scheinfer_run.restype = i32
+    lib.scheinfer_submit.argtypes = [ctypes.c_void_p, i32, i32, i32]
+    lib.scheinfer_submit.restype = i64
+    lib.scheinfer_wait.argtypes = [i64, ctypes.c_void_p]
+    lib.scheinfer_wait.restype = i32
     lib.scheinfer_job_path.argtypes = [ctypes.c_void_p, i32]
     lib.scheinfer_job_path.restype = i32
     lib.scheinfer_stream_read.argtypes = [ctypes.c_void_p, i64, i32]

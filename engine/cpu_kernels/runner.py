@@ -175,6 +175,15 @@ def run_slice_jobs(jobs: list[SliceJob], activation: str = "silu", check: bool =
     prepare_slice_jobs(jobs, activation, check)()
 
 
+def _cached_active() -> tuple[str, int, str]:
+    """_active for the requested path, computed once per setting (this runs for every layer)."""
+    requested = requested_path()
+    key = (requested, _state.built is not None, _state.build_error)
+    if key not in _state.active:
+        _state.active[key] = _active(requested)
+    return _state.active[key]
+
+
 def prepare_slice_jobs(jobs: list[SliceJob], activation: str = "silu", check: bool = True) -> Callable[[], None]:
     """Does the Python part of `run_slice_jobs` now (checks, path choice, the C++ job records) and
     returns the call that computes. The executor prepares on the thread that drives the GPU and
@@ -182,11 +191,7 @@ def prepare_slice_jobs(jobs: list[SliceJob], activation: str = "silu", check: bo
     if check:
         for job in jobs:
             check_shapes(job)
-    requested = requested_path()
-    key = (requested, _state.built is not None, _state.build_error)
-    if key not in _state.active:  # once per setting: this runs for every layer of every step
-        _state.active[key] = _active(requested)
-    path, cap, reason = _state.active[key]
+    path, cap, reason = _cached_active()
     _log_choice(path, reason)
     if cap == 0 or activation not in KERNEL_ACTIVATIONS:
         return lambda: run_torch_jobs(jobs, activation)
@@ -208,6 +213,42 @@ def prepare_slice_jobs(jobs: list[SliceJob], activation: str = "silu", check: bo
             raise RuntimeError(f"cpu kernel failed: {lib.scheinfer_last_error().decode()}")
 
     return run
+
+
+@dataclass
+class PendingJobs:
+    """Jobs submitted to the C++ driver thread; `wait()` returns their (start, end) times in
+    seconds on time.perf_counter's clock."""
+
+    ticket: int
+    lib: ctypes.CDLL
+
+    def wait(self) -> tuple[float, float]:
+        times = (ctypes.c_int64 * 3)()
+        if self.lib.scheinfer_wait(self.ticket, ctypes.addressof(times)) != 0:
+            raise RuntimeError(f"cpu kernel failed: {self.lib.scheinfer_last_error().decode()}")
+        return times[0] / 1e9, times[1] / 1e9
+
+
+def start_slice_jobs(jobs: list[SliceJob], activation: str = "silu",
+                     weights: list[tuple[int, int, int, int, int]] | None = None) -> PendingJobs | None:
+    """Submits the jobs to the C++ kernels without waiting, when every job runs there (bf16, silu,
+    kernel layouts, a kernel path in force); else None (run them with `prepare_slice_jobs`). The
+    jobs' tensors must stay alive until `wait()` returns. `weights`: each job's weight_fields, when
+    the caller keeps them (shapes are not checked: for callers that build jobs from model pieces)."""
+    path, cap, reason = _cached_active()
+    if cap == 0 or activation not in KERNEL_ACTIVATIONS or not all(kernel_ready(job) for job in jobs):
+        return None
+    _log_choice(path, reason)
+    records = array("q")
+    for i, job in enumerate(jobs):
+        records.extend(describe(job, weights[i] if weights is not None else None))
+    lib = _state.built.lib  # type: ignore[union-attr]
+    buffer = (ctypes.c_int64 * len(records)).from_buffer(records)
+    ticket = lib.scheinfer_submit(ctypes.addressof(buffer), len(jobs), cap, num_threads())
+    if ticket < 0:
+        raise RuntimeError(f"cpu kernel failed: {lib.scheinfer_last_error().decode()}")
+    return PendingJobs(ticket, lib)
 
 
 def job_path(job: SliceJob) -> str:

@@ -57,8 +57,16 @@ def kernel_ready(job: SliceJob) -> bool:
             and (down.stride(1) == 1 or down.shape[1] <= 1) and (out.stride(1) == 1 or out.shape[1] <= 1))
 
 
-def describe(job: SliceJob) -> tuple[int, ...]:
-    """The job's int64 record (DESC_FIELDS order) for the C++ driver."""
-    x, gate_up, down, out = job.x, job.gate_up, job.down, job.out
-    return (x.data_ptr(), x.shape[0], x.shape[1], gate_up.data_ptr(), gate_up.stride(0), down.shape[1],
-            down.data_ptr(), down.stride(0), out.data_ptr(), out.stride(0))
+def weight_fields(gate_up: torch.Tensor, down: torch.Tensor) -> tuple[int, int, int, int, int]:
+    """The weights' part of a job record (gate_up, gate_up_stride, n, down, down_stride): fixed for a
+    model's piece, so callers that run the same pieces every step can keep it."""
+    return (gate_up.data_ptr(), gate_up.stride(0), down.shape[1], down.data_ptr(), down.stride(0))
+
+
+def describe(job: SliceJob, weights: tuple[int, int, int, int, int] | None = None) -> tuple[int, ...]:
+    """The job's int64 record (DESC_FIELDS order) for the C++ driver; `weights`: its weight_fields
+    when the caller has them already."""
+    x, out = job.x, job.out
+    gate_up, gate_up_stride, n, down, down_stride = weights or weight_fields(job.gate_up, job.down)
+    return (x.data_ptr(), x.shape[0], x.shape[1], gate_up, gate_up_stride, n, down, down_stride, out.data_ptr(),
+            out.stride(0))

@@ -7,6 +7,7 @@ All CC pieces of one layer are handed over as one job. The math runs in the opti
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import sys
 from collections.abc import Callable
@@ -16,7 +17,10 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from engine.cpu_kernels import SliceJob, prepare_slice_jobs, set_num_threads, start_slice_jobs
 from engine.cpu_kernels.cpu_info import default_num_threads
+from engine.cpu_kernels.runner import PendingJobs
+from engine.cpu_kernels.slice_job import weight_fields
 from engine.executor.accelerator import now_s
 from engine.executor.timeline import StepTimeline
 from engine.model.ffn import UnitSlice
@@ -48,23 +52,56 @@ def _torch_jobs(jobs: list[CpuJob], act: Callable[[torch.Tensor], torch.Tensor])
         job.out.copy_(F.linear(act(gate) * up, job.piece.down))
 
 
-def _kernel_preparer(activation: str, num_threads: int | None) -> Callable[[list[CpuJob]], Callable[[], None]] | None:
-    """engine.cpu_kernels.prepare_slice_jobs for the pool's jobs when the kernels exist, else None.
-    `num_threads` (when given) sizes the kernels' own thread pool; else their default stands
-    (SCHEINFER_CPU_THREADS, or physical cores - 1)."""
-    try:
-        from engine.cpu_kernels import SliceJob, prepare_slice_jobs, set_num_threads
-    except ImportError:
-        return None
-    if num_threads is not None:
-        set_num_threads(num_threads)
+class _Kernels:
+    """The C++ kernels for the pool's jobs: submitted to their own driver thread when every job of a
+    batch runs there, else prepared here and run on the pool's Python worker."""
 
-    def prepare(jobs: list[CpuJob]) -> Callable[[], None]:
-        # the executor builds x and out to the pieces' shapes; the pieces are the model's own
-        return prepare_slice_jobs([SliceJob(j.x, j.piece.gate_up, j.piece.down, j.out) for j in jobs], activation,
-                                  check=False)
+    def __init__(self, activation: str, num_threads: int | None) -> None:
+        if num_threads is not None:
+            set_num_threads(num_threads)
+        self.activation = activation
+        self._weights: dict[int, tuple[int, int, int, int, int]] = {}  # id(piece) -> weight_fields
 
-    return prepare
+    @staticmethod
+    def _slice_jobs(jobs: list[CpuJob]) -> list[SliceJob]:
+        return [SliceJob(j.x, j.piece.gate_up, j.piece.down, j.out) for j in jobs]
+
+    def start(self, jobs: list[CpuJob]) -> PendingJobs | None:
+        """The submitted jobs, or None when some job needs torch."""
+        weights = []
+        for j in jobs:
+            fields = self._weights.get(id(j.piece))
+            if fields is None:  # pieces live as long as the model: their fields do not change
+                fields = self._weights[id(j.piece)] = weight_fields(j.piece.gate_up, j.piece.down)
+            weights.append(fields)
+        return start_slice_jobs(self._slice_jobs(jobs), self.activation, weights)
+
+    def prepare(self, jobs: list[CpuJob]) -> Callable[[], None]:
+        return prepare_slice_jobs(self._slice_jobs(jobs), self.activation, check=False)
+
+
+class _Submitted:
+    """A batch running on the kernels' driver thread; `result()` waits for it (the GIL released)."""
+
+    def __init__(self, pool: CpuPool, batch: CpuBatch, pending: PendingJobs, timeline: StepTimeline | None) -> None:
+        self._pool, self._batch, self._pending, self._timeline = pool, batch, pending, timeline
+        self._done = False
+
+    def result(self) -> CpuBatch:
+        if not self._done:
+            start, end = self._pending.wait()
+            self._done = True
+            self._pool.account(self._batch, start, end, self._timeline)
+        return self._batch
+
+    def __del__(self) -> None:
+        # the kernels write into the batch's buffers: never free them under a running job
+        if not self._done:
+            with contextlib.suppress(RuntimeError):
+                self._pending.wait()
+
+
+CpuResult = Future[CpuBatch] | _Submitted  # .result() -> CpuBatch
 
 
 class CpuPool:
@@ -75,19 +112,30 @@ class CpuPool:
         # the thread driving the GPU could wait that long to get it back.
         sys.setswitchinterval(min(sys.getswitchinterval(), 0.0005))
         self._act = act
-        self._prepare = _kernel_preparer(activation, num_threads)
+        self._kernels = _Kernels(activation, num_threads)
+        self.use_driver = True  # False: every batch on the Python worker (A/B in benchmarks)
         # Thread counts are per OS thread in OpenMP: set it in the worker itself.
         self._worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="scheinfer-cpu",
                                           initializer=torch.set_num_threads, initargs=(self.num_threads,))
         self.busy_s = 0.0
 
     def submit(self, batch: CpuBatch, inputs_ready: torch.cuda.Event | None,
-               timeline: StepTimeline | None = None) -> Future[CpuBatch]:
-        """Prepares the batch's kernel call on the calling thread (all the Python), then hands the
-        call to the worker, which waits for the inputs and computes."""
+               timeline: StepTimeline | None = None) -> CpuResult:
+        """Starts the batch. bf16 jobs that the C++ kernels take go straight to their driver thread
+        once the inputs have landed (this thread waits for the device-to-host copy: it is enqueued
+        right after the GPU work this thread already waited for). Others: the Python part is done
+        here, the compute on the worker, which waits for the inputs itself."""
         jobs = batch.jobs
-        if self._prepare is not None and all(j.x.dtype == torch.bfloat16 for j in jobs):
-            compute = self._prepare(jobs)
+        bf16 = all(j.x.dtype == torch.bfloat16 for j in jobs)
+        if bf16 and self.use_driver:
+            if inputs_ready is not None:
+                inputs_ready.synchronize()
+                inputs_ready = None
+            pending = self._kernels.start(jobs)
+            if pending is not None:
+                return _Submitted(self, batch, pending, timeline)
+        if bf16:
+            compute = self._kernels.prepare(jobs)
         else:
             def compute() -> None:
                 _torch_jobs(jobs, self._act)
@@ -100,11 +148,14 @@ class CpuPool:
         start = now_s()
         with torch.inference_mode():
             compute()
-        end = now_s()
-        self.busy_s += end - start
-        if timeline is not None:
-            timeline.cpu_interval("cpu", start, end, f"{len(batch.jobs)} CC pieces")
+        self.account(batch, start, now_s(), timeline)
         return batch
+
+    def account(self, batch: CpuBatch, start_s: float, end_s: float, timeline: StepTimeline | None) -> None:
+        """Adds a finished batch's compute time to the busy meter and the step's timeline."""
+        self.busy_s += end_s - start_s
+        if timeline is not None:
+            timeline.cpu_interval("cpu", start_s, end_s, f"{len(batch.jobs)} CC pieces")
 
     def shutdown(self) -> None:
         self._worker.shutdown(wait=True)

@@ -16,14 +16,13 @@ from __future__ import annotations
 
 from collections import deque
 from collections.abc import Callable
-from concurrent.futures import Future
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 
 from engine.executor.accelerator import Accelerator, now_s
-from engine.executor.cpu_pool import CpuBatch, CpuJob, CpuPool
+from engine.executor.cpu_pool import CpuBatch, CpuJob, CpuPool, CpuResult
 from engine.executor.staging import StagedSlice, StagingRing
 from engine.executor.timeline import BusyMeter, StepTimeline, host_mark
 from engine.executor.token_assignment import DispatchRates, assign
@@ -156,7 +155,7 @@ class PartitionedExecutor:
         return _CpuInputs(x_host, first_row, acc.record(acc.compute_stream))
 
     def _submit_cpu(self, items: list[tuple[FFNUnit, torch.Tensor]], offsets: list[int],
-                    on_cpu: list[tuple[int, UnitSlice]], inputs: _CpuInputs | None) -> Future[CpuBatch] | None:
+                    on_cpu: list[tuple[int, UnitSlice]], inputs: _CpuInputs | None) -> CpuResult | None:
         """Hands all CC pieces of the layer to the CPU worker as one job, writing into one host
         buffer (rows of job k at its offset, destined for the accumulator rows in `dest`)."""
         if inputs is None:

@@ -17,6 +17,7 @@
 #include <string>
 #include <vector>
 
+#include "driver.h"
 #include "slice_ffn.h"
 #include "thread_pool.h"
 
@@ -275,6 +276,37 @@ void run_jobs(std::vector<Job>& jobs, int num_threads) {
   if (failures.load() != 0) throw std::runtime_error("out of memory in a kernel thread");
 }
 
+// descs: num_jobs x 10 int64 (JobDesc) -> the jobs to run (empty ones done here: their output is zero).
+std::vector<Job> parse_jobs(const int64_t* descs, int num_jobs, int max_path) {
+  int available = available_paths();
+  std::vector<Job> jobs;
+  for (int i = 0; i < num_jobs; ++i) {
+    JobDesc d;
+    std::memcpy(&d, descs + 10 * i, sizeof(JobDesc));
+    if (d.num_tokens == 0 || d.hidden == 0) continue;
+    float* out = reinterpret_cast<float*>(d.out);
+    if (d.n == 0) {  // empty slice: the partial output is zero
+      for (int64_t t = 0; t < d.num_tokens; ++t) std::memset(out + t * d.out_stride, 0, d.hidden * sizeof(float));
+      continue;
+    }
+    Job j{};
+    j.x = reinterpret_cast<const bf16_t*>(d.x);
+    j.T = d.num_tokens;
+    j.H = d.hidden;
+    j.gu = reinterpret_cast<const bf16_t*>(d.gate_up);
+    j.gu_stride = d.gate_up_stride;
+    j.N = d.n;
+    j.down = reinterpret_cast<const bf16_t*>(d.down);
+    j.down_stride = d.down_stride;
+    j.out = out;
+    j.out_stride = d.out_stride;
+    j.path = choose_path(d, max_path, available);
+    if (j.path == kPathNone) throw std::runtime_error("no kernel path is available on this CPU");
+    jobs.push_back(j);
+  }
+  return jobs;
+}
+
 }  // namespace
 }  // namespace scheinfer
 
@@ -299,43 +331,55 @@ int64_t scheinfer_get_tuning(const char* key) {
   return knob == nullptr ? -1 : tuning().*(knob->field);
 }
 
-// descs: num_jobs x 10 int64 (JobDesc). max_path caps the path (3 amx, 2 avx512, 1 avx2).
-// Returns 0, or 1 with scheinfer_last_error() set. Shapes are validated by the caller.
+// max_path caps the path (3 amx, 2 avx512, 1 avx2). Returns 0, or 1 with scheinfer_last_error()
+// set. Shapes are validated by the caller.
 int scheinfer_run(const int64_t* descs, int num_jobs, int max_path, int num_threads) {
   std::lock_guard<std::mutex> lock(g_call_mutex);
   try {
-    int available = available_paths();
-    std::vector<Job> jobs;
-    for (int i = 0; i < num_jobs; ++i) {
-      JobDesc d;
-      std::memcpy(&d, descs + 10 * i, sizeof(JobDesc));
-      if (d.num_tokens == 0 || d.hidden == 0) continue;
-      float* out = reinterpret_cast<float*>(d.out);
-      if (d.n == 0) {  // empty slice: the partial output is zero
-        for (int64_t t = 0; t < d.num_tokens; ++t) std::memset(out + t * d.out_stride, 0, d.hidden * sizeof(float));
-        continue;
-      }
-      Job j{};
-      j.x = reinterpret_cast<const bf16_t*>(d.x);
-      j.T = d.num_tokens;
-      j.H = d.hidden;
-      j.gu = reinterpret_cast<const bf16_t*>(d.gate_up);
-      j.gu_stride = d.gate_up_stride;
-      j.N = d.n;
-      j.down = reinterpret_cast<const bf16_t*>(d.down);
-      j.down_stride = d.down_stride;
-      j.out = out;
-      j.out_stride = d.out_stride;
-      j.path = choose_path(d, max_path, available);
-      if (j.path == kPathNone) throw std::runtime_error("no kernel path is available on this CPU");
-      jobs.push_back(j);
-    }
+    std::vector<Job> jobs = parse_jobs(descs, num_jobs, max_path);
     if (!jobs.empty()) run_jobs(jobs, num_threads < 1 ? 1 : num_threads);
     return 0;
   } catch (const std::exception& e) {
     g_error = e.what();
     return 1;
   }
+}
+
+// As scheinfer_run, without waiting: the call runs on the driver thread (driver.h). Returns a
+// ticket for scheinfer_wait, or -1 with scheinfer_last_error() set (descs are read before return).
+int64_t scheinfer_submit(const int64_t* descs, int num_jobs, int max_path, int num_threads) {
+  try {
+    std::vector<Job> jobs;
+    {
+      std::lock_guard<std::mutex> lock(g_call_mutex);  // available_paths() may initialise
+      jobs = parse_jobs(descs, num_jobs, max_path);
+    }
+    const int threads = num_threads < 1 ? 1 : num_threads;
+    return driver_submit([jobs = std::move(jobs), threads]() mutable {
+      std::lock_guard<std::mutex> lock(g_call_mutex);
+      try {
+        if (!jobs.empty()) run_jobs(jobs, threads);
+        return 0;
+      } catch (const std::exception& e) {
+        set_driver_error(e.what());
+        return 1;
+      }
+    });
+  } catch (const std::exception& e) {
+    g_error = e.what();
+    return -1;
+  }
+}
+
+// Waits for a submitted call: 0, or 1 with scheinfer_last_error() set. times_ns (3 int64, may be
+// null): the call's start and end and its submission, steady clock (Python's perf_counter clock).
+int scheinfer_wait(int64_t ticket, int64_t* times_ns) {
+  int status = driver_wait(ticket, times_ns);
+  if (status != 0) {
+    std::lock_guard<std::mutex> lock(g_call_mutex);
+    g_error = driver_last_error();
+  }
+  return status;
 }
 
 // The path each job of a call would take (for tests and kernel_info), without running it.
