@@ -196,6 +196,10 @@ def variants(llm: LLM, args: argparse.Namespace) -> list[tuple[str, Callable[[],
         graphs = model.decode_graphs
         add([False, True, False, True], lambda v: f"decode graphs {'on' if v else 'off'}",
             lambda v: setattr(model, "decode_graphs", graphs if v else None), True)
+    if args.host_routing_ab and model.decode_graphs is not None:  # routing ids and activations to the host
+        graphs_ = model.decode_graphs
+        add([False, True, False, True], lambda v: f"host routing {'on' if v else 'off'}",
+            lambda v: setattr(graphs_, "host_routing", v), True)
     if args.driver_ab:  # CPU jobs on the kernels' C++ driver thread, or on the pool's Python worker
         pool = llm.engine.runner.executor.cpu_pool
         add([False, True, False, True], lambda v: f"C++ driver {'on' if v else 'off'}",
@@ -227,6 +231,8 @@ def main() -> None:
     parser.add_argument("--switch-interval", default="",
                         help="also trace with these Python GIL switch intervals in seconds (comma list)")
     parser.add_argument("--graphs-ab", action="store_true", help="also trace without and with decode graphs, alternating")
+    parser.add_argument("--host-routing-ab", action="store_true",
+                        help="also trace with routing ids read by a kernel + sync, and copied to the host, alternating")
     parser.add_argument("--driver-ab", action="store_true",
                         help="also trace with CPU jobs on the Python worker and on the C++ driver, alternating")
     parser.add_argument("--first-copies", default="",

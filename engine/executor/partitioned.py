@@ -38,11 +38,11 @@ FIRST_COPIES = 2  # copies enqueued before the CPU job is prepared (the rest of 
 
 @dataclass
 class _CpuInputs:
-    """The CPU items' activations on their way to the host: item i's rows start at first_row[i]."""
+    """The CPU items' activations on the host (item -> its rows), and the event after which they
+    are there (None: already there)."""
 
-    x_host: torch.Tensor
-    first_row: dict[int, int]
-    ready: torch.cuda.Event | None  # recorded after the copy
+    rows: dict[int, torch.Tensor]
+    ready: torch.cuda.Event | None
 
 
 @dataclass
@@ -91,7 +91,10 @@ class PartitionedExecutor:
 
     # -- one layer ---------------------------------------------------------------------------
 
-    def __call__(self, layer: int, items: list[tuple[FFNUnit, torch.Tensor]]) -> list[torch.Tensor]:
+    def __call__(self, layer: int, items: list[tuple[FFNUnit, torch.Tensor]],
+                 host_x: list[torch.Tensor] | None = None) -> list[torch.Tensor]:
+        """Each item's output; `host_x`: the items' activations already on the host (decode steps
+        copy them there with the routing), which the CPU's pieces then take without a copy."""
         acc = self.accelerator
         entered_s = now_s()
         # one fp32 accumulator for all items (rows of item i at offsets[i]); views per item
@@ -106,12 +109,12 @@ class PartitionedExecutor:
         if self.overlap:
             # The CPU's activations leave first, then the first copies start (PCIe busy while the
             # CPU job is prepared), then the CPU job, then the rest of a ring's worth of copies.
-            cpu_inputs = self._ship_cpu_inputs(items, on_cpu)
+            cpu_inputs = self._ship_cpu_inputs(items, on_cpu, host_x)
             streaming = self._begin_streaming(streamed, FIRST_COPIES)
             cpu_future = self._submit_cpu(items, offsets, on_cpu, cpu_inputs)
             self._fill_ring(streaming)
         else:  # Fiddler: the CPU's pieces, then the transfers
-            cpu_future = self._submit_cpu(items, offsets, on_cpu, self._ship_cpu_inputs(items, on_cpu))
+            cpu_future = self._submit_cpu(items, offsets, on_cpu, self._ship_cpu_inputs(items, on_cpu, host_x))
             if cpu_future is not None:
                 self._add_cpu_results(sums_all, cpu_future.result())
                 cpu_future = None
@@ -138,21 +141,24 @@ class PartitionedExecutor:
         gate, up = F.linear(x, gate_up).chunk(2, dim=-1)
         return self.accelerator.linear_fp32(self.act(gate) * up, down)
 
-    def _ship_cpu_inputs(self, items: list[tuple[FFNUnit, torch.Tensor]],
-                         on_cpu: list[tuple[int, UnitSlice]]) -> _CpuInputs | None:
-        """Enqueues one device-to-host copy of the CPU items' activations."""
+    def _ship_cpu_inputs(self, items: list[tuple[FFNUnit, torch.Tensor]], on_cpu: list[tuple[int, UnitSlice]],
+                         host_x: list[torch.Tensor] | None) -> _CpuInputs | None:
+        """The CPU items' activations on the host: `host_x` when given, else one device-to-host copy."""
         if not on_cpu:
             return None
-        acc = self.accelerator
         cpu_items = sorted({i for i, _ in on_cpu})
+        if host_x is not None:
+            return _CpuInputs({i: host_x[i] for i in cpu_items}, None)
+        acc = self.accelerator
         x_device = torch.cat([items[i][1] for i in cpu_items]) if len(cpu_items) > 1 else items[cpu_items[0]][1]
         x_host = acc.host_empty(tuple(x_device.shape), x_device.dtype)
         x_host.copy_(x_device, non_blocking=True)
-        first_row, row = {}, 0
+        rows, row = {}, 0
         for i in cpu_items:
-            first_row[i] = row
-            row += items[i][1].shape[0]
-        return _CpuInputs(x_host, first_row, acc.record(acc.compute_stream))
+            n = items[i][1].shape[0]
+            rows[i] = x_host[row : row + n]
+            row += n
+        return _CpuInputs(rows, acc.record(acc.compute_stream))
 
     def _submit_cpu(self, items: list[tuple[FFNUnit, torch.Tensor]], offsets: list[int],
                     on_cpu: list[tuple[int, UnitSlice]], inputs: _CpuInputs | None) -> CpuResult | None:
@@ -160,14 +166,13 @@ class PartitionedExecutor:
         buffer (rows of job k at its offset, destined for the accumulator rows in `dest`)."""
         if inputs is None:
             return None
-        acc, x_host = self.accelerator, inputs.x_host
+        acc = self.accelerator
         counts = [items[i][1].shape[0] for i, _ in on_cpu]
-        out = acc.host_empty((sum(counts), x_host.shape[1]), torch.float32)
+        out = acc.host_empty((sum(counts), items[0][1].shape[1]), torch.float32)
         dest = acc.host_empty((len(out),), torch.int64)
         jobs, dest_rows, row = [], [], 0
         for (i, piece), n in zip(on_cpu, counts, strict=True):
-            first = inputs.first_row[i]
-            jobs.append(CpuJob(i, x_host[first : first + n], piece, out[row : row + n]))
+            jobs.append(CpuJob(i, inputs.rows[i], piece, out[row : row + n]))
             dest_rows.extend(range(offsets[i], offsets[i] + n))
             row += n
         dest.numpy()[:] = dest_rows

@@ -29,7 +29,7 @@ import torch.nn.functional as F
 from engine.forward_batch import ForwardBatch
 from engine.kv_cache.paged_cache import PagedKVCache
 from engine.model.attention import attend, project_qkv
-from engine.model.moe import MoEBlock, Routing
+from engine.model.moe import HostRouting, MoEBlock, Routing
 
 MAX_GRAPH_TOKENS = 8  # decode steps of up to this many sequences replay graphs; larger ones run eagerly
 
@@ -56,6 +56,28 @@ class StepBuffers:
 
 
 @dataclass
+class HostMirror:
+    """Pinned host copies of a layer's routing ids and routed activations (one set per token count,
+    reused by every layer: a layer's CPU job is done before the next layer's copies are enqueued)."""
+
+    ids: torch.Tensor  # [n, top_k] int64
+    x: torch.Tensor  # [n, hidden]
+    ready: torch.cuda.Event
+
+    @classmethod
+    def allocate(cls, num_tokens: int, top_k: int, hidden: int, dtype: torch.dtype) -> HostMirror:
+        return cls(torch.empty((num_tokens, top_k), dtype=torch.int64, pin_memory=True),
+                   torch.empty((num_tokens, hidden), dtype=dtype, pin_memory=True), torch.cuda.Event())
+
+    def copy(self, routing: Routing, h: torch.Tensor) -> Routing:
+        """`routing` with its ids and `h` on their way to the host (read them after `ready`)."""
+        self.ids.copy_(routing.expert_ids, non_blocking=True)
+        self.x.copy_(h, non_blocking=True)
+        self.ready.record()
+        return Routing(routing.expert_ids, routing.weights, HostRouting(self.ids, self.x, self.ready))
+
+
+@dataclass
 class LayerOutputs:
     """What one layer's segments leave for the eager parts: q, k, v for attention, h and its routing."""
 
@@ -74,6 +96,20 @@ class Segments:
         self.cache = cache
         self.buffers = buffers
         self.outputs = [LayerOutputs() for _ in model.layers]
+        moe = [layer.ffn for layer in model.layers if isinstance(layer.ffn, MoEBlock)]
+        self.host: HostMirror | None = None  # only where there is a GPU: on the CPU h is on the host
+        if moe and buffers.residual.device.type == "cuda":
+            n, hidden = buffers.residual.shape
+            self.host = HostMirror.allocate(n, moe[0].config.num_experts_per_tok, hidden, buffers.residual.dtype)
+
+    def routing_on_host(self, i: int) -> Routing | None:
+        """Layer i's routing (after its post segment) with the ids and activations on the host."""
+        out = self.outputs[i]
+        if out.routing is None or out.h is None:
+            return out.routing
+        if self.host is None:  # CPU: nothing to copy
+            return Routing(out.routing.expert_ids, out.routing.weights, HostRouting(out.routing.expert_ids, out.h, None))
+        return self.host.copy(out.routing, out.h)
 
     def pre(self, i: int) -> None:
         model, b = self.model, self.buffers
@@ -133,6 +169,7 @@ class DecodeGraphs:
         self._steps: dict[int, CapturedStep] = {}
         self._cache_id: int | None = None
         self._pool = None
+        self.host_routing = True  # routing ids and activations copied to the host with the routing
 
     def applies(self, batch: ForwardBatch) -> bool:
         n = batch.num_tokens
@@ -177,7 +214,8 @@ class DecodeGraphs:
             out = outputs[i]
             attend(out.q, out.k, out.v, model.attn_shape, i, batch, cache, out=b.attended)
             step.post[i]()
-            b.ffn_out.copy_(model.run_ffn(i, layer.ffn, out.h, out.routing))
+            routing = step.segments.routing_on_host(i) if self.host_routing else out.routing
+            b.ffn_out.copy_(model.run_ffn(i, layer.ffn, out.h, routing))
         return b.residual + b.ffn_out
 
     def _fill(self, b: StepBuffers, batch: ForwardBatch, cos_sin: tuple[torch.Tensor, torch.Tensor]) -> None:

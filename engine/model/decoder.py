@@ -25,8 +25,9 @@ from engine.model.norms import Norm
 from engine.model.rotary import RotaryEmbedding
 
 FFN = FFNUnit | MoEBlock
-# (layer index, [(unit, its tokens' activations)]) -> each unit's output
-UnitExecutor = Callable[[int, list[tuple[FFNUnit, torch.Tensor]]], list[torch.Tensor]]
+# (layer index, [(unit, its tokens' activations)], the same activations on the host or None)
+# -> each unit's output
+UnitExecutor = Callable[[int, list[tuple[FFNUnit, torch.Tensor]], "list[torch.Tensor] | None"], list[torch.Tensor]]
 
 
 @dataclass
@@ -69,8 +70,9 @@ class DecoderModel:
             return ffn(h, self.act, routing=routing) if isinstance(ffn, MoEBlock) else ffn(h, self.act)
         executor = self.unit_executor
 
-        def run_units(items: list[tuple[FFNUnit, torch.Tensor]]) -> list[torch.Tensor]:
-            return executor(layer_idx, items)
+        def run_units(items: list[tuple[FFNUnit, torch.Tensor]], host_x: list[torch.Tensor] | None = None,
+                      ) -> list[torch.Tensor]:
+            return executor(layer_idx, items, host_x)
 
         if isinstance(ffn, MoEBlock):
             return ffn(h, self.act, run_units, routing)

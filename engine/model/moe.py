@@ -11,8 +11,35 @@ import torch.nn.functional as F
 from engine.model.config import MoEConfig, RouterKind
 from engine.model.ffn import FFNUnit
 
-# [(unit, its tokens' activations [num_tokens, hidden])] -> each unit's output, same shapes
-UnitRunner = Callable[[list[tuple[FFNUnit, torch.Tensor]]], list[torch.Tensor]]
+# [(unit, its tokens' activations [num_tokens, hidden])], optionally the same activations already
+# on the host (one per unit, or None) -> each unit's output, same shapes
+UnitRunner = Callable[[list[tuple[FFNUnit, torch.Tensor]], "list[torch.Tensor] | None"], list[torch.Tensor]]
+
+
+@dataclass
+class HostRouting:
+    """A routing's expert ids and the routed activations, copied to the host (pinned) by the GPU
+    right after routing: reading the ids then costs one wait, no kernel, and the CPU's pieces
+    need no copy of their own."""
+
+    expert_ids: torch.Tensor  # [num_tokens, top_k] int64, host
+    x: torch.Tensor  # [num_tokens, hidden], host: the activations the experts take
+    ready: torch.cuda.Event | None  # recorded after both copies (None: no copy, already there)
+
+
+@dataclass(frozen=True)
+class TokenGroup:
+    """The tokens routed to one expert: `rows` of the layer's tokens, at positions `k_pos` of their
+    top-k. A slice and an int when the rows are contiguous and share one position (every expert at
+    batch 1: views, no gather); else index tensors on the routing's device."""
+
+    rows: slice | torch.Tensor
+    k_pos: int | torch.Tensor
+    host_rows: torch.Tensor | None = None  # index rows on the host too, when built from host ids
+
+    @property
+    def is_range(self) -> bool:
+        return isinstance(self.rows, slice)
 
 
 @dataclass
@@ -21,20 +48,54 @@ class Routing:
 
     expert_ids: torch.Tensor
     weights: torch.Tensor
+    host: HostRouting | None = None
 
-    def tokens_of(self) -> dict[int, tuple[torch.Tensor, torch.Tensor]]:
-        """expert id -> (token indices, positions in top-k) of the tokens routed to it."""
+    def tokens_of(self) -> dict[int, TokenGroup]:
+        """expert id -> the tokens routed to it, experts in increasing id order."""
+        if self.host is not None:
+            if self.host.ready is not None:
+                self.host.ready.synchronize()
+            return self._groups_from_host(self.host.expert_ids.tolist())
         flat = self.expert_ids.flatten()
         order = torch.argsort(flat, stable=True)
         experts_sorted = flat[order].tolist()
         top_k = self.expert_ids.shape[1]
-        out: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+        out: dict[int, TokenGroup] = {}
         begin = 0
         for i in range(1, len(experts_sorted) + 1):
             if i == len(experts_sorted) or experts_sorted[i] != experts_sorted[begin]:
                 chosen = order[begin:i]
-                out[experts_sorted[begin]] = (chosen // top_k, chosen % top_k)
+                out[experts_sorted[begin]] = TokenGroup(chosen // top_k, chosen % top_k)
                 begin = i
+        return out
+
+    def _groups_from_host(self, ids: list[list[int]]) -> dict[int, TokenGroup]:
+        pairs: dict[int, list[tuple[int, int]]] = {}
+        for token, experts in enumerate(ids):
+            for k, expert in enumerate(experts):
+                pairs.setdefault(expert, []).append((token, k))
+        out: dict[int, TokenGroup] = {}
+        gathered: dict[int, list[tuple[int, int]]] = {}
+        for expert in sorted(pairs):
+            members = pairs[expert]
+            first, k0 = members[0]
+            if all(t == first + j and k == k0 for j, (t, k) in enumerate(members)):
+                out[expert] = TokenGroup(slice(first, first + len(members)), k0)
+            else:
+                gathered[expert] = members
+                out[expert] = TokenGroup(torch.empty(0), 0)  # placeholder, keeps the id order
+        if gathered:  # every other group's indices reach the device in one copy
+            flat = [value for members in gathered.values() for pair in members for value in pair]
+            device = self.expert_ids.device
+            host_index = torch.tensor(flat, dtype=torch.int64).view(-1, 2)
+            index = host_index
+            if device.type == "cuda":
+                index = host_index.pin_memory().to(device, non_blocking=True)
+            row = 0
+            for expert, members in gathered.items():
+                rows = slice(row, row + len(members))
+                out[expert] = TokenGroup(index[rows, 0], index[rows, 1], host_index[rows, 0])
+                row += len(members)
         return out
 
 
@@ -88,15 +149,23 @@ class MoEBlock:
         caller computed it already (a decode graph does).
         """
         routing = routing if routing is not None else self.route(x)
-        assignment = routing.tokens_of()
-        items = [(self.experts[e], x[token_idx]) for e, (token_idx, _) in assignment.items()]
+        groups = routing.tokens_of()
+        items = [(self.experts[e], x[group.rows]) for e, group in groups.items()]
+        host_x = None
+        if routing.host is not None:
+            host_x = [routing.host.x[group.rows if group.is_range else group.host_rows] for group in groups.values()]
         if self.shared_expert is not None:
             items.append((self.shared_expert, x))
-        results = run_units(items) if run_units is not None else [unit(rows, act) for unit, rows in items]
+            if host_x is not None:
+                host_x.append(routing.host.x)
+        results = run_units(items, host_x) if run_units is not None else [unit(rows, act) for unit, rows in items]
         out = torch.zeros_like(x)
-        for y, (token_idx, k_pos) in zip(results, assignment.values(), strict=False):
-            y = y * routing.weights[token_idx, k_pos, None]
-            out.index_add_(0, token_idx, y.to(out.dtype))
+        for y, group in zip(results, groups.values(), strict=False):
+            y = (y * routing.weights[group.rows, group.k_pos, None]).to(out.dtype)
+            if group.is_range:  # the same sum as index_add_ over distinct rows, without the index
+                out[group.rows].add_(y)
+            else:
+                out.index_add_(0, group.rows, y)
         if self.shared_expert is not None:
             assert self.shared_expert_gate is not None
             out = out + torch.sigmoid(F.linear(x, self.shared_expert_gate)) * results[-1]

@@ -102,3 +102,21 @@ def test_decode_graph_memory_is_reserved_in_the_budget() -> None:
     # 36 captured tokens x 32 layers x (q, k, v, h) in bf16 ~ 24 MB, in 2 MiB segments
     assert 24e6 < extra < 40e6 and extra % (2 << 20) == 0
     assert decode_graph_bytes(config, 2, 0) == 0
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_segments_with_a_partitioned_ffn_on_the_cpu(seed: int, tmp_path: Path) -> None:
+    """The decode path that reads routing ids and activations on the host (expert groups as row
+    ranges at batch 1, gathers at batch 3) gives the eager path's logits with CC pieces in the C++
+    kernels and GG/CG pieces on the CPU stand-in for the GPU."""
+    path = write_tiny_checkpoint(tmp_path / "mixtral", arch="mixtral", seed=1, dtype="bfloat16")
+    plan = random_plan(path, seed)
+    options = dict(device="cpu", dtype="bfloat16", show_progress=False, policy=plan, kv_cache_tokens=256,
+                   max_num_batched_tokens=64, max_num_seqs=4)
+    eager = LLM(str(path), **options)
+    segmented = LLM(str(path), **options)
+    model = segmented.engine.runner.model
+    model.decode_graphs = DecodeGraphs(model, capture=False)
+    _assert_same(eager, segmented)
+    assert model.decode_graphs.captured_sizes() == [1, 3]
+    assert segmented.engine.runner.executor.cpu_pool.busy_s > 0  # CC pieces ran
