@@ -236,16 +236,24 @@ def start_slice_jobs(jobs: list[SliceJob], activation: str = "silu",
     kernel layouts, a kernel path in force); else None (run them with `prepare_slice_jobs`). The
     jobs' tensors must stay alive until `wait()` returns. `weights`: each job's weight_fields, when
     the caller keeps them (shapes are not checked: for callers that build jobs from model pieces)."""
-    path, cap, reason = _cached_active()
-    if cap == 0 or activation not in KERNEL_ACTIVATIONS or not all(kernel_ready(job) for job in jobs):
+    if not all(kernel_ready(job) for job in jobs):
         return None
-    _log_choice(path, reason)
     records = array("q")
     for i, job in enumerate(jobs):
         records.extend(describe(job, weights[i] if weights is not None else None))
+    return submit_records(records, len(jobs), activation)
+
+
+def submit_records(records: array, num_jobs: int, activation: str = "silu") -> PendingJobs | None:
+    """Submits `num_jobs` job records (DESC_FIELDS each, kernel-ready operands: the caller checked)
+    to the C++ driver thread; None when no kernel path is in force for them."""
+    path, cap, reason = _cached_active()
+    if cap == 0 or activation not in KERNEL_ACTIVATIONS:
+        return None
+    _log_choice(path, reason)
     lib = _state.built.lib  # type: ignore[union-attr]
     buffer = (ctypes.c_int64 * len(records)).from_buffer(records)
-    ticket = lib.scheinfer_submit(ctypes.addressof(buffer), len(jobs), cap, num_threads())
+    ticket = lib.scheinfer_submit(ctypes.addressof(buffer), num_jobs, cap, num_threads())
     if ticket < 0:
         raise RuntimeError(f"cpu kernel failed: {lib.scheinfer_last_error().decode()}")
     return PendingJobs(ticket, lib)

@@ -48,13 +48,17 @@ def check_shapes(job: SliceJob) -> None:
         raise ValueError(f"out must be float32, got {out.dtype}")
 
 
+def weights_ready(gate_up: torch.Tensor, down: torch.Tensor) -> bool:
+    """True when the C++ kernels read these weights: bf16, elements of a row contiguous."""
+    return (gate_up.dtype == down.dtype == torch.bfloat16 and (gate_up.stride(1) == 1 or gate_up.shape[1] <= 1)
+            and (down.stride(1) == 1 or down.shape[1] <= 1))
+
+
 def kernel_ready(job: SliceJob) -> bool:
     """True when the C++ kernels take this job: bf16 operands with the layouts they read."""
-    x, gate_up, down, out = job.x, job.gate_up, job.down, job.out
-    if not (x.dtype == gate_up.dtype == down.dtype == torch.bfloat16):
-        return False
-    return (x.is_contiguous() and (gate_up.stride(1) == 1 or gate_up.shape[1] <= 1)
-            and (down.stride(1) == 1 or down.shape[1] <= 1) and (out.stride(1) == 1 or out.shape[1] <= 1))
+    x, out = job.x, job.out
+    return (x.dtype == torch.bfloat16 and x.is_contiguous() and weights_ready(job.gate_up, job.down)
+            and (out.stride(1) == 1 or out.shape[1] <= 1))
 
 
 def weight_fields(gate_up: torch.Tensor, down: torch.Tensor) -> tuple[int, int, int, int, int]:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import sys
+from array import array
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
@@ -17,10 +18,10 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from engine.cpu_kernels import SliceJob, prepare_slice_jobs, set_num_threads, start_slice_jobs
+from engine.cpu_kernels import SliceJob, prepare_slice_jobs, set_num_threads
 from engine.cpu_kernels.cpu_info import default_num_threads
-from engine.cpu_kernels.runner import PendingJobs
-from engine.cpu_kernels.slice_job import weight_fields
+from engine.cpu_kernels.runner import PendingJobs, submit_records
+from engine.cpu_kernels.slice_job import weight_fields, weights_ready
 from engine.executor.accelerator import now_s
 from engine.executor.timeline import StepTimeline
 from engine.model.ffn import UnitSlice
@@ -33,7 +34,7 @@ class CpuJob:
     item: int  # which work item (unit + tokens) this piece belongs to
     x: torch.Tensor  # [num_tokens, hidden] host activations
     piece: UnitSlice  # a host-resident slice
-    out: torch.Tensor  # [num_tokens, hidden] fp32 host: written with the piece's partial output
+    row: int  # its partial output goes to rows [row, row + num_tokens) of the batch's `out`
 
 
 @dataclass
@@ -42,14 +43,17 @@ class CpuBatch:
     of the layer's accumulator."""
 
     jobs: list[CpuJob]
-    out: torch.Tensor  # [num_rows, hidden] fp32 host
+    out: torch.Tensor  # [num_rows, hidden] fp32 host, contiguous
     dest: torch.Tensor  # [num_rows] int64 host
 
+    def out_of(self, job: CpuJob) -> torch.Tensor:
+        return self.out[job.row : job.row + job.x.shape[0]]
 
-def _torch_jobs(jobs: list[CpuJob], act: Callable[[torch.Tensor], torch.Tensor]) -> None:
-    for job in jobs:
+
+def _torch_jobs(batch: CpuBatch, act: Callable[[torch.Tensor], torch.Tensor]) -> None:
+    for job in batch.jobs:
         gate, up = F.linear(job.x, job.piece.gate_up).chunk(2, dim=-1)
-        job.out.copy_(F.linear(act(gate) * up, job.piece.down))
+        batch.out_of(job).copy_(F.linear(act(gate) * up, job.piece.down))
 
 
 class _Kernels:
@@ -60,24 +64,38 @@ class _Kernels:
         if num_threads is not None:
             set_num_threads(num_threads)
         self.activation = activation
-        self._weights: dict[int, tuple[int, int, int, int, int]] = {}  # id(piece) -> weight_fields
+        # id(piece) -> its weight_fields, or None when the kernels do not read its weights
+        self._weights: dict[int, tuple[int, int, int, int, int] | None] = {}
 
-    @staticmethod
-    def _slice_jobs(jobs: list[CpuJob]) -> list[SliceJob]:
-        return [SliceJob(j.x, j.piece.gate_up, j.piece.down, j.out) for j in jobs]
+    def _weight_fields(self, piece: UnitSlice) -> tuple[int, int, int, int, int] | None:
+        key = id(piece)
+        if key not in self._weights:  # pieces live as long as the model: their fields do not change
+            ready = weights_ready(piece.gate_up, piece.down)
+            self._weights[key] = weight_fields(piece.gate_up, piece.down) if ready else None
+        return self._weights[key]
 
-    def start(self, jobs: list[CpuJob]) -> PendingJobs | None:
-        """The submitted jobs, or None when some job needs torch."""
-        weights = []
-        for j in jobs:
-            fields = self._weights.get(id(j.piece))
-            if fields is None:  # pieces live as long as the model: their fields do not change
-                fields = self._weights[id(j.piece)] = weight_fields(j.piece.gate_up, j.piece.down)
-            weights.append(fields)
-        return start_slice_jobs(self._slice_jobs(jobs), self.activation, weights)
+    def start(self, batch: CpuBatch) -> PendingJobs | None:
+        """The submitted batch, or None when some job needs torch. The records are built from the
+        pieces' kept fields and pointer arithmetic on the batch's output (this runs every layer)."""
+        out = batch.out
+        if out.dtype != torch.float32 or not out.is_contiguous():
+            return None
+        out_ptr, hidden = out.data_ptr(), out.shape[1]
+        records, activations = array("q"), {}
+        for job in batch.jobs:
+            weights = self._weight_fields(job.piece)
+            x = activations.get(id(job.x))
+            if x is None:
+                ready = job.x.dtype == torch.bfloat16 and job.x.is_contiguous()
+                x = activations[id(job.x)] = (job.x.data_ptr(), *job.x.shape) if ready else ()
+            if weights is None or not x:
+                return None
+            records.extend((*x, *weights, out_ptr + 4 * hidden * job.row, hidden))
+        return submit_records(records, len(batch.jobs), self.activation)
 
-    def prepare(self, jobs: list[CpuJob]) -> Callable[[], None]:
-        return prepare_slice_jobs(self._slice_jobs(jobs), self.activation, check=False)
+    def prepare(self, batch: CpuBatch) -> Callable[[], None]:
+        jobs = [SliceJob(j.x, j.piece.gate_up, j.piece.down, batch.out_of(j)) for j in batch.jobs]
+        return prepare_slice_jobs(jobs, self.activation, check=False)
 
 
 class _Submitted:
@@ -131,14 +149,14 @@ class CpuPool:
             if inputs_ready is not None:
                 inputs_ready.synchronize()
                 inputs_ready = None
-            pending = self._kernels.start(jobs)
+            pending = self._kernels.start(batch)
             if pending is not None:
                 return _Submitted(self, batch, pending, timeline)
         if bf16:
-            compute = self._kernels.prepare(jobs)
+            compute = self._kernels.prepare(batch)
         else:
             def compute() -> None:
-                _torch_jobs(jobs, self._act)
+                _torch_jobs(batch, self._act)
         return self._worker.submit(self._run, batch, compute, inputs_ready, timeline)
 
     def _run(self, batch: CpuBatch, compute: Callable[[], None], inputs_ready: torch.cuda.Event | None,

@@ -107,12 +107,16 @@ class PartitionedExecutor:
         on_gpu, streamed, on_cpu = placed.on_gpu, placed.streamed, placed.on_cpu
 
         if self.overlap:
-            # The CPU's activations leave first, then the first copies start (PCIe busy while the
-            # CPU job is prepared), then the CPU job, then the rest of a ring's worth of copies.
             cpu_inputs = self._ship_cpu_inputs(items, on_cpu, host_x)
-            streaming = self._begin_streaming(streamed, FIRST_COPIES)
-            cpu_future = self._submit_cpu(items, offsets, on_cpu, cpu_inputs)
-            self._fill_ring(streaming)
+            if cpu_inputs is None or cpu_inputs.ready is None:  # inputs on the host: the CPU starts first
+                cpu_future = self._submit_cpu(items, offsets, on_cpu, cpu_inputs)
+                streaming = self._begin_streaming(streamed)
+            else:
+                # The CPU's activations leave first, then the first copies start (PCIe busy while
+                # the inputs land), then the CPU job, then the rest of a ring's worth of copies.
+                streaming = self._begin_streaming(streamed, FIRST_COPIES)
+                cpu_future = self._submit_cpu(items, offsets, on_cpu, cpu_inputs)
+                self._fill_ring(streaming)
         else:  # Fiddler: the CPU's pieces, then the transfers
             cpu_future = self._submit_cpu(items, offsets, on_cpu, self._ship_cpu_inputs(items, on_cpu, host_x))
             if cpu_future is not None:
@@ -172,7 +176,7 @@ class PartitionedExecutor:
         dest = acc.host_empty((len(out),), torch.int64)
         jobs, dest_rows, row = [], [], 0
         for (i, piece), n in zip(on_cpu, counts, strict=True):
-            jobs.append(CpuJob(i, inputs.rows[i], piece, out[row : row + n]))
+            jobs.append(CpuJob(i, inputs.rows[i], piece, row))
             dest_rows.extend(range(offsets[i], offsets[i] + n))
             row += n
         dest.numpy()[:] = dest_rows

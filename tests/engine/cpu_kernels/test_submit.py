@@ -70,7 +70,7 @@ def test_pool_runs_kernel_batches_on_the_driver_and_others_on_its_worker() -> No
             job = make_job(3, 64, 24, seed=8)
             piece = UnitSlice(0, 24, job.gate_up.to(dtype), job.down.to(dtype))
             out = torch.full((3, 64), float("nan"))
-            batch = CpuBatch([CpuJob(0, job.x.to(dtype), piece, out)], out, torch.arange(3))
+            batch = CpuBatch([CpuJob(0, job.x.to(dtype), piece, 0)], out, torch.arange(3))
             result = pool.submit(batch, None)
             assert (type(result).__name__ == "_Submitted") == on_driver
             assert result.result() is batch
