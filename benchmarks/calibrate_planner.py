@@ -34,7 +34,7 @@ def measured_points(result: dict, request) -> list[tuple[str, MeasuredStep]]:
     entries = {**result["policies"], **result.get("sweep", {})}
     points = []
     for name, entry in entries.items():
-        if name == "adaptive" or name.startswith("best "):
+        if name.startswith(("adaptive", "best ")):
             continue
         plan, _ = make_plan(name, request)
         prompt = str(result.get("prompt_lens", [512])[0])

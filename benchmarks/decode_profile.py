@@ -106,7 +106,9 @@ def trace_decode(llm: LLM, prompt_len: int, steps: int, trace_path: str | None) 
     host time, the gap between executors (attention, routing, combining), when the CPU job starts
     after the executor is entered, CPU and PCIe busy inside the layer, the GPU FFN span, and when the
     last copy and the GPU's FFN work end relative to the executor's return (pcie_end, gpu_end: a
-    positive value is time the next layer's host work waits behind)."""
+    positive value is time the next layer's host work waits behind), and for the layer's last
+    streamed piece the time from the last copy's end to its compute's start (last_wait) and the
+    compute itself (last_run)."""
     from engine.executor.timeline import TraceRecorder
 
     engine = llm.engine
@@ -118,7 +120,7 @@ def trace_decode(llm: LLM, prompt_len: int, steps: int, trace_path: str | None) 
     if trace_path:
         recorder.write(trace_path)
     rows: dict[str, list[float]] = {k: [] for k in ("executor", "between", "cpu_start", "cpu", "pcie_start", "pcie",
-                                                    "gpu", "tail", "pcie_end", "gpu_end")}
+                                                    "gpu", "tail", "pcie_end", "gpu_end", "last_wait", "last_run")}
     decode = [s for s in recorder.steps if s.kind == "decode"][2:]
     for step in decode:
         hosts = sorted((i for i in step.intervals if i.resource == "host"), key=lambda i: i.start_s)
@@ -141,6 +143,11 @@ def trace_decode(llm: LLM, prompt_len: int, steps: int, trace_path: str | None) 
             if gpu:
                 rows["gpu"].append(sum(i.end_s - i.start_s for i in gpu))
                 rows["gpu_end"].append(max(i.end_s for i in gpu) - h.end_s)
+            pieces = [i for i in inside if i.resource == "gpu_piece"]
+            if pieces and pcie:  # the last streamed piece: its copy's end -> its compute's start, and the compute
+                last = max(pieces, key=lambda i: i.start_s)
+                rows["last_wait"].append(last.start_s - max(i.end_s for i in pcie))
+                rows["last_run"].append(last.end_s - last.start_s)
     step_ms = statistics.median(s.duration_s for s in decode) * 1e3 if decode else float("nan")
     out = [f"traced decode: {len(decode)} steps, median step {step_ms:.1f} ms; per layer, median ms:"]
     for name, values in rows.items():
