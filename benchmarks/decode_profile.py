@@ -125,7 +125,11 @@ def trace_decode(llm: LLM, prompt_len: int, steps: int, trace_path: str | None) 
     for step in decode:
         hosts = sorted((i for i in step.intervals if i.resource == "host"), key=lambda i: i.start_s)
         for n, h in enumerate(hosts):
-            inside = [i for i in step.intervals if i.resource != "host" and h.start_s <= i.start_s < h.end_s]
+            # this layer's work: what starts while its executor runs, and copies (and their compute)
+            # that start after it returned but before the next layer's executor is entered
+            until = hosts[n + 1].start_s if n + 1 < len(hosts) else float("inf")
+            inside = [i for i in step.intervals if i.resource != "host" and (h.start_s <= i.start_s < h.end_s or (
+                i.resource in ("pcie", "gpu_piece") and h.start_s <= i.start_s < until))]
             cpu = [i for i in inside if i.resource == "cpu"]
             pcie = [i for i in inside if i.resource == "pcie"]
             gpu = [i for i in inside if i.resource == "gpu"]

@@ -1,8 +1,8 @@
 """Draws docs/partition_24GiB.svg from a partition_bench.py JSON result: decode and prefill
 tokens/s per policy next to the floor. Plain SVG, no plotting library.
 
-    python benchmarks/plot_partition.py benchmarks/results/2026-11-24_s4_scheinfer_mixtral_24GiB_side_by_side_h100.json \
-        --llamacpp benchmarks/results/2026-11-24_s4_llamacpp_mixtral_side_by_side_h100.json \
+    python benchmarks/plot_partition.py benchmarks/results/2026-11-24_s5_side_by_side_scheinfer_mixtral_h100.json \
+        --llamacpp benchmarks/results/2026-11-24_s5_side_by_side_llamacpp_mixtral_h100.json \
         --hf benchmarks/results/2026-11-24_hf_offload_mixtral-8x7b_24GiB_h100.json
 """
 
