@@ -11,7 +11,9 @@ ARG BASE_IMAGE=pytorch/pytorch:2.11.0-cuda12.8-cudnn9-runtime
 FROM ${BASE_IMAGE}
 
 # g++ and ninja: the CPU kernels (engine/cpu_kernels) are compiled on first use with -march=native
-# for the host CPU; without them the engine falls back to the slower torch path.
+# for the host CPU; without them the engine falls back to the slower torch path. Not pinned: the
+# base image is, and the distribution's current compiler packages carry its security fixes.
+# hadolint ignore=DL3008
 RUN apt-get update \
     && apt-get install -y --no-install-recommends g++ ninja-build \
     && rm -rf /var/lib/apt/lists/*
@@ -44,7 +46,8 @@ ENV PYTHONUNBUFFERED=1 \
     SCHEINFER_HOST=0.0.0.0 \
     SCHEINFER_PORT=8000
 
-USER scheinfer
+# numeric, so that the host and orchestrators resolve it without the image's /etc/passwd
+USER 1000:1000
 VOLUME ["/models"]
 EXPOSE 8000
 

@@ -110,7 +110,11 @@ def test_dockerfile_runs_as_non_root_with_a_health_check() -> None:
     assert re.search(r"^FROM \$\{BASE_IMAGE\}", text, flags=re.M)
     assert re.search(r"^ARG BASE_IMAGE=pytorch/pytorch:\S+cuda\S+", text, flags=re.M)
     user = re.findall(r"^USER (\S+)", text, flags=re.M)
-    assert user and user[-1] not in ("root", "0")
+    assert user
+    uid = user[-1].split(":")[0]
+    assert uid not in ("root", "0")
+    created = re.search(r"useradd .*--uid (\d+)", text)
+    assert created and uid == created.group(1), "USER is the numeric id of the user the image creates"
     assert re.search(r"^HEALTHCHECK .*\n?.*/health", text, flags=re.M)
     assert re.search(r'^VOLUME \["/models"\]', text, flags=re.M)
     assert re.search(r"^EXPOSE 8000", text, flags=re.M)
