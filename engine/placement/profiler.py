@@ -17,8 +17,9 @@ import os
 import statistics
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -358,6 +359,17 @@ def measure_gpu_sync_s() -> float:
 
 # -- the whole profile ---------------------------------------------------------------------------
 
+@contextmanager
+def torch_threads(count: int) -> Iterator[None]:
+    """torch's intra-op thread count set to `count` inside the block, restored after."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(count)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)
+
+
 def measure_profile(sizes: ProfileSizes | None = None, progress: bool = True, source: str = "") -> HardwareProfile:
     """Measures this machine (CPU only without a GPU)."""
     sizes = sizes or ProfileSizes()
@@ -374,9 +386,7 @@ def measure_profile(sizes: ProfileSizes | None = None, progress: bool = True, so
         dram_bytes_s = measure_dram_read(buffer, sizes)
         bar.update(1)
         slices = CpuSlices(sizes, buffer)
-        previous_threads = torch.get_num_threads()
-        torch.set_num_threads(slices.num_threads)  # the torch path runs with the CPU pool's threads
-        try:
+        with torch_threads(slices.num_threads):  # the torch path runs with the CPU pool's threads
             cpu_ffn = measure_cpu_ffn(sizes, slices, bar)
             sync_s = measure_handover_s()
             job_s = measure_cpu_job_latency_s(slices, has_gpu)
@@ -390,8 +400,6 @@ def measure_profile(sizes: ProfileSizes | None = None, progress: bool = True, so
                 sync_s += measure_gpu_sync_s()
                 bar.update(1)
                 torch.cuda.empty_cache()
-        finally:
-            torch.set_num_threads(previous_threads)
         slices_path, slices_threads = slices.path, slices.num_threads
         del slices, buffer
     return HardwareProfile(
@@ -408,9 +416,7 @@ def remeasure_cpu(profile: HardwareProfile, sizes: ProfileSizes, source: str) ->
     beside a loaded engine under a GPU budget (32 MiB on the GPU for the CPU-with-PCIe reading)."""
     buffer = torch.empty(cpu_buffer_bytes(sizes) // 2, dtype=torch.bfloat16).fill_(0.01)
     slices = CpuSlices(sizes, buffer)
-    previous_threads = torch.get_num_threads()
-    torch.set_num_threads(slices.num_threads)
-    try:
+    with torch_threads(slices.num_threads):
         cpu_ffn = measure_cpu_ffn(sizes, slices, tqdm(disable=True))
         has_gpu = profile.pcie_h2d_bytes_s is not None and torch.cuda.is_available()
         job_s = measure_cpu_job_latency_s(slices, has_gpu)
@@ -418,8 +424,6 @@ def remeasure_cpu(profile: HardwareProfile, sizes: ProfileSizes, source: str) ->
         if has_gpu:
             cpu_with_pcie, pcie_with_cpu = measure_cpu_with_pcie(replace(sizes, pcie_bytes=32 * MIB), slices)
             gpu = {"cpu_with_pcie_bytes_s": cpu_with_pcie, "pcie_with_cpu_bytes_s": pcie_with_cpu}
-    finally:
-        torch.set_num_threads(previous_threads)
     return replace(profile, cpu_ffn=cpu_ffn, cpu_threads=slices.num_threads, cpu_path=slices.path,
                    cpu_job_latency_s=job_s, source=source, created=time.strftime("%Y-%m-%dT%H:%M:%S"), **gpu)
 
