@@ -54,10 +54,15 @@ def weights_ready(gate_up: torch.Tensor, down: torch.Tensor) -> bool:
             and (down.stride(1) == 1 or down.shape[1] <= 1))
 
 
+def activations_ready(x: torch.Tensor) -> bool:
+    """True when the C++ kernels read these activations: bf16, contiguous."""
+    return x.dtype == torch.bfloat16 and x.is_contiguous()
+
+
 def kernel_ready(job: SliceJob) -> bool:
     """True when the C++ kernels take this job: bf16 operands with the layouts they read."""
-    x, out = job.x, job.out
-    return (x.dtype == torch.bfloat16 and x.is_contiguous() and weights_ready(job.gate_up, job.down)
+    out = job.out
+    return (activations_ready(job.x) and weights_ready(job.gate_up, job.down)
             and (out.stride(1) == 1 or out.shape[1] <= 1))
 
 
@@ -67,10 +72,19 @@ def weight_fields(gate_up: torch.Tensor, down: torch.Tensor) -> tuple[int, int, 
     return (gate_up.data_ptr(), gate_up.stride(0), down.shape[1], down.data_ptr(), down.stride(0))
 
 
+def activation_fields(x: torch.Tensor) -> tuple[int, int, int]:
+    """The activations' part of a job record (x, num_tokens, hidden)."""
+    return (x.data_ptr(), x.shape[0], x.shape[1])
+
+
+def record(activations: tuple[int, int, int], weights: tuple[int, int, int, int, int], out_ptr: int,
+           out_stride: int) -> tuple[int, ...]:
+    """One job's int64 record (DESC_FIELDS order) for the C++ driver, from its parts."""
+    return (*activations, *weights, out_ptr, out_stride)
+
+
 def describe(job: SliceJob, weights: tuple[int, int, int, int, int] | None = None) -> tuple[int, ...]:
-    """The job's int64 record (DESC_FIELDS order) for the C++ driver; `weights`: its weight_fields
-    when the caller has them already."""
-    x, out = job.x, job.out
-    gate_up, gate_up_stride, n, down, down_stride = weights or weight_fields(job.gate_up, job.down)
-    return (x.data_ptr(), x.shape[0], x.shape[1], gate_up, gate_up_stride, n, down, down_stride, out.data_ptr(),
-            out.stride(0))
+    """The job's int64 record for the C++ driver; `weights`: its weight_fields when the caller has
+    them already."""
+    return record(activation_fields(job.x), weights or weight_fields(job.gate_up, job.down), job.out.data_ptr(),
+                  job.out.stride(0))

@@ -21,7 +21,13 @@ import torch.nn.functional as F
 from engine.cpu_kernels import SliceJob, prepare_slice_jobs, set_num_threads
 from engine.cpu_kernels.cpu_info import default_num_threads
 from engine.cpu_kernels.runner import PendingJobs, submit_records
-from engine.cpu_kernels.slice_job import weight_fields, weights_ready
+from engine.cpu_kernels.slice_job import (
+    activation_fields,
+    activations_ready,
+    record,
+    weight_fields,
+    weights_ready,
+)
 from engine.executor.accelerator import now_s
 from engine.executor.timeline import StepTimeline
 from engine.model.ffn import UnitSlice
@@ -85,12 +91,11 @@ class _Kernels:
         for job in batch.jobs:
             weights = self._weight_fields(job.piece)
             x = activations.get(id(job.x))
-            if x is None:
-                ready = job.x.dtype == torch.bfloat16 and job.x.is_contiguous()
-                x = activations[id(job.x)] = (job.x.data_ptr(), *job.x.shape) if ready else ()
+            if x is None:  # the jobs of one item share its activations
+                x = activations[id(job.x)] = activation_fields(job.x) if activations_ready(job.x) else ()
             if weights is None or not x:
                 return None
-            records.extend((*x, *weights, out_ptr + 4 * hidden * job.row, hidden))
+            records.extend(record(x, weights, out_ptr + out.element_size() * hidden * job.row, hidden))
         return submit_records(records, len(batch.jobs), self.activation)
 
     def prepare(self, batch: CpuBatch) -> Callable[[], None]:
