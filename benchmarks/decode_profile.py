@@ -101,6 +101,34 @@ def profile_decode(llm: LLM, prompt_len: int, steps: int, top: int) -> list[str]
             f"{statistics.median(times) * 1e3:.1f} ms ({per_layer_ms:.2f} ms per layer) under cProfile", stream.getvalue()]
 
 
+HOST_PHASES = ("combine", "attend", "routing_read")  # host work between two executors, timed in traced steps
+
+
+def time_host_phases(llm: LLM) -> None:
+    """Wraps the host work between two executors so that traced steps record it: the expert
+    combination (after the executor returns, until the MoE block returns), eager attention, and
+    reading the routing (waiting for its copy to the host, grouping tokens by expert)."""
+    from engine.model import decode_graphs, moe
+
+    executor = llm.engine.runner.executor
+
+    def timed(name: str, fn: Callable, after_executor: bool = False) -> Callable:
+        def run(*args, **kwargs):
+            start = time.perf_counter()
+            out = fn(*args, **kwargs)
+            timeline = executor.timeline
+            if timeline is not None:
+                if after_executor:  # the combination: from the executor's return to here
+                    start = timeline.last_end("host") or start
+                timeline.cpu_interval(name, start, time.perf_counter())
+            return out
+        return run
+
+    decode_graphs.attend = timed("attend", decode_graphs.attend)
+    moe.Routing.tokens_of = timed("routing_read", moe.Routing.tokens_of)
+    moe.MoEBlock.__call__ = timed("combine", moe.MoEBlock.__call__, after_executor=True)
+
+
 def trace_decode(llm: LLM, prompt_len: int, steps: int, trace_path: str | None) -> list[str]:
     """Per-layer anatomy of traced decode steps (median over layers and steps, ms): the executor's
     host time, the gap between executors (attention, routing, combining), when the CPU job starts
@@ -119,8 +147,9 @@ def trace_decode(llm: LLM, prompt_len: int, steps: int, trace_path: str | None) 
     engine.runner.trace = None
     if trace_path:
         recorder.write(trace_path)
-    rows: dict[str, list[float]] = {k: [] for k in ("executor", "between", "cpu_start", "cpu", "pcie_start", "pcie",
-                                                    "gpu", "tail", "pcie_end", "gpu_end", "last_wait", "last_run")}
+    rows: dict[str, list[float]] = {k: [] for k in (
+        "executor", "between", *(f"  {name}" for name in HOST_PHASES), "cpu_start", "  to_submit", "  submit_call",
+        "  driver_wake", "cpu", "pcie_start", "pcie", "copies", "gpu", "tail", "pcie_end", "gpu_end", "last_wait", "last_run")}
     decode = [s for s in recorder.steps if s.kind == "decode"][2:]
     for step in decode:
         hosts = sorted((i for i in step.intervals if i.resource == "host"), key=lambda i: i.start_s)
@@ -136,11 +165,18 @@ def trace_decode(llm: LLM, prompt_len: int, steps: int, trace_path: str | None) 
             rows["executor"].append(h.end_s - h.start_s)
             if n:
                 rows["between"].append(h.start_s - hosts[n - 1].end_s)
+                for name in HOST_PHASES:  # the parts of the gap before this executor
+                    rows[f"  {name}"].append(sum(i.end_s - i.start_s for i in step.intervals if i.resource == name
+                                                 and hosts[n - 1].end_s <= i.start_s < h.start_s))
+            for name, key in (("cpu_submit", "  submit_call"), ("cpu_queue", "  driver_wake")):
+                rows[key].extend(i.end_s - i.start_s for i in inside if i.resource == name)
+            rows["  to_submit"].extend(i.start_s - h.start_s for i in inside if i.resource == "cpu_submit")
             if cpu:
                 rows["cpu_start"].append(cpu[0].start_s - h.start_s)
                 rows["cpu"].append(sum(i.end_s - i.start_s for i in cpu))
                 rows["tail"].append(h.end_s - max(i.end_s for i in cpu))
             if pcie:
+                rows["copies"].append(len(pcie) / 1e3)  # printed as a count (rows are shown in ms)
                 rows["pcie"].append(sum(i.end_s - i.start_s for i in pcie))
                 rows["pcie_start"].append(min(i.start_s for i in pcie) - h.start_s)
                 rows["pcie_end"].append(max(i.end_s for i in pcie) - h.end_s)  # > 0: copies outlast the executor
@@ -153,7 +189,9 @@ def trace_decode(llm: LLM, prompt_len: int, steps: int, trace_path: str | None) 
                 rows["last_wait"].append(last.start_s - max(i.end_s for i in pcie))
                 rows["last_run"].append(last.end_s - last.start_s)
     step_ms = statistics.median(s.duration_s for s in decode) * 1e3 if decode else float("nan")
-    out = [f"traced decode: {len(decode)} steps, median step {step_ms:.1f} ms; per layer, median ms:"]
+    feedback = engine.runner.executor.feedback.summary()
+    out = [f"traced decode: {len(decode)} steps, median step {step_ms:.1f} ms; decode feedback "
+           + ", ".join(f"{k} {v:.3g}" for k, v in feedback.items()) + "; per layer, median ms:"]
     for name, values in rows.items():
         if values:
             out.append(f"  {name:10} {statistics.median(values) * 1e3:7.3f}   (mean {statistics.fmean(values) * 1e3:7.3f})")
@@ -215,6 +253,10 @@ def variants(llm: LLM, args: argparse.Namespace) -> list[tuple[str, Callable[[],
         pool = llm.engine.runner.executor.cpu_pool
         add([False, True, False, True], lambda v: f"C++ driver {'on' if v else 'off'}",
             lambda v: setattr(pool, "use_driver", v), True)
+    if args.feedback_ab:  # decode steps balanced by measured CPU/PCIe rates, or the plan's kinds
+        executor = llm.engine.runner.executor
+        add([False, True, False, True], lambda v: f"decode feedback {'on' if v else 'off'}",
+            lambda v: setattr(executor, "use_feedback", v), True)
     if args.first_copies:  # copies enqueued before the CPU job is prepared
         add([int(v) for v in args.first_copies.split(",")] * 2, lambda v: f"first copies {v}",
             lambda v: setattr(partitioned, "FIRST_COPIES", v), partitioned.FIRST_COPIES)
@@ -246,6 +288,8 @@ def main() -> None:
                         help="also trace with routing ids read by a kernel + sync, and copied to the host, alternating")
     parser.add_argument("--driver-ab", action="store_true",
                         help="also trace with CPU jobs on the Python worker and on the C++ driver, alternating")
+    parser.add_argument("--feedback-ab", action="store_true",
+                        help="also trace with decode steps on the plan's kinds and balanced by measured rates, alternating")
     parser.add_argument("--first-copies", default="",
                         help="also trace with these counts of copies enqueued before the CPU job (comma list, "
                              "each twice, alternating; 0 = the CPU job first)")
@@ -261,13 +305,14 @@ def main() -> None:
     print("\n".join(lines), flush=True)
     llm = LLM(args.model, device="cuda", random_weights=True, gpu_memory_budget=args.budget, policy=args.policy,
               kv_cache_tokens=4096, max_num_seqs=8, cpu_threads=args.cpu_threads, show_progress=False)
+    time_host_phases(llm)
     lines += trace_decode(llm, args.prompt_len, args.steps, args.trace)
-    print("\n".join(lines[-12:]), flush=True)
+    print("\n".join(lines[-24:]), flush=True)
     for label, apply in variants(llm, args):
         apply()
         if label:
             lines += [label, *trace_decode(llm, args.prompt_len, args.steps, None)]
-            print("\n".join(lines[-12:]), flush=True)
+            print("\n".join(lines[-24:]), flush=True)
     if args.kernel_trace:
         lines += kernel_profile(llm, args.prompt_len, args.kernel_steps, args.kernel_trace)
     if not args.skip_cprofile:

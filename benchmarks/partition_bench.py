@@ -109,7 +109,8 @@ def run_policy(llm: LLM, prompts: list[list[int]], new_tokens: int, traced_token
     return {**{k: first[k] for k in ("prefill_s", "prefill_tok_s", "decode_s_per_token", "decode_tok_s")},
             "by_prompt": by_prompt, "cg_share": _cg_share(llm),
             "decode_cpu_busy": trace["cpu_busy"], "decode_pcie_busy": trace["pcie_busy"],
-            "decode_gpu_busy": trace["gpu_busy"], "decode_overlap": trace["overlap"]}
+            "decode_gpu_busy": trace["gpu_busy"], "decode_overlap": trace["overlap"],
+            "decode_feedback": engine.runner.executor.feedback.summary()}
 
 
 def _cg_share(llm: LLM) -> float:

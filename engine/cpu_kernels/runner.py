@@ -11,6 +11,7 @@ import ctypes
 import logging
 import os
 import threading
+import time
 from array import array
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -218,15 +219,19 @@ def prepare_slice_jobs(jobs: list[SliceJob], activation: str = "silu", check: bo
 @dataclass
 class PendingJobs:
     """Jobs submitted to the C++ driver thread; `wait()` returns their (start, end) times in
-    seconds on time.perf_counter's clock."""
+    seconds on time.perf_counter's clock. After it, `called_s` (this thread entered the submit
+    call) and `queued_s` (the driver had the jobs queued) say where the time before the start went."""
 
     ticket: int
     lib: ctypes.CDLL
+    called_s: float = 0.0
+    queued_s: float = 0.0
 
     def wait(self) -> tuple[float, float]:
         times = (ctypes.c_int64 * 3)()
         if self.lib.scheinfer_wait(self.ticket, ctypes.addressof(times)) != 0:
             raise RuntimeError(f"cpu kernel failed: {self.lib.scheinfer_last_error().decode()}")
+        self.queued_s = times[2] / 1e9
         return times[0] / 1e9, times[1] / 1e9
 
 
@@ -253,10 +258,11 @@ def submit_records(records: array, num_jobs: int, activation: str = "silu") -> P
     _log_choice(path, reason)
     lib = _state.built.lib  # type: ignore[union-attr]
     buffer = (ctypes.c_int64 * len(records)).from_buffer(records)
+    called_s = time.perf_counter()
     ticket = lib.scheinfer_submit(ctypes.addressof(buffer), num_jobs, cap, num_threads())
     if ticket < 0:
         raise RuntimeError(f"cpu kernel failed: {lib.scheinfer_last_error().decode()}")
-    return PendingJobs(ticket, lib)
+    return PendingJobs(ticket, lib, called_s)
 
 
 def job_path(job: SliceJob) -> str:

@@ -51,6 +51,8 @@ class CpuBatch:
     jobs: list[CpuJob]
     out: torch.Tensor  # [num_rows, hidden] fp32 host, contiguous
     dest: torch.Tensor  # [num_rows] int64 host
+    start_s: float = 0.0  # when the CPU computed it (perf_counter clock), set when it is done
+    end_s: float = 0.0
 
     def out_of(self, job: CpuJob) -> torch.Tensor:
         return self.out[job.row : job.row + job.x.shape[0]]
@@ -115,6 +117,10 @@ class _Submitted:
             start, end = self._pending.wait()
             self._done = True
             self._pool.account(self._batch, start, end, self._timeline)
+            if self._timeline is not None:  # traced steps: the submit call, and the driver picking the job up
+                pending = self._pending
+                self._timeline.cpu_interval("cpu_submit", pending.called_s, pending.queued_s)
+                self._timeline.cpu_interval("cpu_queue", pending.queued_s, start)
         return self._batch
 
     def __del__(self) -> None:
@@ -176,6 +182,7 @@ class CpuPool:
 
     def account(self, batch: CpuBatch, start_s: float, end_s: float, timeline: StepTimeline | None) -> None:
         """Adds a finished batch's compute time to the busy meter and the step's timeline."""
+        batch.start_s, batch.end_s = start_s, end_s
         self.busy_s += end_s - start_s
         if timeline is not None:
             timeline.cpu_interval("cpu", start_s, end_s, f"{len(batch.jobs)} CC pieces")

@@ -23,6 +23,7 @@ import torch.nn.functional as F
 
 from engine.executor.accelerator import Accelerator, now_s
 from engine.executor.cpu_pool import CpuBatch, CpuJob, CpuPool, CpuResult
+from engine.executor.decode_feedback import DecodeFeedback, DecodeMeter
 from engine.executor.staging import StagedSlice, StagingRing
 from engine.executor.timeline import BusyMeter, StepTimeline, host_mark
 from engine.executor.token_assignment import DispatchRates, assign
@@ -68,6 +69,10 @@ class PartitionedExecutor:
         self.act: Callable[[torch.Tensor], torch.Tensor] = model.act
         self.timeline: StepTimeline | None = None  # set by the runner for traced steps
         self.gpu_busy = BusyMeter()  # seconds the compute stream spent on FFN pieces
+        # decode layers' measured CPU/PCIe imbalance, and the split it set, for the `balance` rule
+        self.feedback = DecodeFeedback()
+        self.use_feedback = True  # False: decode keeps the plan's kinds (A/B in benchmarks)
+        self._meter = DecodeMeter(accelerator, self.feedback)
         self._prefetched: deque[tuple[UnitSlice, StagedSlice]] = deque()
 
     def apply_plan(self, plan: PartitionPlan) -> None:
@@ -88,6 +93,7 @@ class PartitionedExecutor:
                     piece.kind = str(kind)
         self.dynamic = plan.dynamic
         self.overlap = plan.dynamic != "fiddler"
+        self.feedback.reset()
 
     # -- one layer ---------------------------------------------------------------------------
 
@@ -103,8 +109,17 @@ class PartitionedExecutor:
             offsets.append(offsets[-1] + x.shape[0])
         sums_all = torch.zeros((offsets[-1], items[0][1].shape[1]), dtype=torch.float32, device=items[0][1].device)
         sums = [sums_all[offsets[i] : offsets[i + 1]] for i in range(len(items))]
-        placed = assign(self.dynamic, items, self.rates)
+        measured = (self.use_feedback and self.dynamic == "balance"
+                    and max(x.shape[0] for _, x in items) <= self.rates.max_bandwidth_bound_tokens)
+        placed = assign(self.dynamic, items, self.rates, self.feedback if measured else None)
         on_gpu, streamed, on_cpu = placed.on_gpu, placed.streamed, placed.on_cpu
+        if measured:
+            host = streamed or on_cpu
+            if host:
+                piece = host[0][1]
+                self._meter.enter(self.rates.cpu_s(piece, items[host[0][0]][1].shape[0]) + self.rates.stream_s(piece))
+            else:
+                measured = False
 
         if self.overlap:
             cpu_inputs = self._ship_cpu_inputs(items, on_cpu, host_x)
@@ -127,12 +142,17 @@ class PartitionedExecutor:
         for i, piece in on_gpu:
             sums[i] += self._partial(items[i][1], piece.gate_up, piece.down)
         self._finish_streaming(streaming, items, sums)
+        if measured and streamed:
+            self._meter.copies_enqueued()
         end = host_mark(acc, acc.compute_stream)
         self.gpu_busy.add(start, end)
         if self.timeline is not None:
             self.timeline.gpu_interval("gpu", start, end, f"layer {layer} FFN")
         if cpu_future is not None:
-            self._add_cpu_results(sums_all, cpu_future.result())
+            batch = cpu_future.result()
+            self._add_cpu_results(sums_all, batch)
+            if measured:
+                self._meter.cpu_done(batch.end_s)
         self._prefetch_next(layer)
         if self.ring is not None:
             self.ring.end_burst()

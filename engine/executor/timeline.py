@@ -16,7 +16,9 @@ import torch
 
 from engine.executor.accelerator import Accelerator, now_s
 
-RESOURCES = ("cpu", "pcie", "gpu")  # also traced, not a resource: "host" (the driving thread in the executor)
+RESOURCES = ("cpu", "pcie", "gpu")
+# also traced, not resources: "host" (the driving thread in the executor), "cpu_submit" and "cpu_queue"
+# (a CPU job's submit call, and its wait for the driver thread), "gpu_piece" (one streamed piece's compute)
 Mark = torch.cuda.Event | float | None
 
 
@@ -75,6 +77,11 @@ class StepTimeline:
 
     def gpu_interval(self, resource: str, start: Mark, end: Mark, label: str = "") -> None:
         self._pending.append((resource, start, end, label))
+
+    def last_end(self, resource: str) -> Mark:
+        """The end mark of the latest interval of `resource` recorded so far (None: none yet)."""
+        ends = [end for r, _, end, _ in self._pending if r == resource]
+        return ends[-1] if ends else None
 
     def _resolve(self, mark: Mark) -> float:
         if isinstance(mark, float):

@@ -5,9 +5,10 @@ CPU (its tokens' activations travel) or on the GPU (its weights travel). Rules:
     fixed     the plan's kinds (CG streamed, CC on the CPU)
     fiddler   per piece: the CPU when it would be faster than streaming, else stream; no overlap
     balance   the plan's kinds, then pieces move between CPU and PCIe while that shortens the
-              slower of the two: decode (few tokens per piece) keeps the plan's balanced split,
-              prefill (many tokens) leans to streaming, since CPU time grows with tokens and
-              transfer time does not
+              slower of the two: prefill (many tokens) with the profile's rates, where it leans to
+              streaming, since CPU time grows with tokens and transfer time does not; decode (few
+              tokens per piece) by the shift that earlier decode layers' measured imbalance set
+              (DecodeFeedback), so that both sides finish together on the machine as it runs
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from dataclasses import dataclass
 
 import torch
 
+from engine.executor.decode_feedback import DecodeFeedback
 from engine.model.ffn import FFNUnit, UnitSlice
 from engine.placement.plan import PieceKind
 
@@ -61,7 +63,8 @@ def _by_plan(items: list[tuple[FFNUnit, torch.Tensor]]) -> Assignment:
     return out
 
 
-def assign(rule: str | None, items: list[tuple[FFNUnit, torch.Tensor]], rates: DispatchRates) -> Assignment:
+def assign(rule: str | None, items: list[tuple[FFNUnit, torch.Tensor]], rates: DispatchRates,
+           feedback: DecodeFeedback | None = None) -> Assignment:
     out = _by_plan(items)
     if rule is None:
         return out
@@ -74,16 +77,33 @@ def assign(rule: str | None, items: list[tuple[FFNUnit, torch.Tensor]], rates: D
         return out
     if rule == "balance":
         if max(tokens, default=0) > rates.max_bandwidth_bound_tokens:
-            _balance(out, tokens, rates)
+            _balance(out, {id(p): rates.cpu_s(p, tokens[i]) for i, p in host},
+                     {id(p): rates.stream_s(p) for _, p in host})
+        elif feedback is not None and feedback.shift:
+            _shift(out, feedback.shift)
         return out
     raise ValueError(f"unknown token-assignment rule {rule!r}")
 
 
-def _balance(out: Assignment, tokens: list[int], rates: DispatchRates) -> None:
+def _shift(out: Assignment, shift: int) -> None:
+    """Moves `shift` host pieces from PCIe to the CPU (negative: the other way), taking each item's
+    last pieces first, items in turn, so that every item keeps its share on both sides."""
+    source, target = (out.streamed, out.on_cpu) if shift > 0 else (out.on_cpu, out.streamed)
+    rank: dict[int, int] = {}
+    ranked = []
+    for i, piece in source:
+        rank[i] = rank.get(i, 0) + 1
+        ranked.append((rank[i], i, piece))
+    leaving = sorted(ranked, key=lambda t: (t[0] - rank[t[1]], t[1]), reverse=True)[: abs(shift)]
+    moved = {id(piece) for _, _, piece in leaving}
+    target.extend((i, piece) for _, i, piece in leaving)
+    source[:] = [(i, piece) for i, piece in source if id(piece) not in moved]
+
+
+def _balance(out: Assignment, cpu: dict[int, float], pcie: dict[int, float]) -> None:
     """Moves pieces from the busier of CPU and PCIe to the other while the slower one gets faster.
-    Pieces whose CPU time is largest relative to their transfer time leave the CPU first."""
-    cpu = {id(p): rates.cpu_s(p, tokens[i]) for i, p in out.on_cpu + out.streamed}
-    pcie = {id(p): rates.stream_s(p) for _, p in out.on_cpu + out.streamed}
+    `cpu`, `pcie`: each host piece's seconds on either side (by id). Pieces whose CPU time is
+    largest relative to their transfer time leave the CPU first."""
     cpu_total = sum(cpu[id(p)] for _, p in out.on_cpu)
     pcie_total = sum(pcie[id(p)] for _, p in out.streamed)
     out.on_cpu.sort(key=lambda t: cpu[id(t[1])] / pcie[id(t[1])])  # most CPU-costly last

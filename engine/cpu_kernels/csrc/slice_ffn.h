@@ -54,7 +54,7 @@ struct Tuning {
   int64_t amx_pack_min_tiles = 5;  // copy A blocks into a panel from this many 16-token tiles on
   int64_t amx_k_block = 256;       // amx K blocking (multiple of 32)
   int64_t amx_items_per_thread = 8;  // amx items shrink until each thread gets about this many per phase
-  int64_t spin_us = 300;           // idle workers spin this long before sleeping
+  int64_t spin_us = 4000;          // idle workers spin this long before sleeping
 };
 Tuning& tuning();
 

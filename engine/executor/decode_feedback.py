@@ -1,0 +1,129 @@
+"""Decode feedback: decode steps move host pieces between the CPU and PCIe until both finish together.
+
+The plan splits each layer's host pieces between the CPU and PCIe from the startup profile, but
+when each side really finishes depends on more than the profile's rates: the CPU job starts after
+the executor's own host work (and its threads may have to wake up), PCIe starts after the CPU job
+was handed over, and each side reads host DRAM while the other does. In decode every layer repeats
+the same work, so each one measures the outcome directly: how much later the last copy landed than
+the CPU job ended (the imbalance). After a few layers of the same split, a steady imbalance larger
+than half of what moving one piece changes moves pieces (`shift`: how many per layer go from PCIe
+to the CPU, relative to the plan; negative: the other way). What one moved piece changes is first
+taken from the profile's rates, then from what the moves did.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass
+
+import torch
+
+from engine.executor.accelerator import Accelerator, now_s
+from engine.executor.timeline import Mark, host_mark
+
+SMOOTHING = 0.25  # weight of a new layer's imbalance in the running mean
+MIN_SAMPLES = 8  # layers measured at one split before it may change
+DEADBAND = 0.6  # move once the imbalance exceeds this fraction of one piece's effect (no flip-flop at 0.5)
+
+
+@dataclass
+class DecodeFeedback:
+    """The decode split's state: `shift` pieces per layer moved from PCIe to the CPU, the running
+    mean imbalance at that shift (seconds the last copy lands after the CPU job ends), and what
+    moving one piece changes the imbalance by (`piece_effect_s`, 0: not known yet)."""
+
+    shift: int = 0
+    imbalance_s: float = 0.0
+    samples: int = 0
+    piece_effect_s: float = 0.0
+    moves: int = 0
+    _before: tuple[int, float] | None = None  # (shift, imbalance) before the last move
+
+    def add(self, shift: int, imbalance_s: float, piece_effect_s: float) -> None:
+        """One decode layer's imbalance, measured at `shift`; `piece_effect_s`: what moving one of
+        its pieces would change by the profile's rates."""
+        if shift != self.shift:  # measured before the last move: says nothing about this split
+            return
+        self.imbalance_s = imbalance_s if self.samples == 0 else self.imbalance_s + SMOOTHING * (imbalance_s - self.imbalance_s)
+        self.samples += 1
+        if self.piece_effect_s <= 0.0:
+            self.piece_effect_s = piece_effect_s
+        if self.samples < MIN_SAMPLES:
+            return
+        if self._before is not None:  # what the last move did, once its split is measured
+            old_shift, old_imbalance = self._before
+            observed = (old_imbalance - self.imbalance_s) / (self.shift - old_shift)
+            if observed > 0:
+                self.piece_effect_s = 0.5 * (self.piece_effect_s + observed)
+            self._before = None
+        if self.piece_effect_s > 0 and abs(self.imbalance_s) > DEADBAND * self.piece_effect_s:
+            step = max(1, round(abs(self.imbalance_s) / self.piece_effect_s))
+            self._before = (self.shift, self.imbalance_s)
+            self.shift += step if self.imbalance_s > 0 else -step
+            self.samples = 0
+            self.moves += 1
+
+    def reset(self) -> None:
+        """Back to the plan's split (a new plan: a shift of the old one means nothing)."""
+        self.__init__()  # type: ignore[misc]
+
+    def summary(self) -> dict[str, float | int]:
+        """The state, for logs and benchmark reports."""
+        return {"shift": self.shift, "imbalance_ms": self.imbalance_s * 1e3, "piece_effect_ms": self.piece_effect_s * 1e3,
+                "moves": self.moves}
+
+
+@dataclass
+class _Layer:
+    entered_s: float  # host clock at the executor's entry
+    entry: Mark  # the copy stream at the entry
+    shift: int
+    piece_effect_s: float
+    end: Mark = None  # the copy stream after the layer's last copy (None: no copies)
+    cpu_end_s: float | None = None  # the CPU job's end (None: no CPU job)
+
+
+def _seconds(a: Mark, b: Mark) -> float | None:
+    """Seconds from mark a to mark b, None while b has not happened yet (GPU marks)."""
+    if isinstance(a, float) and isinstance(b, float):
+        return b - a
+    if isinstance(a, torch.cuda.Event) and isinstance(b, torch.cuda.Event) and b.query():
+        return a.elapsed_time(b) / 1000.0
+    return None
+
+
+class DecodeMeter:
+    """Measures decode layers for a DecodeFeedback. The executor calls `enter` when a layer's
+    executor starts, `copies_enqueued` after its last copy, `cpu_done` with its CPU job's end.
+    A layer's copy marks are read at a later layer's entry, once its copies have landed (no wait);
+    the copy stream is idle at a decode layer's entry, so its entry mark is the entry's host time."""
+
+    def __init__(self, accelerator: Accelerator, feedback: DecodeFeedback) -> None:
+        self.accelerator = accelerator
+        self.feedback = feedback
+        self._layers: deque[_Layer] = deque()
+
+    def enter(self, piece_effect_s: float) -> None:
+        """`piece_effect_s`: what moving one host piece of this layer would change, by the profile."""
+        self._resolve()
+        self._layers.append(_Layer(now_s(), host_mark(self.accelerator, self.accelerator.copy_stream),
+                                   self.feedback.shift, piece_effect_s))
+
+    def copies_enqueued(self) -> None:
+        self._layers[-1].end = host_mark(self.accelerator, self.accelerator.copy_stream)
+
+    def cpu_done(self, end_s: float) -> None:
+        self._layers[-1].cpu_end_s = end_s
+
+    def _resolve(self) -> None:
+        while self._layers:
+            layer = self._layers[0]
+            copies_s = 0.0 if layer.end is None else _seconds(layer.entry, layer.end)
+            if copies_s is None:
+                return
+            self._layers.popleft()
+            if layer.end is None and layer.cpu_end_s is None:
+                continue  # no host piece in this layer
+            cpu_s = 0.0 if layer.cpu_end_s is None else layer.cpu_end_s - layer.entered_s
+            self.feedback.add(layer.shift, copies_s - cpu_s, layer.piece_effect_s)
+

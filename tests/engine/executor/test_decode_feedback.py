@@ -1,0 +1,106 @@
+"""Decode feedback: a steady imbalance between CPU and PCIe moves decode steps' host pieces."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from engine import LLM, SamplingParams
+from engine.executor.decode_feedback import DEADBAND, MIN_SAMPLES, DecodeFeedback
+from engine.executor.token_assignment import DispatchRates, assign
+from engine.model.ffn import FFNUnit, UnitSlice
+
+RATES = DispatchRates(cpu_bytes_s=60e9, cpu_flops=2e12, pcie_bytes_s=50e9, cpu_job_overhead_s=0.0)
+HIDDEN = 64
+ROWS = 32
+EFFECT_S = 1e-3  # what moving one piece changes the imbalance by, in these tests
+
+
+def _items(kinds: list[str], num_units: int = 2, num_tokens: int = 1):
+    def unit() -> FFNUnit:
+        slices = [UnitSlice(i * ROWS, (i + 1) * ROWS, torch.zeros(2 * ROWS, HIDDEN), torch.zeros(HIDDEN, ROWS), kind)
+                  for i, kind in enumerate(kinds)]
+        return FFNUnit(ROWS * len(kinds), slices)
+
+    return [(unit(), torch.zeros(num_tokens, HIDDEN)) for _ in range(num_units)]
+
+
+def _measure(feedback: DecodeFeedback, imbalance_of_shift, layers: int = 200) -> None:
+    """Feeds `layers` decode layers whose imbalance follows from the feedback's current shift."""
+    for _ in range(layers):
+        feedback.add(feedback.shift, imbalance_of_shift(feedback.shift), EFFECT_S)
+
+
+def test_a_steady_imbalance_moves_pieces_until_both_sides_finish_together() -> None:
+    feedback = DecodeFeedback()
+    _measure(feedback, lambda shift: 3.3e-3 - shift * EFFECT_S)  # PCIe ends 3.3 ms after the CPU
+    assert feedback.shift == 3 and abs(feedback.imbalance_s) <= DEADBAND * EFFECT_S
+    feedback = DecodeFeedback()
+    _measure(feedback, lambda shift: -2.2e-3 - shift * EFFECT_S)  # the CPU ends last
+    assert feedback.shift == -2
+
+
+def test_no_move_within_the_deadband_nor_before_enough_layers() -> None:
+    feedback = DecodeFeedback()
+    _measure(feedback, lambda shift: 0.5 * EFFECT_S - shift * EFFECT_S)
+    assert feedback.shift == 0 and feedback.moves == 0
+    feedback = DecodeFeedback()
+    _measure(feedback, lambda shift: 5 * EFFECT_S, layers=MIN_SAMPLES - 1)
+    assert feedback.shift == 0
+
+
+def test_the_effect_of_a_move_is_learned_and_stops_flip_flopping() -> None:
+    # the profile says one piece changes the imbalance by 1 ms, it really changes it by 2 ms
+    feedback = DecodeFeedback()
+    _measure(feedback, lambda shift: 2.7e-3 - shift * 2 * EFFECT_S, layers=400)
+    assert feedback.piece_effect_s > 1.5 * EFFECT_S
+    assert feedback.moves <= 4 and feedback.shift == 1
+
+
+def test_measurements_at_an_older_split_are_ignored() -> None:
+    feedback = DecodeFeedback(shift=2)
+    for _ in range(50):
+        feedback.add(0, 10 * EFFECT_S, EFFECT_S)
+    assert feedback.shift == 2 and feedback.samples == 0
+
+
+def test_the_shift_moves_each_items_last_pieces_in_decode_only() -> None:
+    kinds = ["GG", "CG", "CG", "CG", "CC", "CC"]
+    items = _items(kinds)
+    plan = assign("balance", items, RATES)
+    assert len(plan.streamed) == 6 and len(plan.on_cpu) == 4
+    moved = assign("balance", items, RATES, DecodeFeedback(shift=2))
+    assert len(moved.streamed) == 4 and len(moved.on_cpu) == 6 and len(moved.on_gpu) == 2
+    third = {id(unit.slices[3]) for unit, _ in items}  # each item's last streamed piece went to the CPU
+    assert third <= {id(p) for _, p in moved.on_cpu}
+    back = assign("balance", items, RATES, DecodeFeedback(shift=-3))
+    assert len(back.streamed) == 9 and len(back.on_cpu) == 1
+    assert len(assign("balance", items, RATES, DecodeFeedback(shift=-50)).on_cpu) == 0
+    prefill_items = _items(kinds, num_tokens=512)
+    with_feedback = assign("balance", prefill_items, RATES, DecodeFeedback(shift=2))
+    without = assign("balance", prefill_items, RATES)
+    assert [id(p) for _, p in with_feedback.on_cpu] == [id(p) for _, p in without.on_cpu]
+    fixed = assign(None, items, RATES, DecodeFeedback(shift=2))
+    assert len(fixed.streamed) == 6 and len(fixed.on_cpu) == 4
+
+
+def test_decode_steps_measure_the_imbalance_and_keep_results(tiny_checkpoints: dict[str, Path]) -> None:
+    path = str(tiny_checkpoints["mixtral"])
+    prompts = [[5, 9, 13, 22, 40, 41, 42, 7], [3, 4, 250, 17]]
+    greedy = SamplingParams(max_tokens=24, temperature=0.0, ignore_eos=True)
+    expected = LLM(path, dtype="float32", show_progress=False).generate(prompt_token_ids=prompts, params=greedy)
+    llm = LLM(path, dtype="float32", show_progress=False, gpu_memory_budget="1.1MB", policy="balanced:cg=0.5",
+              kv_cache_tokens=256, max_num_batched_tokens=64, max_num_seqs=4, host_chunk_rows=16)
+    executor = llm.engine.runner.executor
+    executor.feedback.shift = 3  # as if earlier steps had moved pieces: results must not change
+    got = llm.generate(prompt_token_ids=prompts, params=greedy)
+    assert [o.token_ids for o in got] == [o.token_ids for o in expected]
+    assert executor.feedback.piece_effect_s > 0 and (executor.feedback.samples > 0 or executor.feedback.moves > 0)
+
+
+def test_reset_returns_to_the_plans_split() -> None:
+    feedback = DecodeFeedback()
+    _measure(feedback, lambda shift: 3.3e-3 - shift * EFFECT_S)
+    feedback.reset()
+    assert feedback == DecodeFeedback()
