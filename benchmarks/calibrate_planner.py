@@ -30,11 +30,11 @@ from engine.placement.planner import (
 from engine.placement.policies import make_plan
 
 
-def measured_points(result: dict, request) -> list[tuple[str, MeasuredStep]]:
+def measured_points(result: dict, request, skip: tuple[str, ...] = ()) -> list[tuple[str, MeasuredStep]]:
     entries = {**result["policies"], **result.get("sweep", {})}
     points = []
     for name, entry in entries.items():
-        if name.startswith(("adaptive", "best ")):
+        if name.startswith(("adaptive", "best ")) or name in skip:
             continue
         plan, _ = make_plan(name, request)
         prompt = str(result.get("prompt_lens", [512])[0])
@@ -58,6 +58,8 @@ def main() -> None:
     parser.add_argument("result")
     parser.add_argument("--profile", default="configs/hardware/h100-16core.json")
     parser.add_argument("--write", action="store_true")
+    parser.add_argument("--skip", default="", help="policies of the result to leave out (comma list), e.g. ones "
+                                                  "measured before a change of their rule")
     args = parser.parse_args()
     result = json.loads(Path(args.result).read_text())
     config, _ = resolve_model_config(result["model"])
@@ -65,7 +67,7 @@ def main() -> None:
     request = build_plan_request(config, parse_bytes(result["budget"]), kv_cache_tokens=max(4096, 2 * longest),
                                  max_num_batched_tokens=max(2048, longest), max_num_seqs=8)
     profile = HardwareProfile.from_file(args.profile)
-    points = measured_points(result, request)
+    points = measured_points(result, request, tuple(filter(None, args.skip.split(","))))
     print("before:", {f: getattr(profile, f) for f in OVERHEAD_FIELDS})
     print("\n".join(errors(points, config, profile, request)))
     fitted = calibrate_overheads(profile, config, request, [p for _, p in points])

@@ -24,6 +24,7 @@ from engine.executor.timeline import Mark, host_mark
 SMOOTHING = 0.25  # weight of a new layer's imbalance in the running mean
 MIN_SAMPLES = 8  # layers measured at one split before it may change
 DEADBAND = 0.6  # move once the imbalance exceeds this fraction of one piece's effect (no flip-flop at 0.5)
+EFFECT_RANGE = 2.0  # a learned piece effect stays within this factor of the profile's
 
 
 @dataclass
@@ -53,8 +54,9 @@ class DecodeFeedback:
         if self._before is not None:  # what the last move did, once its split is measured
             old_shift, old_imbalance = self._before
             observed = (old_imbalance - self.imbalance_s) / (self.shift - old_shift)
-            if observed > 0:
-                self.piece_effect_s = 0.5 * (self.piece_effect_s + observed)
+            # noise can make one move look like anything: stay within a factor 2 of the profile's
+            observed = min(max(observed, piece_effect_s / EFFECT_RANGE), piece_effect_s * EFFECT_RANGE)
+            self.piece_effect_s = 0.5 * (self.piece_effect_s + observed)
             self._before = None
         if self.piece_effect_s > 0 and abs(self.imbalance_s) > DEADBAND * self.piece_effect_s:
             step = max(1, round(abs(self.imbalance_s) / self.piece_effect_s))

@@ -3,7 +3,8 @@
 A host piece (CG or CC) lives in page-locked memory, so for any step it can be computed on the
 CPU (its tokens' activations travel) or on the GPU (its weights travel). Rules:
     fixed     the plan's kinds (CG streamed, CC on the CPU)
-    fiddler   per piece: the CPU when it would be faster than streaming, else stream; no overlap
+    fiddler   per piece: the CPU when its work there is shorter than streaming it, else stream; no
+              overlap (as the cost model's `fiddler` mode)
     balance   the plan's kinds, then pieces move between CPU and PCIe while that shortens the
               slower of the two: prefill (many tokens) with the profile's rates, where it leans to
               streaming, since CPU time grows with tokens and transfer time does not; decode (few
@@ -34,9 +35,12 @@ class DispatchRates:
     cpu_job_overhead_s: float = 20e-6
 
     def cpu_s(self, piece: UnitSlice, num_tokens: int) -> float:
+        return self.cpu_job_overhead_s + self.cpu_work_s(piece, num_tokens)
+
+    def cpu_work_s(self, piece: UnitSlice, num_tokens: int) -> float:
+        """The piece's CPU time within a job (the job's own overhead is paid once per layer)."""
         params = piece.gate_up.numel() + piece.down.numel()
-        return self.cpu_job_overhead_s + max(piece.num_bytes / self.cpu_bytes_s,
-                                             2 * num_tokens * params / self.cpu_flops)
+        return max(piece.num_bytes / self.cpu_bytes_s, 2 * num_tokens * params / self.cpu_flops)
 
     def stream_s(self, piece: UnitSlice) -> float:
         return piece.num_bytes / self.pcie_bytes_s
@@ -71,7 +75,7 @@ def assign(rule: str | None, items: list[tuple[FFNUnit, torch.Tensor]], rates: D
     tokens = [x.shape[0] for _, x in items]
     host = out.streamed + out.on_cpu
     if rule == "fiddler":
-        out.on_cpu = [(i, p) for i, p in host if rates.cpu_s(p, tokens[i]) <= rates.stream_s(p)]
+        out.on_cpu = [(i, p) for i, p in host if rates.cpu_work_s(p, tokens[i]) <= rates.stream_s(p)]
         cpu_ids = {id(p) for _, p in out.on_cpu}
         out.streamed = [(i, p) for i, p in host if id(p) not in cpu_ids]
         return out

@@ -20,6 +20,7 @@ eagerly (`Segments`), which is how CPU tests exercise this code path.
 
 from __future__ import annotations
 
+import gc
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -150,12 +151,21 @@ def _capture(segments: Segments, pool) -> CapturedStep:
             segments.post(i)
     torch.cuda.current_stream().wait_stream(side)
     step = CapturedStep(segments)
-    for i in range(n):
-        for kind, run in (("pre", segments.pre), ("post", segments.post)):
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph, pool=pool, capture_error_mode="thread_local"):
-                run(i)
-            getattr(step, kind).append(graph.replay)
+    # No garbage collection while capturing: collecting an unreachable engine's graphs or events
+    # destroys them, which is not permitted while a stream captures (it invalidates the capture).
+    gc.collect()
+    gc_was_enabled = gc.isenabled()
+    gc.disable()
+    try:
+        for i in range(n):
+            for kind, run in (("pre", segments.pre), ("post", segments.post)):
+                graph = torch.cuda.CUDAGraph()
+                with torch.cuda.graph(graph, pool=pool, capture_error_mode="thread_local"):
+                    run(i)
+                getattr(step, kind).append(graph.replay)
+    finally:
+        if gc_was_enabled:
+            gc.enable()
     return step
 
 

@@ -417,17 +417,15 @@ def _per_s(count: int, seconds: float) -> float | None:
 
 def host_modes(plan: PartitionPlan, token_assignment: bool | None = None) -> tuple[HostMode, HostMode]:
     """(decode, prefill) modes in which the engine runs `plan`'s host pieces: Fiddler's rule; the
-    executor's "balance" rule (the plan's kinds in decode, re-assigned in prefill); any other
-    per-step rule (re-assigned always); or the plan's fixed kinds. `token_assignment` overrides:
-    True as "balance", False as fixed kinds."""
+    executor's "balance" rule (re-assigned between CPU and PCIe: in prefill by the profile's rates,
+    in decode by the measured imbalance, which the model's balance stands for); or the plan's fixed
+    kinds. `token_assignment` overrides: True as "balance", False as fixed kinds."""
     if plan.dynamic == "fiddler":
         return HostMode.FIDDLER, HostMode.FIDDLER
     if token_assignment is None:
         token_assignment = plan.dynamic is not None
     if not token_assignment:
         return HostMode.STATIC, HostMode.STATIC
-    if plan.dynamic in (None, "balance"):
-        return HostMode.STATIC, HostMode.ASSIGN
     return HostMode.ASSIGN, HostMode.ASSIGN
 
 

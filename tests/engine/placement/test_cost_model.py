@@ -65,8 +65,8 @@ def test_modes_follow_the_plans_rule() -> None:
     plan = PartitionPlan("x", {(0, 0): UnitSplit(1, 1, 1)})
     assert host_modes(plan) == (HostMode.STATIC, HostMode.STATIC)
     assert host_modes(replace(plan, dynamic="fiddler")) == (HostMode.FIDDLER, HostMode.FIDDLER)
-    assert host_modes(replace(plan, dynamic="balance")) == (HostMode.STATIC, HostMode.ASSIGN)
-    assert host_modes(plan, token_assignment=True) == (HostMode.STATIC, HostMode.ASSIGN)
+    assert host_modes(replace(plan, dynamic="balance")) == (HostMode.ASSIGN, HostMode.ASSIGN)
+    assert host_modes(plan, token_assignment=True) == (HostMode.ASSIGN, HostMode.ASSIGN)
     assert host_modes(replace(plan, dynamic="balance"), token_assignment=False) == (HostMode.STATIC, HostMode.STATIC)
 
 

@@ -133,7 +133,7 @@ def test_prediction_beats_fixed_policies_and_respects_floors() -> None:
     profile, request = synthetic_profile(), _request()
     adaptive, _ = make_adaptive_plan(request, profile)
     mine = predict(adaptive, MIXTRAL, profile, request)
-    assert (mine.decode_mode, mine.prefill_mode) == (HostMode.STATIC, HostMode.ASSIGN)
+    assert (mine.decode_mode, mine.prefill_mode) == (HostMode.ASSIGN, HostMode.ASSIGN)
     assert mine.floor_decode_s <= mine.decode_s_per_token
     for n in (512, 2048):
         assert mine.floor_prefill_s(n) <= mine.prefill_s(n) <= mine.prefill_s(n, HostMode.STATIC)
