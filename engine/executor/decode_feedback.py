@@ -5,8 +5,8 @@ when each side really finishes depends on more than the profile's rates: the CPU
 the executor's own host work (and its threads may have to wake up), PCIe starts after the CPU job
 was handed over, and each side reads host DRAM while the other does. In decode every layer repeats
 the same work, so each one measures the outcome directly: how much later the last copy landed than
-the CPU job ended (the imbalance). After a few layers of the same split, a steady imbalance larger
-than half of what moving one piece changes moves pieces (`shift`: how many per layer go from PCIe
+the CPU job ended (the imbalance). After a window of layers at the same split, a median imbalance
+larger than about half of what moving one piece changes moves pieces (`shift`: how many per layer go from PCIe
 to the CPU, relative to the plan; negative: the other way). What one moved piece changes is first
 taken from the profile's rates, then from what the moves did.
 """
@@ -14,30 +14,31 @@ taken from the profile's rates, then from what the moves did.
 from __future__ import annotations
 
 from collections import deque
-from dataclasses import dataclass
+import statistics
+from dataclasses import dataclass, field
 
 import torch
 
 from engine.executor.accelerator import Accelerator, now_s
 from engine.executor.timeline import Mark, host_mark
 
-SMOOTHING = 0.25  # weight of a new layer's imbalance in the running mean
-MIN_SAMPLES = 8  # layers measured at one split before it may change
+WINDOW = 24  # layers measured at one split before it may change (their median is the imbalance)
 DEADBAND = 0.6  # move once the imbalance exceeds this fraction of one piece's effect (no flip-flop at 0.5)
 EFFECT_RANGE = 2.0  # a learned piece effect stays within this factor of the profile's
 
 
 @dataclass
 class DecodeFeedback:
-    """The decode split's state: `shift` pieces per layer moved from PCIe to the CPU, the running
-    mean imbalance at that shift (seconds the last copy lands after the CPU job ends), and what
-    moving one piece changes the imbalance by (`piece_effect_s`, 0: not known yet)."""
+    """The decode split's state: `shift` pieces per layer moved from PCIe to the CPU, the imbalance
+    at that shift (median of a window of layers: seconds the last copy lands after the CPU job
+    ends), and what moving one piece changes the imbalance by (`piece_effect_s`, 0: not known yet)."""
 
     shift: int = 0
     imbalance_s: float = 0.0
-    samples: int = 0
     piece_effect_s: float = 0.0
     moves: int = 0
+    layers: int = 0  # layers measured in all
+    _window: list[float] = field(default_factory=list)  # this split's layers so far
     _before: tuple[int, float] | None = None  # (shift, imbalance) before the last move
 
     def add(self, shift: int, imbalance_s: float, piece_effect_s: float) -> None:
@@ -45,25 +46,31 @@ class DecodeFeedback:
         its pieces would change by the profile's rates."""
         if shift != self.shift:  # measured before the last move: says nothing about this split
             return
-        self.imbalance_s = imbalance_s if self.samples == 0 else self.imbalance_s + SMOOTHING * (imbalance_s - self.imbalance_s)
-        self.samples += 1
         if self.piece_effect_s <= 0.0:
             self.piece_effect_s = piece_effect_s
-        if self.samples < MIN_SAMPLES:
+        self.layers += 1
+        self._window.append(imbalance_s)
+        if len(self._window) < WINDOW:
             return
-        if self._before is not None:  # what the last move did, once its split is measured
+        self.imbalance_s = statistics.median(self._window)
+        self._window.clear()
+        if self._before is not None:  # what the last move did, now that its split is measured
             old_shift, old_imbalance = self._before
             observed = (old_imbalance - self.imbalance_s) / (self.shift - old_shift)
-            # noise can make one move look like anything: stay within a factor 2 of the profile's
+            # noise can make one move look like anything: stay within a factor of the profile's
             observed = min(max(observed, piece_effect_s / EFFECT_RANGE), piece_effect_s * EFFECT_RANGE)
             self.piece_effect_s = 0.5 * (self.piece_effect_s + observed)
             self._before = None
-        if self.piece_effect_s > 0 and abs(self.imbalance_s) > DEADBAND * self.piece_effect_s:
+        if abs(self.imbalance_s) > DEADBAND * self.piece_effect_s:
             step = max(1, round(abs(self.imbalance_s) / self.piece_effect_s))
             self._before = (self.shift, self.imbalance_s)
             self.shift += step if self.imbalance_s > 0 else -step
-            self.samples = 0
             self.moves += 1
+
+    @property
+    def samples(self) -> int:
+        """Layers measured at the current split since its last decision."""
+        return len(self._window)
 
     def reset(self) -> None:
         """Back to the plan's split (a new plan: a shift of the old one means nothing)."""
@@ -72,7 +79,7 @@ class DecodeFeedback:
     def summary(self) -> dict[str, float | int]:
         """The state, for logs and benchmark reports."""
         return {"shift": self.shift, "imbalance_ms": self.imbalance_s * 1e3, "piece_effect_ms": self.piece_effect_s * 1e3,
-                "moves": self.moves}
+                "moves": self.moves, "layers": self.layers}
 
 
 @dataclass
