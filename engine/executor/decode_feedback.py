@@ -13,8 +13,8 @@ taken from the profile's rates, then from what the moves did.
 
 from __future__ import annotations
 
-from collections import deque
 import statistics
+from collections import deque
 from dataclasses import dataclass, field
 
 import torch
