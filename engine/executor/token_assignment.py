@@ -60,10 +60,11 @@ class Assignment:
 
 def _by_plan(items: list[tuple[FFNUnit, torch.Tensor]]) -> Assignment:
     out = Assignment([], [], [])
-    lists = {PieceKind.GG: out.on_gpu, PieceKind.CG: out.streamed, PieceKind.CC: out.on_cpu}
+    # PieceKind is a StrEnum: its members look up by the pieces' kind strings (no kind: resident)
+    lists = {PieceKind.GG: out.on_gpu, PieceKind.CG: out.streamed, PieceKind.CC: out.on_cpu, None: out.on_gpu}
     for i, (unit, _) in enumerate(items):
         for piece in unit.slices:
-            lists[PieceKind(piece.kind) if piece.kind else PieceKind.GG].append((i, piece))
+            lists[piece.kind].append((i, piece))
     return out
 
 

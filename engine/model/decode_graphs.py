@@ -6,7 +6,8 @@ time launching them than the GPU spends running them, and that time sits on the 
 between two FFNs. Per layer and token count this module captures two graphs:
 
     pre   residual += previous FFN output; input norm; QKV; rotary; K/V written to the cache -> q
-    post  residual += o(attention); post-attention norm -> h; MoE routing of h
+    post  residual += o(attention); post-attention norm -> h; MoE routing of h (each token's
+          experts sorted by id)
 
 What varies from step to step stays eager: attention over each sequence's context (its length
 changes), the FFN (routing decides which pieces run where; the partitioned executor) and the
@@ -126,7 +127,14 @@ class Segments:
         b.residual.add_(F.linear(b.attended, layer.attn.o, layer.attn.o_bias))
         h = layer.post_attention_norm(b.residual)
         self.outputs[i].h = h
-        self.outputs[i].routing = layer.ffn.route(h) if isinstance(layer.ffn, MoEBlock) else None
+        self.outputs[i].routing = _in_id_order(layer.ffn.route(h)) if isinstance(layer.ffn, MoEBlock) else None
+
+
+def _in_id_order(routing: Routing) -> Routing:
+    """Each token's experts in increasing id order (weights alongside): the same pairs, so the same
+    result, but a one-token step's experts then come in top-k order and combine in one pass."""
+    ids, order = routing.expert_ids.sort(dim=-1)
+    return Routing(ids, routing.weights.gather(-1, order))
 
 
 @dataclass
