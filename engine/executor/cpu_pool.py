@@ -22,6 +22,7 @@ from engine.cpu_kernels import SliceJob, prepare_slice_jobs, set_num_threads
 from engine.cpu_kernels.cpu_info import default_num_threads
 from engine.cpu_kernels.runner import PendingJobs, submit_records
 from engine.cpu_kernels.slice_job import (
+    DESC_FIELDS,
     activation_fields,
     activations_ready,
     record,
@@ -53,6 +54,7 @@ class CpuBatch:
     dest: torch.Tensor  # [num_rows] int64 host
     start_s: float = 0.0  # when the CPU computed it (perf_counter clock), set when it is done
     end_s: float = 0.0
+    records: array | None = None  # its C++ job records, once built (a kept batch reuses them)
 
     def out_of(self, job: CpuJob) -> torch.Tensor:
         return self.out[job.row : job.row + job.x.shape[0]]
@@ -85,6 +87,8 @@ class _Kernels:
     def start(self, batch: CpuBatch) -> PendingJobs | None:
         """The submitted batch, or None when some job needs torch. The records are built from the
         pieces' kept fields and pointer arithmetic on the batch's output (this runs every layer)."""
+        if batch.records is not None:  # a kept batch: only the activations' addresses change
+            return self._resubmit(batch, batch.records)
         out = batch.out
         if out.dtype != torch.float32 or not out.is_contiguous():
             return None
@@ -98,6 +102,19 @@ class _Kernels:
             if weights is None or not x:
                 return None
             records.extend(record(x, weights, out_ptr + out.element_size() * hidden * job.row, hidden))
+        pending = submit_records(records, len(batch.jobs), self.activation)
+        if pending is not None:
+            batch.records = records
+        return pending
+
+    def _resubmit(self, batch: CpuBatch, records: array) -> PendingJobs | None:
+        """Submits a kept batch's records with its jobs' current activations (same shapes and
+        layout as when the records were built: only the address field changes)."""
+        stride = len(DESC_FIELDS)
+        for k, job in enumerate(batch.jobs):
+            if not activations_ready(job.x):
+                return None
+            records[k * stride] = job.x.data_ptr()
         return submit_records(records, len(batch.jobs), self.activation)
 
     def prepare(self, batch: CpuBatch) -> Callable[[], None]:

@@ -22,6 +22,7 @@ import torch
 import torch.nn.functional as F
 
 from engine.executor.accelerator import Accelerator, now_s
+from engine.executor.cpu_batches import MAX_KEPT_ROWS, DecodeCpuBatches
 from engine.executor.cpu_pool import CpuBatch, CpuJob, CpuPool, CpuResult
 from engine.executor.decode_feedback import DecodeFeedback, DecodeMeter
 from engine.executor.staging import StagedSlice, StagingRing
@@ -73,6 +74,7 @@ class PartitionedExecutor:
         self.feedback = DecodeFeedback()
         self.use_feedback = True  # False: decode keeps the plan's kinds (A/B in benchmarks)
         self._meter = DecodeMeter(accelerator, self.feedback)
+        self._cpu_batches = DecodeCpuBatches(accelerator)
         self._prefetched: deque[tuple[UnitSlice, StagedSlice]] = deque()
 
     def apply_plan(self, plan: PartitionPlan) -> None:
@@ -187,20 +189,36 @@ class PartitionedExecutor:
     def _submit_cpu(self, items: list[tuple[FFNUnit, torch.Tensor]], offsets: list[int],
                     on_cpu: list[tuple[int, UnitSlice]], inputs: _CpuInputs | None) -> CpuResult | None:
         """Hands all CC pieces of the layer to the CPU worker as one job, writing into one host
-        buffer (rows of job k at its offset, destined for the accumulator rows in `dest`)."""
+        buffer (rows of job k at its offset, destined for the accumulator rows in `dest`). Small
+        batches (decode) are kept and reused with this layer's activations."""
         if inputs is None:
             return None
-        acc = self.accelerator
-        counts = [items[i][1].shape[0] for i, _ in on_cpu]
-        out = acc.host_empty((sum(counts), items[0][1].shape[1]), torch.float32)
-        dest = acc.host_empty((len(out),), torch.int64)
+        hidden = items[0][1].shape[1]
+        num_rows = sum(items[i][1].shape[0] for i, _ in on_cpu)
+
+        def build(out: torch.Tensor) -> CpuBatch:
+            return self._cpu_batch(items, offsets, on_cpu, inputs, out)
+
+        if num_rows <= MAX_KEPT_ROWS:
+            key = tuple((id(piece), i, items[i][1].shape[0], offsets[i]) for i, piece in on_cpu)
+            batch = self._cpu_batches.get(key, num_rows, hidden, build)
+            for job in batch.jobs:  # this layer's activations (same shapes as when it was kept)
+                job.x = inputs.rows[job.item]
+        else:
+            batch = build(self.accelerator.host_empty((num_rows, hidden), torch.float32))
+        return self.cpu_pool.submit(batch, inputs.ready, self.timeline)
+
+    def _cpu_batch(self, items: list[tuple[FFNUnit, torch.Tensor]], offsets: list[int],
+                   on_cpu: list[tuple[int, UnitSlice]], inputs: _CpuInputs, out: torch.Tensor) -> CpuBatch:
+        dest = self.accelerator.host_empty((len(out),), torch.int64)
         jobs, dest_rows, row = [], [], 0
-        for (i, piece), n in zip(on_cpu, counts, strict=True):
+        for i, piece in on_cpu:
+            n = items[i][1].shape[0]
             jobs.append(CpuJob(i, inputs.rows[i], piece, row))
             dest_rows.extend(range(offsets[i], offsets[i] + n))
             row += n
         dest.numpy()[:] = dest_rows
-        return self.cpu_pool.submit(CpuBatch(jobs, out, dest), inputs.ready, self.timeline)
+        return CpuBatch(jobs, out, dest)
 
     def _add_cpu_results(self, sums_all: torch.Tensor, batch: CpuBatch) -> None:
         """CPU partials copied host-to-device and summed into their items' rows, a bounded block of
@@ -211,6 +229,7 @@ class PartitionedExecutor:
             rows = slice(start, start + MAX_CPU_ROWS_PER_COPY)
             sums_all.index_add_(0, batch.dest[rows].to(device, non_blocking=True),
                                 batch.out[rows].to(device, non_blocking=True))
+        self._cpu_batches.consumed(batch)
 
     def _begin_streaming(self, streamed: list[tuple[int, UnitSlice]], max_copies: int | None = None) -> _Streaming:
         """Enqueues the first copies (prefetched ones first): up to `max_copies`, else a ring's worth."""
