@@ -129,6 +129,54 @@ def time_host_phases(llm: LLM) -> None:
     moe.MoEBlock.__call__ = timed("combine", moe.MoEBlock.__call__, after_executor=True)
 
 
+def time_prologue_parts(llm: LLM, prompt_len: int, steps: int) -> list[str]:
+    """Median host time of each part of the executor's prologue (before the CPU job is submitted)
+    over untraced decode steps: each part wrapped with a perf_counter pair."""
+    from engine.executor import cpu_pool, decode_feedback, partitioned
+
+    executor = llm.engine.runner.executor
+    times: dict[str, list[float]] = {}
+
+    def timed(owner, name: str) -> Callable[[], None]:
+        fn = getattr(owner, name)
+
+        def run(*args, **kwargs):
+            start = time.perf_counter()
+            out = fn(*args, **kwargs)
+            times.setdefault(f"{getattr(owner, '__name__', type(owner).__name__)}.{name}", []).append(
+                time.perf_counter() - start)
+            return out
+        setattr(owner, name, run)
+        return lambda: setattr(owner, name, fn)
+
+    undo = [timed(partitioned, "assign"), timed(executor, "_ship_cpu_inputs"), timed(executor, "_submit_cpu"),
+            timed(executor, "_begin_streaming"), timed(executor.cpu_pool, "submit"),
+            timed(executor.cpu_pool._kernels, "start"), timed(executor._meter, "enter"),
+            timed(executor._cpu_batches, "get"), timed(cpu_pool, "submit_records"),
+            timed(decode_feedback, "host_mark")]
+    entered: list[float] = []
+    original = partitioned.torch.zeros
+
+    def zeros(*args, **kwargs):
+        start = time.perf_counter()
+        out = original(*args, **kwargs)
+        entered.append(time.perf_counter() - start)
+        return out
+    partitioned.torch.zeros = zeros
+    try:
+        prompt = list(range(1, prompt_len + 1))
+        llm.generate(prompt_token_ids=[prompt], params=SamplingParams(max_tokens=steps + 2, ignore_eos=True))
+    finally:
+        partitioned.torch.zeros = original
+        for restore in undo:
+            restore()
+    times["torch.zeros (all calls)"] = entered
+    lines = [f"executor prologue parts over {steps} decode steps (median us per call, calls):"]
+    for name, values in times.items():
+        lines.append(f"  {name:40} {statistics.median(values) * 1e6:8.1f}   {len(values)}")
+    return lines
+
+
 def trace_decode(llm: LLM, prompt_len: int, steps: int, trace_path: str | None) -> list[str]:
     """Per-layer anatomy of traced decode steps (median over layers and steps, ms): the executor's
     host time, the gap between executors (attention, routing, combining), when the CPU job starts
@@ -288,6 +336,8 @@ def main() -> None:
                         help="also trace with routing ids read by a kernel + sync, and copied to the host, alternating")
     parser.add_argument("--driver-ab", action="store_true",
                         help="also trace with CPU jobs on the Python worker and on the C++ driver, alternating")
+    parser.add_argument("--prologue-parts", action="store_true",
+                        help="first time each part of the executor's prologue (untraced decode steps)")
     parser.add_argument("--feedback-ab", action="store_true",
                         help="also trace with decode steps on the plan's kinds and balanced by measured rates, alternating")
     parser.add_argument("--first-copies", default="",
@@ -305,6 +355,9 @@ def main() -> None:
     print("\n".join(lines), flush=True)
     llm = LLM(args.model, device="cuda", random_weights=True, gpu_memory_budget=args.budget, policy=args.policy,
               kv_cache_tokens=4096, max_num_seqs=8, cpu_threads=args.cpu_threads, show_progress=False)
+    if args.prologue_parts:
+        lines += time_prologue_parts(llm, args.prompt_len, args.steps)
+        print("\n".join(lines), flush=True)
     time_host_phases(llm)
     lines += trace_decode(llm, args.prompt_len, args.steps, args.trace)
     print("\n".join(lines[-24:]), flush=True)

@@ -131,6 +131,7 @@ class DecodeMeter:
             if copies_s is None:
                 return
             self._layers.popleft()
+            self.accelerator.release(layer.entry, layer.end)  # only this meter read them
             if layer.end is None and layer.cpu_end_s is None:
                 continue  # no host piece in this layer
             cpu_s = 0.0 if layer.cpu_end_s is None else layer.cpu_end_s - layer.entered_s

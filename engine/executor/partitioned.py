@@ -69,7 +69,7 @@ class PartitionedExecutor:
         self.rates = rates or DispatchRates()
         self.act: Callable[[torch.Tensor], torch.Tensor] = model.act
         self.timeline: StepTimeline | None = None  # set by the runner for traced steps
-        self.gpu_busy = BusyMeter()  # seconds the compute stream spent on FFN pieces
+        self.gpu_busy = BusyMeter(accelerator.release)  # seconds the compute stream spent on FFN pieces
         # decode layers' measured CPU/PCIe imbalance, and the split it set, for the `balance` rule
         self.feedback = DecodeFeedback()
         self.use_feedback = True  # False: decode keeps the plan's kinds (A/B in benchmarks)
@@ -147,7 +147,7 @@ class PartitionedExecutor:
         if measured and streamed:
             self._meter.copies_enqueued()
         end = host_mark(acc, acc.compute_stream)
-        self.gpu_busy.add(start, end)
+        self.gpu_busy.add(start, end, shared=self.timeline is not None)
         if self.timeline is not None:
             self.timeline.gpu_interval("gpu", start, end, f"layer {layer} FFN")
         if cpu_future is not None:

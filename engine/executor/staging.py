@@ -42,7 +42,7 @@ class StagingRing:
         self._next = 0
         self._burst_start: Mark = None
         self.bytes_streamed = 0
-        self.busy = BusyMeter()  # seconds the copy stream spent streaming pieces
+        self.busy = BusyMeter(accelerator.release)  # seconds the copy stream spent streaming pieces
 
     @property
     def num_bytes(self) -> int:

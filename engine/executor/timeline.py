@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -137,24 +138,32 @@ class TraceRecorder:
 
 class BusyMeter:
     """Busy seconds of one resource from (start, end) marks of work that runs one piece at a time
-    (a stream), added up once the marks have completed: no synchronisation needed."""
+    (a stream), added up once the marks have completed: no synchronisation needed. Marks that are
+    only the meter's go back to `release` (an event free list) once read; completed marks are read
+    as new ones arrive, so they do not pile up between two reads of `busy_s`."""
 
-    def __init__(self) -> None:
-        self._pending: deque[tuple[Mark, Mark]] = deque()
+    def __init__(self, release: Callable[..., None] | None = None) -> None:
+        self._pending: deque[tuple[Mark, Mark, bool]] = deque()
+        self._release = release
         self.busy_s = 0.0
 
-    def add(self, start: Mark, end: Mark) -> None:
+    def add(self, start: Mark, end: Mark, shared: bool = False) -> None:
+        """`shared`: the marks are read elsewhere too (a traced step's timeline): not released."""
         if start is not None and end is not None:
-            self._pending.append((start, end))
+            self._pending.append((start, end, shared))
+            if len(self._pending) > 8:
+                self.collect()
 
     def collect(self) -> float:
         while self._pending:
-            start, end = self._pending[0]
+            start, end, shared = self._pending[0]
             if isinstance(start, float) and isinstance(end, float):
                 self.busy_s += end - start
             elif isinstance(end, torch.cuda.Event) and isinstance(start, torch.cuda.Event):
                 if not end.query():
                     break
                 self.busy_s += start.elapsed_time(end) / 1000.0
+                if self._release is not None and not shared:
+                    self._release(start, end)
             self._pending.popleft()
         return self.busy_s
