@@ -65,6 +65,8 @@ class Partition:
 
             extra["predicted"] = predict(self.plan, self.request.config, self.profile, self.request).to_dict()
             extra["hardware_profile"] = json.loads(self.profile.to_json())
+        if self.plan.dynamic == "balance":  # how decode steps moved host pieces, measured as they run
+            extra["decode_feedback"] = self.executor.feedback.summary()
         return {
             **extra,
             "policy": self.plan.policy,

@@ -104,6 +104,8 @@ def test_decode_steps_measure_the_imbalance_and_keep_results(tiny_checkpoints: d
     got = llm.generate(prompt_token_ids=prompts, params=greedy)
     assert [o.token_ids for o in got] == [o.token_ids for o in expected]
     assert executor.feedback.piece_effect_s > 0 and executor.feedback.layers > 0
+    shown = llm.engine.plan_info()["decode_feedback"]  # GET /v1/engine/plan shows it
+    assert shown["layers"] == executor.feedback.layers and "shift" in shown
 
 
 def test_reset_returns_to_the_plans_split() -> None:
