@@ -8,6 +8,7 @@ from collections.abc import AsyncIterator
 from fastapi import Request
 from sse_starlette import EventSourceResponse
 
+from engine.outputs import RequestOutput
 from server.logprobs import chat_logprobs
 from server.models import resolve_model
 from server.params import check_context, reject_unsupported, requested_max_tokens, sampling_params
@@ -20,9 +21,10 @@ from server.protocol import (
     ChatCompletionRequest,
     ChatCompletionResponse,
     ChatDelta,
+    Usage,
 )
-from server.serving import GenerationRun, new_request_id, until_disconnect
-from server.sse import DONE, data_event, error_event, sse_response
+from server.serving import Choice, GenerationRun, new_request_id, until_disconnect
+from server.sse import data_event, sse_response, stream_choices
 from server.state import ServerState
 
 
@@ -56,33 +58,21 @@ async def create_chat_completion(
                                   usage=run.usage())
 
 
-async def _chunks(run: GenerationRun, state: ServerState, body: ChatCompletionRequest, model: str,
-                  created: int, include_usage: bool) -> AsyncIterator[dict[str, str]]:
+def _chunks(run: GenerationRun, state: ServerState, body: ChatCompletionRequest, model: str,
+            created: int, include_usage: bool) -> AsyncIterator[dict[str, str]]:
     tokenizer = state.engine.tokenizer if state.engine is not None else None
 
-    def chunk(choices: list[ChatChunkChoice]) -> dict[str, str]:
-        return data_event(ChatCompletionChunk(id=run.request_id, created=created, model=model, choices=choices))
+    def chunk(choices: list[ChatChunkChoice], usage: Usage | None = None) -> dict[str, str]:
+        return data_event(ChatCompletionChunk(id=run.request_id, created=created, model=model, choices=choices,
+                                              usage=usage))
 
-    try:
-        for choice in run.choices:
-            yield chunk([ChatChunkChoice(index=choice.index, delta=ChatDelta(role="assistant", content=""))])
-        async for choice, output in run.events():
-            if output.delta_text or output.delta_logprobs:
-                logprobs = chat_logprobs(tokenizer, output.delta_logprobs) if body.logprobs and \
-                    output.delta_logprobs else None
-                yield chunk([ChatChunkChoice(index=choice.index, delta=ChatDelta(content=output.delta_text),
-                                             logprobs=logprobs)])
-            if output.finished:
-                failure = run.failure()
-                if failure is not None:
-                    yield error_event(failure)
-                    yield data_event(DONE)
-                    return
-                yield chunk([ChatChunkChoice(index=choice.index, delta=ChatDelta(),
-                                             finish_reason=choice.finish_reason)])
-        if include_usage:
-            yield data_event(ChatCompletionChunk(id=run.request_id, created=created, model=model, choices=[],
-                                                 usage=run.usage()))
-        yield data_event(DONE)
-    finally:
-        run.close()
+    def delta(choice: Choice, output: RequestOutput) -> dict[str, str]:
+        logprobs = chat_logprobs(tokenizer, output.delta_logprobs) if body.logprobs and output.delta_logprobs else None
+        return chunk([ChatChunkChoice(index=choice.index, delta=ChatDelta(content=output.delta_text), logprobs=logprobs)])
+
+    opening = [chunk([ChatChunkChoice(index=choice.index, delta=ChatDelta(role="assistant", content=""))])
+               for choice in run.choices]
+    return stream_choices(
+        run, opening, delta,
+        lambda choice: chunk([ChatChunkChoice(index=choice.index, delta=ChatDelta(), finish_reason=choice.finish_reason)]),
+        (lambda: chunk([], run.usage())) if include_usage else None)

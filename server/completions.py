@@ -9,13 +9,14 @@ from typing import Any
 from fastapi import Request
 from sse_starlette import EventSourceResponse
 
+from engine.outputs import RequestOutput
 from server.logprobs import completion_logprobs
 from server.models import resolve_model
 from server.params import check_context, reject_unsupported, sampling_params
 from server.prompts import completion_prompt_ids
-from server.protocol import CompletionChoice, CompletionRequest, CompletionResponse
+from server.protocol import CompletionChoice, CompletionRequest, CompletionResponse, Usage
 from server.serving import Choice, GenerationRun, new_request_id, until_disconnect
-from server.sse import DONE, data_event, error_event, sse_response
+from server.sse import data_event, sse_response, stream_choices
 from server.state import ServerState
 
 
@@ -56,33 +57,24 @@ def _final_choice(choice: Choice, tokenizer: Any, body: CompletionRequest, echo:
                             finish_reason=choice.finish_reason)
 
 
-async def _chunks(run: GenerationRun, tokenizer: Any, body: CompletionRequest, model: str, created: int,
-                  include_usage: bool, echoes: list[str]) -> AsyncIterator[dict[str, str]]:
-    def chunk(choice: CompletionChoice) -> dict[str, str]:
-        return data_event(CompletionResponse(id=run.request_id, created=created, model=model, choices=[choice]))
+def _chunks(run: GenerationRun, tokenizer: Any, body: CompletionRequest, model: str, created: int,
+            include_usage: bool, echoes: list[str]) -> AsyncIterator[dict[str, str]]:
+    def chunk(choices: list[CompletionChoice], usage: Usage | None = None) -> dict[str, str]:
+        return data_event(CompletionResponse(id=run.request_id, created=created, model=model, choices=choices,
+                                             usage=usage))
 
-    try:
-        if body.echo:
-            for choice in run.choices:
-                yield chunk(CompletionChoice(index=choice.index, text=echoes[choice.prompt_index]))
-        text_offsets = [0] * len(run.choices)
-        async for choice, output in run.events():
-            if output.delta_text or output.delta_logprobs:
-                logprobs = None
-                if body.logprobs is not None and output.delta_logprobs:
-                    logprobs = completion_logprobs(tokenizer, output.delta_logprobs, text_offsets[choice.index])
-                text_offsets[choice.index] += len(output.delta_text)
-                yield chunk(CompletionChoice(index=choice.index, text=output.delta_text, logprobs=logprobs))
-            if output.finished:
-                failure = run.failure()
-                if failure is not None:
-                    yield error_event(failure)
-                    yield data_event(DONE)
-                    return
-                yield chunk(CompletionChoice(index=choice.index, text="", finish_reason=choice.finish_reason))
-        if include_usage:
-            yield data_event(CompletionResponse(id=run.request_id, created=created, model=model, choices=[],
-                                                usage=run.usage()))
-        yield data_event(DONE)
-    finally:
-        run.close()
+    text_offsets = [0] * len(run.choices)
+
+    def delta(choice: Choice, output: RequestOutput) -> dict[str, str]:
+        logprobs = None
+        if body.logprobs is not None and output.delta_logprobs:
+            logprobs = completion_logprobs(tokenizer, output.delta_logprobs, text_offsets[choice.index])
+        text_offsets[choice.index] += len(output.delta_text)
+        return chunk([CompletionChoice(index=choice.index, text=output.delta_text, logprobs=logprobs)])
+
+    opening = [chunk([CompletionChoice(index=choice.index, text=echoes[choice.prompt_index])])
+               for choice in run.choices] if body.echo else []
+    return stream_choices(
+        run, opening, delta,
+        lambda choice: chunk([CompletionChoice(index=choice.index, text="", finish_reason=choice.finish_reason)]),
+        (lambda: chunk([], run.usage())) if include_usage else None)
