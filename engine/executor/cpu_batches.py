@@ -62,6 +62,3 @@ class DecodeCpuBatches:
         shape = tuple(batch.out.shape)
         if self._outputs.get(shape) is not None and self._outputs[shape].data_ptr() == batch.out.data_ptr():
             self._consumed[shape] = self.accelerator.record(self.accelerator.compute_stream)  # type: ignore[index]
-
-    def clear(self) -> None:
-        self._kept.clear()

@@ -17,10 +17,8 @@ import statistics
 from collections import deque
 from dataclasses import dataclass, field
 
-import torch
-
 from engine.executor.accelerator import Accelerator, now_s
-from engine.executor.timeline import Mark, host_mark
+from engine.executor.timeline import Mark, elapsed_s, host_mark
 
 WINDOW = 24  # layers measured at one split before it may change (their median is the imbalance)
 DEADBAND = 0.6  # move once the imbalance exceeds this fraction of one piece's effect (no flip-flop at 0.5)
@@ -92,15 +90,6 @@ class _Layer:
     cpu_end_s: float | None = None  # the CPU job's end (None: no CPU job)
 
 
-def _seconds(a: Mark, b: Mark) -> float | None:
-    """Seconds from mark a to mark b, None while b has not happened yet (GPU marks)."""
-    if isinstance(a, float) and isinstance(b, float):
-        return b - a
-    if isinstance(a, torch.cuda.Event) and isinstance(b, torch.cuda.Event) and b.query():
-        return a.elapsed_time(b) / 1000.0
-    return None
-
-
 class DecodeMeter:
     """Measures decode layers for a DecodeFeedback. The executor calls `enter` when a layer's
     executor starts, `copies_enqueued` after its last copy, `cpu_done` with its CPU job's end.
@@ -127,7 +116,7 @@ class DecodeMeter:
     def _resolve(self) -> None:
         while self._layers:
             layer = self._layers[0]
-            copies_s = 0.0 if layer.end is None else _seconds(layer.entry, layer.end)
+            copies_s = 0.0 if layer.end is None else elapsed_s(layer.entry, layer.end)
             if copies_s is None:
                 return
             self._layers.popleft()

@@ -98,6 +98,16 @@ class StepTimeline:
         return StepTrace(self.index, self.kind, self.start_s, duration, intervals)
 
 
+def elapsed_s(start: Mark, end: Mark) -> float | None:
+    """Seconds from mark `start` to mark `end` (host times, or events of one device); None while the
+    end event has not happened yet."""
+    if isinstance(start, float) and isinstance(end, float):
+        return end - start
+    if isinstance(start, torch.cuda.Event) and isinstance(end, torch.cuda.Event) and end.query():
+        return start.elapsed_time(end) / 1000.0
+    return None
+
+
 def host_mark(accelerator: Accelerator, stream: torch.cuda.Stream | None) -> Mark:
     """An event on `stream` when there is a GPU, else the host time now."""
     return accelerator.record(stream, timing=True) if accelerator.is_cuda else now_s()
@@ -157,13 +167,11 @@ class BusyMeter:
     def collect(self) -> float:
         while self._pending:
             start, end, shared = self._pending[0]
-            if isinstance(start, float) and isinstance(end, float):
-                self.busy_s += end - start
-            elif isinstance(end, torch.cuda.Event) and isinstance(start, torch.cuda.Event):
-                if not end.query():
-                    break
-                self.busy_s += start.elapsed_time(end) / 1000.0
-                if self._release is not None and not shared:
-                    self._release(start, end)
+            seconds = elapsed_s(start, end)
+            if seconds is None:
+                break
+            self.busy_s += seconds
+            if self._release is not None and not shared:
+                self._release(start, end)
             self._pending.popleft()
         return self.busy_s
