@@ -104,6 +104,20 @@ def profile_decode(llm: LLM, prompt_len: int, steps: int, top: int) -> list[str]
 HOST_PHASES = ("combine", "attend", "routing_read")  # host work between two executors, timed in traced steps
 
 
+def wrap_timed(owner: object, name: str, record: Callable[[float, float], None]) -> Callable[[], None]:
+    """Replaces `owner.name` by a wrapper that calls `record(start_s, end_s)` (perf_counter) after
+    each call; returns the call that puts the original back."""
+    fn = getattr(owner, name)
+
+    def run(*args, **kwargs):
+        start = time.perf_counter()
+        out = fn(*args, **kwargs)
+        record(start, time.perf_counter())
+        return out
+    setattr(owner, name, run)
+    return lambda: setattr(owner, name, fn)
+
+
 def time_host_phases(llm: LLM) -> None:
     """Wraps the host work between two executors so that traced steps record it: the expert
     combination (after the executor returns, until the MoE block returns), eager attention, and
@@ -112,21 +126,18 @@ def time_host_phases(llm: LLM) -> None:
 
     executor = llm.engine.runner.executor
 
-    def timed(name: str, fn: Callable, after_executor: bool = False) -> Callable:
-        def run(*args, **kwargs):
-            start = time.perf_counter()
-            out = fn(*args, **kwargs)
+    def interval(name: str, after_executor: bool = False) -> Callable[[float, float], None]:
+        def record(start: float, end: float) -> None:
             timeline = executor.timeline
             if timeline is not None:
                 if after_executor:  # the combination: from the executor's return to here
                     start = timeline.last_end("host") or start
-                timeline.cpu_interval(name, start, time.perf_counter())
-            return out
-        return run
+                timeline.cpu_interval(name, start, end)
+        return record
 
-    decode_graphs.attend = timed("attend", decode_graphs.attend)
-    moe.Routing.tokens_of = timed("routing_read", moe.Routing.tokens_of)
-    moe.MoEBlock.__call__ = timed("combine", moe.MoEBlock.__call__, after_executor=True)
+    wrap_timed(decode_graphs, "attend", interval("attend"))
+    wrap_timed(moe.Routing, "tokens_of", interval("routing_read"))
+    wrap_timed(moe.MoEBlock, "__call__", interval("combine", after_executor=True))
 
 
 def time_prologue_parts(llm: LLM, prompt_len: int, steps: int) -> list[str]:
@@ -137,40 +148,21 @@ def time_prologue_parts(llm: LLM, prompt_len: int, steps: int) -> list[str]:
     executor = llm.engine.runner.executor
     times: dict[str, list[float]] = {}
 
-    def timed(owner, name: str) -> Callable[[], None]:
-        fn = getattr(owner, name)
-
-        def run(*args, **kwargs):
-            start = time.perf_counter()
-            out = fn(*args, **kwargs)
-            times.setdefault(f"{getattr(owner, '__name__', type(owner).__name__)}.{name}", []).append(
-                time.perf_counter() - start)
-            return out
-        setattr(owner, name, run)
-        return lambda: setattr(owner, name, fn)
+    def timed(owner: object, name: str, label: str | None = None) -> Callable[[], None]:
+        label = label or f"{getattr(owner, '__name__', type(owner).__name__)}.{name}"
+        return wrap_timed(owner, name, lambda start, end: times.setdefault(label, []).append(end - start))
 
     undo = [timed(partitioned, "assign"), timed(executor, "_ship_cpu_inputs"), timed(executor, "_submit_cpu"),
             timed(executor, "_begin_streaming"), timed(executor.cpu_pool, "submit"),
             timed(executor.cpu_pool._kernels, "start"), timed(executor._meter, "enter"),
             timed(executor._cpu_batches, "get"), timed(cpu_pool, "submit_records"),
-            timed(decode_feedback, "host_mark")]
-    entered: list[float] = []
-    original = partitioned.torch.zeros
-
-    def zeros(*args, **kwargs):
-        start = time.perf_counter()
-        out = original(*args, **kwargs)
-        entered.append(time.perf_counter() - start)
-        return out
-    partitioned.torch.zeros = zeros
+            timed(decode_feedback, "host_mark"), timed(partitioned.torch, "zeros", "torch.zeros (all calls)")]
     try:
         prompt = list(range(1, prompt_len + 1))
         llm.generate(prompt_token_ids=[prompt], params=SamplingParams(max_tokens=steps + 2, ignore_eos=True))
     finally:
-        partitioned.torch.zeros = original
         for restore in undo:
             restore()
-    times["torch.zeros (all calls)"] = entered
     lines = [f"executor prologue parts over {steps} decode steps (median us per call, calls):"]
     for name, values in times.items():
         lines.append(f"  {name:40} {statistics.median(values) * 1e6:8.1f}   {len(values)}")
