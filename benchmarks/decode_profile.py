@@ -64,22 +64,45 @@ def sdpa_backends(num_heads: int, num_kv_heads: int, head_dim: int, context: int
     return lines
 
 
-def profile_decode(llm: LLM, prompt_len: int, steps: int, top: int) -> list[str]:
+def _start_decoding(llm: LLM, prompt_len: int, max_tokens: int) -> None:
+    """A warm-up request, then one request of `prompt_len` random tokens prefilled and two steps in."""
     engine = llm.engine
-    config = engine.model_config
-    prompt = torch.randint(0, config.vocab_size, (prompt_len,), generator=torch.Generator().manual_seed(0)).tolist()
+    prompt = torch.randint(0, engine.model_config.vocab_size, (prompt_len,),
+                           generator=torch.Generator().manual_seed(0)).tolist()
     llm.generate(prompt_token_ids=[prompt[:32]], params=SamplingParams(max_tokens=4, ignore_eos=True))
-    engine.add_request("p", prompt, SamplingParams(max_tokens=2 * steps + 4, temperature=0.0, ignore_eos=True))
+    engine.add_request("p", prompt, SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=True))
     engine.step()  # prefill
     engine.step()
     engine.step()
-    plain = []
+
+
+def _timed_steps(llm: LLM, steps: int) -> list[float]:
+    times = []
     for _ in range(steps):
         torch.cuda.synchronize()
         start = time.perf_counter()
-        engine.step()
+        llm.engine.step()
         torch.cuda.synchronize()
-        plain.append(time.perf_counter() - start)
+        times.append(time.perf_counter() - start)
+    return times
+
+
+def plain_decode(llm: LLM, prompt_len: int, steps: int) -> list[str]:
+    """Untraced decode steps, each timed from host to synchronised GPU."""
+    _start_decoding(llm, prompt_len, steps + 4)
+    plain = _timed_steps(llm, steps)
+    while llm.engine.has_unfinished_requests():
+        llm.engine.step()
+    median = statistics.median(plain)
+    return [f"plain decode: {steps} steps, median {median * 1e3:.1f} ms ({1 / median:.2f} tok/s), "
+            f"quartiles {statistics.quantiles(plain, n=4)[0] * 1e3:.1f} / {statistics.quantiles(plain, n=4)[2] * 1e3:.1f} ms"]
+
+
+def profile_decode(llm: LLM, prompt_len: int, steps: int, top: int) -> list[str]:
+    engine = llm.engine
+    config = engine.model_config
+    _start_decoding(llm, prompt_len, 2 * steps + 4)
+    plain = _timed_steps(llm, steps)
     profiler = cProfile.Profile()
     times = []
     for _ in range(steps):
@@ -120,7 +143,8 @@ def wrap_timed(owner: object, name: str, record: Callable[[float, float], None])
 
 def time_host_phases(llm: LLM) -> None:
     """Wraps the host work between two executors so that traced steps record it: the expert
-    combination (after the executor returns, until the MoE block returns), eager attention, and
+    combination where it is eager (after the executor returns, until the MoE block returns; at one
+    token the decode graphs combine, so the row reads 0), eager attention, and
     reading the routing (waiting for its copy to the host, grouping tokens by expert)."""
     from engine.model import decode_graphs, moe
 
@@ -155,7 +179,8 @@ def time_prologue_parts(llm: LLM, prompt_len: int, steps: int) -> list[str]:
     undo = [timed(partitioned, "assign"), timed(executor, "_ship_cpu_inputs"), timed(executor, "_submit_cpu"),
             timed(executor, "_begin_streaming"), timed(executor.cpu_pool, "submit"),
             timed(executor.cpu_pool._kernels, "start"), timed(executor._meter, "enter"),
-            timed(executor._cpu_batches, "get"), timed(cpu_pool, "submit_records"),
+            timed(executor._cpu_buffers, "output"), timed(executor._cpu_buffers, "destination"),
+            timed(cpu_pool, "submit_records"),
             timed(decode_feedback, "host_mark"), timed(partitioned.torch, "zeros", "torch.zeros (all calls)")]
     try:
         prompt = list(range(1, prompt_len + 1))
@@ -328,6 +353,8 @@ def main() -> None:
                         help="also trace with routing ids read by a kernel + sync, and copied to the host, alternating")
     parser.add_argument("--driver-ab", action="store_true",
                         help="also trace with CPU jobs on the Python worker and on the C++ driver, alternating")
+    parser.add_argument("--plain-steps", type=int, default=0,
+                        help="first time this many untraced decode steps (median ms and tok/s)")
     parser.add_argument("--prologue-parts", action="store_true",
                         help="first time each part of the executor's prologue (untraced decode steps)")
     parser.add_argument("--feedback-ab", action="store_true",
@@ -347,6 +374,9 @@ def main() -> None:
     print("\n".join(lines), flush=True)
     llm = LLM(args.model, device="cuda", random_weights=True, gpu_memory_budget=args.budget, policy=args.policy,
               kv_cache_tokens=4096, max_num_seqs=8, cpu_threads=args.cpu_threads, show_progress=False)
+    if args.plain_steps:
+        lines += plain_decode(llm, args.prompt_len, args.plain_steps)
+        print("\n".join(lines), flush=True)
     if args.prologue_parts:
         lines += time_prologue_parts(llm, args.prompt_len, args.steps)
         print("\n".join(lines), flush=True)

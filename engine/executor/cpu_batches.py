@@ -1,61 +1,61 @@
-"""Decode layers' CPU batches, kept and reused: decode steps repeat the same few batches.
+"""Host buffers of decode layers' CPU batches, kept and shared: every decode layer builds a batch
+of the same few shapes.
 
-A decode layer's CPU job is set by which pieces the CPU takes (its experts' CC pieces, moved by
-the feedback's shift), how many tokens each has and where their partial outputs go. Building the
-batch (jobs, destination rows, two pinned buffers, the C++ job records) every layer was a good part
-of the ~0.3 ms between entering a layer's FFN and the CPU job's start; a kept batch costs a lookup,
-its jobs take this layer's activations (the C++ records' activation addresses are refreshed).
-Output buffers are shared by the batches of one row count (one layer's job runs at a time):
-before a kept batch is handed to the CPU again, the copy out of its buffer must have finished
-(`consumed`, waited on in `get`). Only small batches are kept (decode: a few rows per job).
+A decode layer's CPU job writes its pieces' partial outputs into one pinned fp32 buffer, whose
+rows go to accumulator rows `dest` on the GPU. Allocating both (pinned memory) every layer was a
+good part of the time between entering a layer's FFN and the CPU job's start. Here output buffers
+are shared by the batches of one row count (one layer's job runs at a time): before a buffer is
+handed to the CPU again, the copy out of it must have finished (`consumed`, waited on in
+`output`). Destination rows repeat (at batch 1 they are the item indices of the CPU's pieces):
+each distinct list is kept, on the host and on the device. Only small batches (decode) take these
+buffers; the C++ job records of their pieces are kept by the CPU pool (cpu_pool._Kernels).
 """
 
 from __future__ import annotations
-
-from collections import OrderedDict
-from collections.abc import Callable
 
 import torch
 
 from engine.executor.accelerator import Accelerator
 from engine.executor.cpu_pool import CpuBatch
 
-BatchKey = tuple[tuple[int, int, int, int], ...]  # per CPU job: (piece id, its item, the item's rows, its first row)
-MAX_KEPT = 4096  # batches kept (least recently used dropped); each is ~1-2 KB of host memory
-MAX_KEPT_ROWS = 32  # larger batches (prefill) are built each time: their output buffers would pile up
+MAX_KEPT_DESTINATIONS = 4096  # destination lists kept (then all dropped and kept anew); ~100 B each
+MAX_KEPT_ROWS = 32  # larger batches (prefill) get fresh buffers: kept ones would pile up
 
 
-class DecodeCpuBatches:
-    def __init__(self, accelerator: Accelerator, max_kept: int = MAX_KEPT) -> None:
+class DecodeCpuBuffers:
+    def __init__(self, accelerator: Accelerator, max_destinations: int = MAX_KEPT_DESTINATIONS) -> None:
         self.accelerator = accelerator
-        self.max_kept = max_kept
-        self._kept: OrderedDict[BatchKey, CpuBatch] = OrderedDict()
+        self.max_destinations = max_destinations
         self._outputs: dict[tuple[int, int], torch.Tensor] = {}  # (rows, hidden) -> shared output buffer
         self._consumed: dict[tuple[int, int], torch.cuda.Event | None] = {}  # its last reader's event
-        self.hits = 0
+        self._destinations: dict[tuple[int, ...], tuple[torch.Tensor, torch.Tensor]] = {}
+        self.hits = 0  # destination lists found kept
         self.misses = 0
 
-    def get(self, key: BatchKey, num_rows: int, hidden: int, build: Callable[[torch.Tensor], CpuBatch]) -> CpuBatch:
-        """The kept batch for `key`, else `build(output buffer)`'s, kept. Waits until the output
-        buffer's previous contents were copied out."""
+    def output(self, num_rows: int, hidden: int) -> torch.Tensor:
+        """The shared output buffer of this shape, once its previous contents were copied out."""
         shape = (num_rows, hidden)
         event = self._consumed.get(shape)
         if event is not None:
             event.synchronize()  # normally long done: the next layer starts after a later sync
-        batch = self._kept.get(key)
-        if batch is not None:
-            self._kept.move_to_end(key)
-            self.hits += 1
-            return batch
-        self.misses += 1
         out = self._outputs.get(shape)
         if out is None:
             out = self._outputs[shape] = self.accelerator.host_empty(shape, torch.float32)
-        batch = build(out)
-        self._kept[key] = batch
-        if len(self._kept) > self.max_kept:
-            self._kept.popitem(last=False)
-        return batch
+        return out
+
+    def destination(self, rows: tuple[int, ...]) -> tuple[torch.Tensor, torch.Tensor]:
+        """`rows` as an int64 tensor on the host and on the device (both kept: never write to them)."""
+        kept = self._destinations.get(rows)
+        if kept is not None:
+            self.hits += 1
+            return kept
+        self.misses += 1
+        if len(self._destinations) >= self.max_destinations:
+            self._destinations.clear()
+        host = self.accelerator.host_empty((len(rows),), torch.int64)
+        host.numpy()[:] = rows
+        kept = self._destinations[rows] = (host, host.to(self.accelerator.device, non_blocking=True))
+        return kept
 
     def consumed(self, batch: CpuBatch) -> None:
         """Call after enqueuing the copies out of a batch's output (marks its buffer busy until then)."""

@@ -22,7 +22,6 @@ from engine.cpu_kernels import SliceJob, prepare_slice_jobs, set_num_threads
 from engine.cpu_kernels.cpu_info import default_num_threads
 from engine.cpu_kernels.runner import PendingJobs, submit_records
 from engine.cpu_kernels.slice_job import (
-    DESC_FIELDS,
     activation_fields,
     activations_ready,
     record,
@@ -34,6 +33,8 @@ from engine.executor.timeline import StepTimeline
 from engine.model.ffn import UnitSlice
 
 logger = logging.getLogger(__name__)
+
+MAX_KEPT_RECORDS = 16384  # kept job records (then all dropped and kept anew); ~200 B each
 
 
 @dataclass
@@ -52,9 +53,10 @@ class CpuBatch:
     jobs: list[CpuJob]
     out: torch.Tensor  # [num_rows, hidden] fp32 host, contiguous
     dest: torch.Tensor  # [num_rows] int64 host
+    dest_device: torch.Tensor | None = None  # `dest` on the device already (kept destinations)
     start_s: float = 0.0  # when the CPU computed it (perf_counter clock), set when it is done
     end_s: float = 0.0
-    records: array | None = None  # its C++ job records, once built (a kept batch reuses them)
+    kept: bool = False  # its buffers are kept ones (decode): its jobs' C++ records are kept too
 
     def out_of(self, job: CpuJob) -> torch.Tensor:
         return self.out[job.row : job.row + job.x.shape[0]]
@@ -76,6 +78,9 @@ class _Kernels:
         self.activation = activation
         # id(piece) -> its weight_fields, or None when the kernels do not read its weights
         self._weights: dict[int, tuple[int, int, int, int, int] | None] = {}
+        # a kept batch's job -> its record: (piece id, activations' address and rows, output address)
+        self._records: dict[tuple[int, int, int, int], tuple[int, ...]] = {}
+        self.record_hits = 0
 
     def _weight_fields(self, piece: UnitSlice) -> tuple[int, int, int, int, int] | None:
         key = id(piece)
@@ -86,35 +91,31 @@ class _Kernels:
 
     def start(self, batch: CpuBatch) -> PendingJobs | None:
         """The submitted batch, or None when some job needs torch. The records are built from the
-        pieces' kept fields and pointer arithmetic on the batch's output (this runs every layer)."""
-        if batch.records is not None:  # a kept batch: only the activations' addresses change
-            return self._resubmit(batch, batch.records)
+        pieces' kept fields and pointer arithmetic on the batch's output (this runs every layer);
+        a kept batch's jobs (the same buffers every decode layer) find their records kept."""
         out = batch.out
         if out.dtype != torch.float32 or not out.is_contiguous():
             return None
+        row_bytes = out.element_size() * out.shape[1]
         out_ptr, hidden = out.data_ptr(), out.shape[1]
-        records, activations = array("q"), {}
+        records = array("q")
         for job in batch.jobs:
+            x, job_out = job.x, out_ptr + row_bytes * job.row
+            key = (id(job.piece), x.data_ptr(), x.shape[0], job_out)
+            kept = self._records.get(key) if batch.kept else None
+            if kept is not None:
+                self.record_hits += 1
+                records.extend(kept)
+                continue
             weights = self._weight_fields(job.piece)
-            x = activations.get(id(job.x))
-            if x is None:  # the jobs of one item share its activations
-                x = activations[id(job.x)] = activation_fields(job.x) if activations_ready(job.x) else ()
-            if weights is None or not x:
+            if weights is None or not activations_ready(x):
                 return None
-            records.extend(record(x, weights, out_ptr + out.element_size() * hidden * job.row, hidden))
-        pending = submit_records(records, len(batch.jobs), self.activation)
-        if pending is not None:
-            batch.records = records
-        return pending
-
-    def _resubmit(self, batch: CpuBatch, records: array) -> PendingJobs | None:
-        """Submits a kept batch's records with its jobs' current activations (same shapes and
-        layout as when the records were built: only the address field changes)."""
-        stride = len(DESC_FIELDS)
-        for k, job in enumerate(batch.jobs):
-            if not activations_ready(job.x):
-                return None
-            records[k * stride] = job.x.data_ptr()
+            job_record = record(activation_fields(x), weights, job_out, hidden)
+            if batch.kept:
+                if len(self._records) >= MAX_KEPT_RECORDS:
+                    self._records.clear()
+                self._records[key] = job_record
+            records.extend(job_record)
         return submit_records(records, len(batch.jobs), self.activation)
 
     def prepare(self, batch: CpuBatch) -> Callable[[], None]:

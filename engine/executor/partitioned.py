@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 
 from engine.executor.accelerator import Accelerator, now_s
-from engine.executor.cpu_batches import MAX_KEPT_ROWS, DecodeCpuBatches
+from engine.executor.cpu_batches import MAX_KEPT_ROWS, DecodeCpuBuffers
 from engine.executor.cpu_pool import CpuBatch, CpuJob, CpuPool, CpuResult
 from engine.executor.decode_feedback import DecodeFeedback, DecodeMeter
 from engine.executor.staging import StagedSlice, StagingRing
@@ -74,7 +74,7 @@ class PartitionedExecutor:
         self.feedback = DecodeFeedback()
         self.use_feedback = True  # False: decode keeps the plan's kinds (A/B in benchmarks)
         self._meter = DecodeMeter(accelerator, self.feedback)
-        self._cpu_batches = DecodeCpuBatches(accelerator)
+        self._cpu_buffers = DecodeCpuBuffers(accelerator)
         self._prefetched: deque[tuple[UnitSlice, StagedSlice]] = deque()
 
     def apply_plan(self, plan: PartitionPlan) -> None:
@@ -100,46 +100,54 @@ class PartitionedExecutor:
     # -- one layer ---------------------------------------------------------------------------
 
     def __call__(self, layer: int, items: list[tuple[FFNUnit, torch.Tensor]],
-                 host_x: list[torch.Tensor] | None = None) -> list[torch.Tensor]:
+                 host_x: list[torch.Tensor] | None = None, into: torch.Tensor | None = None) -> list[torch.Tensor] | None:
         """Each item's output; `host_x`: the items' activations already on the host (decode steps
-        copy them there with the routing), which the CPU's pieces then take without a copy."""
+        copy them there with the routing), which the CPU's pieces then take without a copy.
+        `into`: fp32 zeros [all items' rows, hidden] to sum the outputs in, left there unrounded
+        (None is returned): a decode graph rounds and combines them."""
         acc = self.accelerator
         entered_s = now_s()
         # one fp32 accumulator for all items (rows of item i at offsets[i]); views per item
         offsets = [0]
         for _, x in items:
             offsets.append(offsets[-1] + x.shape[0])
-        sums_all = torch.zeros((offsets[-1], items[0][1].shape[1]), dtype=torch.float32, device=items[0][1].device)
-        sums = [sums_all[offsets[i] : offsets[i + 1]] for i in range(len(items))]
         measured = (self.use_feedback and self.dynamic == "balance"
                     and max(x.shape[0] for _, x in items) <= self.rates.max_bandwidth_bound_tokens)
         placed = assign(self.dynamic, items, self.rates, self.feedback if measured else None)
         on_gpu, streamed, on_cpu = placed.on_gpu, placed.streamed, placed.on_cpu
-        if measured:
-            host = streamed or on_cpu
-            if host:
-                piece = host[0][1]
-                self._meter.enter(self.rates.cpu_s(piece, items[host[0][0]][1].shape[0]) + self.rates.stream_s(piece))
-            else:
-                measured = False
+        measured = measured and bool(streamed or on_cpu)
+
+        def accumulator() -> torch.Tensor:
+            if into is not None:
+                return into
+            return torch.zeros((offsets[-1], items[0][1].shape[1]), dtype=torch.float32, device=items[0][1].device)
 
         if self.overlap:
             cpu_inputs = self._ship_cpu_inputs(items, on_cpu, host_x)
             if cpu_inputs is None or cpu_inputs.ready is None:  # inputs on the host: the CPU starts first
                 cpu_future = self._submit_cpu(items, offsets, on_cpu, cpu_inputs)
+                if measured:
+                    self._enter_meter(items, streamed or on_cpu)
                 streaming = self._begin_streaming(streamed)
             else:
                 # The CPU's activations leave first, then the first copies start (PCIe busy while
                 # the inputs land), then the CPU job, then the rest of a ring's worth of copies.
+                if measured:
+                    self._enter_meter(items, streamed or on_cpu)
                 streaming = self._begin_streaming(streamed, FIRST_COPIES)
                 cpu_future = self._submit_cpu(items, offsets, on_cpu, cpu_inputs)
                 self._fill_ring(streaming)
+            sums_all = accumulator()
         else:  # Fiddler: the CPU's pieces, then the transfers
+            if measured:
+                self._enter_meter(items, streamed or on_cpu)
+            sums_all = accumulator()
             cpu_future = self._submit_cpu(items, offsets, on_cpu, self._ship_cpu_inputs(items, on_cpu, host_x))
             if cpu_future is not None:
                 self._add_cpu_results(sums_all, cpu_future.result())
                 cpu_future = None
             streaming = self._begin_streaming(streamed)
+        sums = [sums_all[offsets[i] : offsets[i + 1]] for i in range(len(items))]
         start = host_mark(acc, acc.compute_stream)
         for i, piece in on_gpu:
             sums[i] += self._partial(items[i][1], piece.gate_up, piece.down)
@@ -158,10 +166,19 @@ class PartitionedExecutor:
         self._prefetch_next(layer)
         if self.ring is not None:
             self.ring.end_burst()
-        result = sums_all.to(items[0][1].dtype)
+        results = None
+        if into is None:
+            result = sums_all.to(items[0][1].dtype)
+            results = [result[offsets[i] : offsets[i + 1]] for i in range(len(items))]
         if self.timeline is not None:
             self.timeline.cpu_interval("host", entered_s, now_s(), f"layer {layer} executor")
-        return [result[offsets[i] : offsets[i + 1]] for i in range(len(items))]
+        return results
+
+    def _enter_meter(self, items: list[tuple[FFNUnit, torch.Tensor]], host: list[tuple[int, UnitSlice]]) -> None:
+        """Starts measuring a decode layer (before its first copy is enqueued); a host piece's effect
+        by the profile: its CPU work (the job's own overhead is paid once) plus its transfer."""
+        item, piece = host[0]
+        self._meter.enter(self.rates.cpu_work_s(piece, items[item][1].shape[0]) + self.rates.stream_s(piece))
 
     def _partial(self, x: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor) -> torch.Tensor:
         gate, up = F.linear(x, gate_up).chunk(2, dim=-1)
@@ -190,35 +207,24 @@ class PartitionedExecutor:
                     on_cpu: list[tuple[int, UnitSlice]], inputs: _CpuInputs | None) -> CpuResult | None:
         """Hands all CC pieces of the layer to the CPU worker as one job, writing into one host
         buffer (rows of job k at its offset, destined for the accumulator rows in `dest`). Small
-        batches (decode) are kept and reused with this layer's activations."""
+        batches (decode) take kept buffers."""
         if inputs is None:
             return None
-        hidden = items[0][1].shape[1]
-        num_rows = sum(items[i][1].shape[0] for i, _ in on_cpu)
-
-        def build(out: torch.Tensor) -> CpuBatch:
-            return self._cpu_batch(items, offsets, on_cpu, inputs, out)
-
-        if num_rows <= MAX_KEPT_ROWS:
-            key = tuple((id(piece), i, items[i][1].shape[0], offsets[i]) for i, piece in on_cpu)
-            batch = self._cpu_batches.get(key, num_rows, hidden, build)
-            for job in batch.jobs:  # this layer's activations (same shapes as when it was kept)
-                job.x = inputs.rows[job.item]
-        else:
-            batch = build(self.accelerator.host_empty((num_rows, hidden), torch.float32))
-        return self.cpu_pool.submit(batch, inputs.ready, self.timeline)
-
-    def _cpu_batch(self, items: list[tuple[FFNUnit, torch.Tensor]], offsets: list[int],
-                   on_cpu: list[tuple[int, UnitSlice]], inputs: _CpuInputs, out: torch.Tensor) -> CpuBatch:
-        dest = self.accelerator.host_empty((len(out),), torch.int64)
         jobs, dest_rows, row = [], [], 0
         for i, piece in on_cpu:
             n = items[i][1].shape[0]
             jobs.append(CpuJob(i, inputs.rows[i], piece, row))
             dest_rows.extend(range(offsets[i], offsets[i] + n))
             row += n
-        dest.numpy()[:] = dest_rows
-        return CpuBatch(jobs, out, dest)
+        hidden = items[0][1].shape[1]
+        if row <= MAX_KEPT_ROWS:
+            dest, dest_device = self._cpu_buffers.destination(tuple(dest_rows))
+            batch = CpuBatch(jobs, self._cpu_buffers.output(row, hidden), dest, dest_device, kept=True)
+        else:
+            dest = self.accelerator.host_empty((row,), torch.int64)
+            dest.numpy()[:] = dest_rows
+            batch = CpuBatch(jobs, self.accelerator.host_empty((row, hidden), torch.float32), dest)
+        return self.cpu_pool.submit(batch, inputs.ready, self.timeline)
 
     def _add_cpu_results(self, sums_all: torch.Tensor, batch: CpuBatch) -> None:
         """CPU partials copied host-to-device and summed into their items' rows, a bounded block of
@@ -227,9 +233,9 @@ class PartitionedExecutor:
         device = self.accelerator.device
         for start in range(0, batch.out.shape[0], MAX_CPU_ROWS_PER_COPY):
             rows = slice(start, start + MAX_CPU_ROWS_PER_COPY)
-            sums_all.index_add_(0, batch.dest[rows].to(device, non_blocking=True),
-                                batch.out[rows].to(device, non_blocking=True))
-        self._cpu_batches.consumed(batch)
+            dest = batch.dest_device[rows] if batch.dest_device is not None else batch.dest[rows].to(device, non_blocking=True)
+            sums_all.index_add_(0, dest, batch.out[rows].to(device, non_blocking=True))
+        self._cpu_buffers.consumed(batch)
 
     def _begin_streaming(self, streamed: list[tuple[int, UnitSlice]], max_copies: int | None = None) -> _Streaming:
         """Enqueues the first copies (prefetched ones first): up to `max_copies`, else a ring's worth."""

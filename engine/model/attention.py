@@ -102,7 +102,10 @@ def attend(
     """Each span's queries against its context (this step's k/v for a whole prompt, else the cache)
     -> [num_tokens, heads * dim], into `out` when given."""
     num_tokens = q.shape[0]
-    attended = torch.empty_like(q)
+    if out is not None and len(batch.spans) == 1:  # one sequence: its result straight into `out`
+        attended = out.view(num_tokens, shape.num_heads, shape.head_dim)
+    else:
+        attended = torch.empty_like(q)
     for span in batch.spans:
         rows = slice(span.query_start, span.query_start + span.query_len)
         if span.query_len == span.context_len:  # whole sequence computed now: no cache read
@@ -113,7 +116,8 @@ def attend(
     flat = attended.view(num_tokens, shape.num_heads * shape.head_dim)
     if out is None:
         return flat
-    out.copy_(flat)
+    if flat.data_ptr() != out.data_ptr():
+        out.copy_(flat)
     return out
 
 

@@ -5,14 +5,19 @@ projection, rotary, KV-cache writes, the output projection, the MoE router): the
 time launching them than the GPU spends running them, and that time sits on the critical path
 between two FFNs. Per layer and token count this module captures two graphs:
 
-    pre   residual += previous FFN output; input norm; QKV; rotary; K/V written to the cache -> q
+    pre   the previous FFN's output: its units' fp32 sums rounded and combined (see below);
+          residual += it; input norm; QKV; rotary; K/V written to the cache -> q
     post  residual += o(attention); post-attention norm -> h; MoE routing of h (each token's
           experts sorted by id)
 
 What varies from step to step stays eager: attention over each sequence's context (its length
-changes), the FFN (routing decides which pieces run where; the partitioned executor) and the
-combination of expert outputs. Inputs reach the graphs through static buffers (residual, previous
-FFN output, rotary cos/sin, KV slots, attention output) that are filled before each replay.
+changes) and the FFN (routing decides which pieces run where; the partitioned executor). The FFN's
+units leave their outputs, unrounded, in a static fp32 buffer (`Segments.unit_sums`, one row per
+unit and token) that the next layer's pre graph rounds and combines: for one token every layer's
+units are the same rows (its top-k experts in top-k order, then a shared expert), for a dense MLP
+any token count. Other steps (several tokens through MoE layers) combine eagerly. Inputs reach the
+graphs through static buffers (residual, previous FFN output, rotary cos/sin, KV slots, attention
+output, unit sums) that are filled before each replay.
 
 The graphs replay the very kernels of the eager path, on the same shapes, so results are bitwise
 those of eager decoding (tests/engine/model/test_decode_graphs.py). The same segments also run
@@ -100,9 +105,33 @@ class Segments:
         self.outputs = [LayerOutputs() for _ in model.layers]
         moe = [layer.ffn for layer in model.layers if isinstance(layer.ffn, MoEBlock)]
         self.host: HostMirror | None = None  # only where there is a GPU: on the CPU h is on the host
+        n, hidden = buffers.residual.shape
         if moe and buffers.residual.device.type == "cuda":
-            n, hidden = buffers.residual.shape
             self.host = HostMirror.allocate(n, moe[0].config.num_experts_per_tok, hidden, buffers.residual.dtype)
+        # each layer's rows of unit outputs, when the pre graphs combine them (None: combined eagerly)
+        rows = [_unit_rows(layer.ffn, n) for layer in model.layers]
+        self.unit_rows: list[int] | None = None if None in rows else rows  # type: ignore[assignment]
+        self.unit_sums: torch.Tensor | None = None
+        if self.unit_rows is not None:
+            self.unit_sums = torch.zeros((max(self.unit_rows), hidden), dtype=torch.float32, device=buffers.residual.device)
+
+    def sums_of(self, i: int) -> torch.Tensor:
+        """Layer i's rows of the unit sums (only when the graphs combine)."""
+        assert self.unit_sums is not None and self.unit_rows is not None
+        return self.unit_sums[: self.unit_rows[i]]
+
+    def combine(self, i: int) -> None:
+        """Layer i's FFN output from its units' sums -> the ffn_out buffer; the sums zeroed again."""
+        b = self.buffers
+        sums = self.sums_of(i)
+        ffn = self.model.layers[i].ffn
+        if isinstance(ffn, MoEBlock):
+            out = self.outputs[i]
+            assert out.h is not None and out.routing is not None
+            b.ffn_out.copy_(ffn.combine_one_token(out.h, sums.to(b.ffn_out.dtype), out.routing.weights))
+        else:
+            b.ffn_out.copy_(sums)
+        sums.zero_()
 
     def routing_on_host(self, i: int) -> Routing | None:
         """Layer i's routing (after its post segment) with the ids and activations on the host."""
@@ -116,6 +145,8 @@ class Segments:
     def pre(self, i: int) -> None:
         model, b = self.model, self.buffers
         layer = model.layers[i]
+        if self.unit_sums is not None and i > 0:
+            self.combine(i - 1)
         b.residual.add_(b.ffn_out)
         h = layer.input_norm(b.residual)
         out = self.outputs[i]
@@ -128,6 +159,16 @@ class Segments:
         h = layer.post_attention_norm(b.residual)
         self.outputs[i].h = h
         self.outputs[i].routing = _in_id_order(layer.ffn.route(h)) if isinstance(layer.ffn, MoEBlock) else None
+
+
+def _unit_rows(ffn, num_tokens: int) -> int | None:
+    """Rows of unit outputs a layer's FFN leaves for a graph to combine: a dense MLP's tokens; one
+    token's top-k experts (and shared expert); None for several tokens through experts."""
+    if not isinstance(ffn, MoEBlock):
+        return num_tokens
+    if num_tokens != 1:
+        return None
+    return ffn.config.num_experts_per_tok + (ffn.shared_expert is not None)
 
 
 def _in_id_order(routing: Routing) -> Routing:
@@ -219,12 +260,12 @@ class DecodeGraphs:
         """The decoder layers for a decode batch -> the residual stream after the last layer."""
         model = self.model
         step, needs_capture = self._step(batch.num_tokens, cache)
-        self._fill(step.segments.buffers, batch, cos_sin)
+        self._fill(step, batch, cos_sin)
         if needs_capture:
             if self._pool is None:
                 self._pool = torch.cuda.graph_pool_handle()
             step = _capture(step.segments, self._pool)
-            self._fill(step.segments.buffers, batch, cos_sin)
+            self._fill(step, batch, cos_sin)
         self._steps[batch.num_tokens] = step
         b, outputs = step.segments.buffers, step.segments.outputs
         for i, layer in enumerate(model.layers):
@@ -233,10 +274,18 @@ class DecodeGraphs:
             attend(out.q, out.k, out.v, model.attn_shape, i, batch, cache, out=b.attended)
             step.post[i]()
             routing = step.segments.routing_on_host(i) if self.host_routing else out.routing
-            b.ffn_out.copy_(model.run_ffn(i, layer.ffn, out.h, routing))
+            if step.segments.unit_sums is not None:  # the next pre graph combines
+                model.run_ffn_into(i, layer.ffn, out.h, routing, step.segments.sums_of(i))
+            else:
+                b.ffn_out.copy_(model.run_ffn(i, layer.ffn, out.h, routing))
+        if step.segments.unit_sums is not None:
+            step.segments.combine(len(model.layers) - 1)
         return b.residual + b.ffn_out
 
-    def _fill(self, b: StepBuffers, batch: ForwardBatch, cos_sin: tuple[torch.Tensor, torch.Tensor]) -> None:
+    def _fill(self, step: CapturedStep, batch: ForwardBatch, cos_sin: tuple[torch.Tensor, torch.Tensor]) -> None:
+        b = step.segments.buffers
+        if step.segments.unit_sums is not None:  # a failed step may have left partial sums
+            step.segments.unit_sums.zero_()
         b.residual.copy_(F.embedding(batch.input_ids, self.model.embed_tokens))
         b.ffn_out.zero_()
         b.cos.copy_(cos_sin[0])

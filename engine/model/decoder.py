@@ -7,8 +7,8 @@ run their pieces over CPU, PCIe and GPU at once without the model knowing.
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Protocol
 
 import torch
 import torch.nn.functional as F
@@ -25,9 +25,14 @@ from engine.model.norms import Norm
 from engine.model.rotary import RotaryEmbedding
 
 FFN = FFNUnit | MoEBlock
-# (layer index, [(unit, its tokens' activations)], the same activations on the host or None)
-# -> each unit's output
-UnitExecutor = Callable[[int, list[tuple[FFNUnit, torch.Tensor]], "list[torch.Tensor] | None"], list[torch.Tensor]]
+
+
+class UnitExecutor(Protocol):
+    def __call__(self, layer: int, items: list[tuple[FFNUnit, torch.Tensor]], host_x: list[torch.Tensor] | None = None,
+                 into: torch.Tensor | None = None) -> list[torch.Tensor] | None:
+        """(layer index, [(unit, its tokens' activations)], the same activations on the host or None)
+        -> each unit's output; with `into` (fp32 zeros, one row per item row) the outputs are summed
+        there unrounded and None is returned."""
 
 
 @dataclass
@@ -72,11 +77,30 @@ class DecoderModel:
 
         def run_units(items: list[tuple[FFNUnit, torch.Tensor]], host_x: list[torch.Tensor] | None = None,
                       ) -> list[torch.Tensor]:
-            return executor(layer_idx, items, host_x)
+            results = executor(layer_idx, items, host_x)
+            assert results is not None
+            return results
 
         if isinstance(ffn, MoEBlock):
             return ffn(h, self.act, run_units, routing)
         return run_units([(ffn, h)])[0]
+
+    def run_ffn_into(self, layer_idx: int, ffn: FFN, h: torch.Tensor, routing: Routing | None, sums: torch.Tensor) -> None:
+        """The FFN's units evaluated but not combined: each unit's output for its tokens summed in fp32
+        into `sums` (zeros, rows in the order of the block's `units`: for one token, the routed
+        experts in the order of its top-k, then the shared expert). A decode graph combines them."""
+        if isinstance(ffn, MoEBlock):
+            routing = routing if routing is not None else ffn.route(h)
+            _, items, host_x = ffn.units(h, routing)
+        else:
+            items, host_x = [(ffn, h)], None
+        if self.unit_executor is not None:
+            self.unit_executor(layer_idx, items, host_x, into=sums)
+            return
+        row = 0
+        for unit, x in items:
+            sums[row : row + x.shape[0]] += unit(x, self.act)
+            row += x.shape[0]
 
     def _long_context_mask(self, batch: ForwardBatch) -> torch.Tensor | None:
         original_max = getattr(self.rotary, "original_max", None)

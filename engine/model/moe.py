@@ -138,6 +138,22 @@ class MoEBlock:
         keep_fp32 = self.shared_expert is None  # Mixtral keeps fp32 weights; Qwen2-MoE casts back
         return softmax_topk(logits, self.config.num_experts_per_tok, self.config.norm_topk_prob, keep_fp32)
 
+    def units(self, x: torch.Tensor, routing: Routing
+              ) -> tuple[dict[int, TokenGroup], list[tuple[FFNUnit, torch.Tensor]], list[torch.Tensor] | None]:
+        """The routed experts' token groups, the work items (each routed expert with its tokens' rows,
+        in increasing expert id, then the shared expert with every token) and the items' activations
+        on the host when the routing copied them there."""
+        groups = routing.tokens_of()
+        items = [(self.experts[e], x[group.rows]) for e, group in groups.items()]
+        host_x = None
+        if routing.host is not None:
+            host_x = [routing.host.x[group.rows if group.is_range else group.host_rows] for group in groups.values()]
+        if self.shared_expert is not None:
+            items.append((self.shared_expert, x))
+            if host_x is not None:
+                host_x.append(routing.host.x)
+        return groups, items, host_x
+
     def __call__(
         self, x: torch.Tensor, act: Callable[[torch.Tensor], torch.Tensor], run_units: UnitRunner | None = None,
         routing: Routing | None = None,
@@ -149,22 +165,28 @@ class MoEBlock:
         caller computed it already (a decode graph does).
         """
         routing = routing if routing is not None else self.route(x)
-        groups = routing.tokens_of()
-        items = [(self.experts[e], x[group.rows]) for e, group in groups.items()]
-        host_x = None
-        if routing.host is not None:
-            host_x = [routing.host.x[group.rows if group.is_range else group.host_rows] for group in groups.values()]
-        if self.shared_expert is not None:
-            items.append((self.shared_expert, x))
-            if host_x is not None:
-                host_x.append(routing.host.x)
+        groups, items, host_x = self.units(x, routing)
         results = run_units(items, host_x) if run_units is not None else [unit(rows, act) for unit, rows in items]
         out = _combine_one_token(results[: len(groups)], groups, routing.weights, x.dtype)
         if out is None:
             out = self._combine(x, results, groups, routing.weights)
         if self.shared_expert is not None:
-            assert self.shared_expert_gate is not None
-            out = out + torch.sigmoid(F.linear(x, self.shared_expert_gate)) * results[-1]
+            out = self.add_shared(out, x, results[-1])
+        return out
+
+    def add_shared(self, out: torch.Tensor, x: torch.Tensor, shared_out: torch.Tensor) -> torch.Tensor:
+        """`out` plus the shared expert's output `shared_out`, gated per token by x."""
+        assert self.shared_expert_gate is not None
+        return out + torch.sigmoid(F.linear(x, self.shared_expert_gate)) * shared_out
+
+    def combine_one_token(self, x: torch.Tensor, outputs: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        """The block's output for one token x [1, hidden] from its units' outputs [top_k (+ 1 shared),
+        hidden] (routed experts in the order of the token's top-k) and routing weights [1, top_k]:
+        the same kernels as `__call__` takes for one token, so the same bits."""
+        top_k = weights.shape[1]
+        out = _sum_in_topk_order(outputs[:top_k], weights, x.dtype)
+        if self.shared_expert is not None:
+            out = self.add_shared(out, x, outputs[top_k : top_k + 1])
         return out
 
     @staticmethod
@@ -194,7 +216,13 @@ def _combine_one_token(results: list[torch.Tensor], groups: dict[int, TokenGroup
     stacked = _adjacent_rows(results)
     if stacked is None:
         stacked = torch.cat(results)
-    products = (stacked * weights[0, :, None]).to(dtype)
+    return _sum_in_topk_order(stacked, weights, dtype)
+
+
+def _sum_in_topk_order(outputs: torch.Tensor, weights: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """outputs [top_k, hidden] of one token's experts in top-k order, weights [1, top_k] -> [1, hidden]:
+    every product at once, rounded to `dtype`, then summed one expert after the other."""
+    products = (outputs * weights[0, :, None]).to(dtype)
     out = products[0:1]
     for k in range(1, products.shape[0]):
         out = out + products[k : k + 1]

@@ -83,7 +83,7 @@ def activation_bytes(config: ModelConfig, itemsize: int, max_num_tokens: int, ma
 def decode_graph_bytes(config: ModelConfig, itemsize: int, max_tokens: int) -> int:
     """What decode graphs for 1..max_tokens sequences keep on the GPU (engine/model/decode_graphs.py):
     per captured token and layer the q, k, v, h and routing outputs, per token count the static
-    inputs, once the largest count's temporaries; the graphs' private pool takes whole 2 MiB
+    inputs and unit sums, once the largest count's temporaries; the graphs' private pool takes whole 2 MiB
     segments."""
     if max_tokens <= 0:
         return 0
@@ -92,7 +92,8 @@ def decode_graph_bytes(config: ModelConfig, itemsize: int, max_tokens: int) -> i
     top_k = c.moe.num_experts_per_tok if c.moe is not None else 0
     captured_tokens = max_tokens * (max_tokens + 1) // 2  # every size 1..max_tokens, each captured once
     per_layer = (q + 2 * kv + h) * itemsize + top_k * 12 + (c.moe.num_experts * 4 if c.moe else 0)
-    static = (3 * h + q + 2 * c.head_dim) * itemsize + 8
+    # static inputs, plus the fp32 unit sums the pre graphs combine (at most top_k + 1 rows a token)
+    static = (3 * h + q + 2 * c.head_dim) * itemsize + 8 + (top_k + 1) * h * 4
     temporaries = max_tokens * (q + 2 * kv + 8 * h) * 4
     total = captured_tokens * (per_layer * c.num_layers + static) + temporaries
     segment = 2 << 20

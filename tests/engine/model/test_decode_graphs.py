@@ -120,3 +120,26 @@ def test_segments_with_a_partitioned_ffn_on_the_cpu(seed: int, tmp_path: Path) -
     _assert_same(eager, segmented)
     assert model.decode_graphs.captured_sizes() == [1, 3]
     assert segmented.engine.runner.executor.cpu_pool.busy_s > 0  # CC pieces ran
+
+
+@pytest.mark.parametrize("arch", ["mixtral", "llama"])
+def test_graphs_combine_one_token_and_dense_layers(arch: str, tiny_checkpoints: dict[str, Path]) -> None:
+    """The pre segments combine the unit sums where every step has the same rows (one token through
+    experts, any token count through a dense MLP); several tokens through experts combine eagerly.
+    Either way the step's logits are those of the plain forward (test above)."""
+    llm = LLM(str(tiny_checkpoints[arch]), dtype="float32", show_progress=False)
+    model = llm.engine.runner.model
+    graphs = model.decode_graphs = DecodeGraphs(model, capture=False)
+    _run(llm, PROMPTS)
+    _run(llm, PROMPTS[:1])
+    steps = graphs._steps
+    assert sorted(steps) == [1, 3]
+    top_k = model.config.moe.num_experts_per_tok if model.config.moe is not None else None
+    one, three = steps[1].segments, steps[3].segments
+    assert one.unit_sums is not None
+    assert one.unit_rows == [top_k or 1] * len(model.layers)
+    if top_k is None:
+        assert three.unit_rows == [3] * len(model.layers)
+    else:
+        assert three.unit_sums is None
+    assert not one.unit_sums.any()  # left zeroed for the next step
