@@ -5,8 +5,6 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import torch
-
 from engine import LLM, SamplingParams
 from engine.executor.accelerator import Accelerator
 from engine.executor.cpu_batches import DecodeCpuBuffers
