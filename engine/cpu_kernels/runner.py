@@ -257,9 +257,9 @@ def submit_records(records: array, num_jobs: int, activation: str = "silu") -> P
         return None
     _log_choice(path, reason)
     lib = _state.built.lib  # type: ignore[union-attr]
-    buffer = (ctypes.c_int64 * len(records)).from_buffer(records)
     called_s = time.perf_counter()
-    ticket = lib.scheinfer_submit(ctypes.addressof(buffer), num_jobs, cap, num_threads())
+    # the records' address (the C++ side copies them before returning)
+    ticket = lib.scheinfer_submit(records.buffer_info()[0], num_jobs, cap, num_threads())
     if ticket < 0:
         raise RuntimeError(f"cpu kernel failed: {lib.scheinfer_last_error().decode()}")
     return PendingJobs(ticket, lib, called_s)

@@ -61,4 +61,8 @@ class DecodeCpuBuffers:
         """Call after enqueuing the copies out of a batch's output (marks its buffer busy until then)."""
         shape = tuple(batch.out.shape)
         if self._outputs.get(shape) is not None and self._outputs[shape].data_ptr() == batch.out.data_ptr():
-            self._consumed[shape] = self.accelerator.record(self.accelerator.compute_stream)  # type: ignore[index]
+            event = self._consumed.get(shape)  # type: ignore[call-overload]
+            if event is None:
+                self._consumed[shape] = self.accelerator.record(self.accelerator.compute_stream)  # type: ignore[index]
+            else:  # re-recorded: `output` waits for its latest record (creating an event costs ~15 us)
+                event.record(self.accelerator.compute_stream)
