@@ -160,6 +160,8 @@ def main() -> None:
                              "without the per-layer CUDA graphs")
     parser.add_argument("--build-policy", default="manual:cg=0",
                         help="plan the model is built with (sets the resident share every policy shares)")
+    parser.add_argument("--host-chunk-rows", type=int, default=1024,
+                        help="rows of the host pieces the experts are cut into (what a decode move shifts)")
     parser.add_argument("--out", default=None)
     args = parser.parse_args()
 
@@ -174,7 +176,7 @@ def main() -> None:
     longest = max(prompt_lens)  # every prompt prefilled in one step: host weights move once per prompt
     llm = LLM(args.model, device="cuda", random_weights=True, gpu_memory_budget=args.budget, policy=args.build_policy,
               kv_cache_tokens=max(4096, 2 * longest), max_num_seqs=8, max_prefill_chunk=longest,
-              max_num_batched_tokens=max(2048, longest), show_progress=False)
+              max_num_batched_tokens=max(2048, longest), host_chunk_rows=args.host_chunk_rows, show_progress=False)
     build_s = time.perf_counter() - start
     partition = llm.engine.partition
     config = llm.engine.model_config
@@ -182,6 +184,7 @@ def main() -> None:
               "device": torch.cuda.get_device_name(), "build_s": build_s, "memory": partition.memory.describe(),
               "resident_fraction": partition.plan.rows_by_kind()["GG"] / sum(s.size for s in partition.plan.splits.values()),
               "prompt_lens": prompt_lens, "new_tokens": args.new_tokens, "rates": rates,
+              "host_chunk_rows": args.host_chunk_rows,
               "floor": floors(llm, rates, prompt_lens[0]),
               "floor_by_prompt": {str(n): floors(llm, rates, n) for n in prompt_lens}, "policies": {}}
     generator = torch.Generator().manual_seed(0)
