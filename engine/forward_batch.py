@@ -30,6 +30,8 @@ class SequenceSpan:
     query_len: int
     context_len: int  # KV length after this step
     context_slots: torch.Tensor  # [context_len] flat KV slots of positions [0, context_len)
+    # the first slot when those slots are one contiguous range (the cache is then read as a view)
+    context_start: int | None = None
 
 
 @dataclass
@@ -57,7 +59,8 @@ class ForwardBatch:
             end = start + query_len
             context = slots_for(chunk.block_table, 0, end, block_size)
             spans.append(SequenceSpan(len(input_ids), query_len, end,
-                                      torch.tensor(context, dtype=torch.long, device=device)))
+                                      torch.tensor(context, dtype=torch.long, device=device),
+                                      context[0] if _consecutive(chunk.block_table, end, block_size) else None))
             input_ids.extend(chunk.token_ids)
             positions.extend(range(start, end))
             slots.extend(context[start:end])
@@ -68,3 +71,9 @@ class ForwardBatch:
             return torch.tensor(values, dtype=torch.long, device=device)
 
         return cls(as_tensor(input_ids), as_tensor(positions), as_tensor(slots), spans, as_tensor(logits_indices))
+
+
+def _consecutive(block_table: list[int], num_tokens: int, block_size: int) -> bool:
+    """True when the blocks holding the first `num_tokens` positions follow each other in the cache."""
+    used = -(-num_tokens // block_size)
+    return all(block_table[k + 1] == block_table[k] + 1 for k in range(used - 1))

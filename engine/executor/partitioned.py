@@ -158,14 +158,16 @@ class PartitionedExecutor:
         self.gpu_busy.add(start, end, shared=self.timeline is not None)
         if self.timeline is not None:
             self.timeline.gpu_interval("gpu", start, end, f"layer {layer} FFN")
+        # before waiting for the CPU (this thread has time then): the next layer's prefetches and
+        # the end of this layer's copies for the busy meter
+        self._prefetch_next(layer)
+        if self.ring is not None:
+            self.ring.end_burst()
         if cpu_future is not None:
             batch = cpu_future.result()
             self._add_cpu_results(sums_all, batch)
             if measured:
                 self._meter.cpu_done(batch.end_s)
-        self._prefetch_next(layer)
-        if self.ring is not None:
-            self.ring.end_burst()
         results = None
         if into is None:
             result = sums_all.to(items[0][1].dtype)

@@ -45,6 +45,10 @@ class PagedKVCache:
         """slots: [context_len] -> keys, values: [context_len, num_kv_heads, head_dim]."""
         return self.keys[layer].index_select(0, slots), self.values[layer].index_select(0, slots)
 
+    def read_range(self, layer: int, start: int, length: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Slots [start, start + length) as views (no copy): what `read` gives for those slots."""
+        return self.keys[layer][start : start + length], self.values[layer][start : start + length]
+
 
 def slots_for(block_table: list[int], start: int, end: int, block_size: int) -> list[int]:
     """Flat slots of positions [start, end) of a sequence with this block table."""

@@ -110,6 +110,8 @@ def attend(
         rows = slice(span.query_start, span.query_start + span.query_len)
         if span.query_len == span.context_len:  # whole sequence computed now: no cache read
             keys, values = k[rows], v[rows]
+        elif span.context_start is not None:  # one contiguous range of slots: views, no gather
+            keys, values = cache.read_range(layer, span.context_start, span.context_len)
         else:
             keys, values = cache.read(layer, span.context_slots)
         attended[rows] = _span_attention(q[rows], keys, values, span, shape)
