@@ -91,7 +91,9 @@ class DecoderModel:
         experts in the order of its top-k, then the shared expert). A decode graph combines them."""
         if isinstance(ffn, MoEBlock):
             routing = routing if routing is not None else ffn.route(h)
-            _, items, host_x = ffn.units(h, routing)
+            groups, items, host_x = ffn.units(h, routing)
+            if [group.k_pos for group in groups.values()] != list(range(routing.weights.shape[1])):
+                raise ValueError("run_ffn_into takes one token whose experts come in the order of its top-k")
         else:
             items, host_x = [(ffn, h)], None
         if self.unit_executor is not None:
