@@ -101,8 +101,8 @@ class _Kernels:
         records = array("q")
         for job in batch.jobs:
             x, job_out = job.x, out_ptr + row_bytes * job.row
-            key = (id(job.piece), x.data_ptr(), x.shape[0], job_out)
-            kept = self._records.get(key) if batch.kept else None
+            key = (id(job.piece), x.data_ptr(), x.shape[0], job_out) if batch.kept else None
+            kept = self._records.get(key) if key is not None else None
             if kept is not None:
                 self.record_hits += 1
                 records.extend(kept)
@@ -111,7 +111,7 @@ class _Kernels:
             if weights is None or not activations_ready(x):
                 return None
             job_record = record(activation_fields(x), weights, job_out, hidden)
-            if batch.kept:
+            if key is not None:
                 if len(self._records) >= MAX_KEPT_RECORDS:
                     self._records.clear()
                 self._records[key] = job_record

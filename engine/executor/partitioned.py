@@ -115,38 +115,37 @@ class PartitionedExecutor:
                     and max(x.shape[0] for _, x in items) <= self.rates.max_bandwidth_bound_tokens)
         placed = assign(self.dynamic, items, self.rates, self.feedback if measured else None)
         on_gpu, streamed, on_cpu = placed.on_gpu, placed.streamed, placed.on_cpu
-        measured = measured and bool(streamed or on_cpu)
+        measured = measured and bool(streamed or on_cpu)  # only under `balance`, so with overlap
 
         def accumulator() -> torch.Tensor:
             if into is not None:
                 return into
             return torch.zeros((offsets[-1], items[0][1].shape[1]), dtype=torch.float32, device=items[0][1].device)
 
+        def begin_streaming(max_copies: int | None = None) -> _Streaming:
+            if measured:  # the decode meter starts before the layer's first copy
+                self._enter_meter(items, streamed or on_cpu)
+            return self._begin_streaming(streamed, max_copies)
+
         if self.overlap:
             cpu_inputs = self._ship_cpu_inputs(items, on_cpu, host_x)
             if cpu_inputs is None or cpu_inputs.ready is None:  # inputs on the host: the CPU starts first
                 cpu_future = self._submit_cpu(items, offsets, on_cpu, cpu_inputs)
-                if measured:
-                    self._enter_meter(items, streamed or on_cpu)
-                streaming = self._begin_streaming(streamed)
+                streaming = begin_streaming()
             else:
                 # The CPU's activations leave first, then the first copies start (PCIe busy while
                 # the inputs land), then the CPU job, then the rest of a ring's worth of copies.
-                if measured:
-                    self._enter_meter(items, streamed or on_cpu)
-                streaming = self._begin_streaming(streamed, FIRST_COPIES)
+                streaming = begin_streaming(FIRST_COPIES)
                 cpu_future = self._submit_cpu(items, offsets, on_cpu, cpu_inputs)
                 self._fill_ring(streaming)
             sums_all = accumulator()
         else:  # Fiddler: the CPU's pieces, then the transfers
-            if measured:
-                self._enter_meter(items, streamed or on_cpu)
             sums_all = accumulator()
             cpu_future = self._submit_cpu(items, offsets, on_cpu, self._ship_cpu_inputs(items, on_cpu, host_x))
             if cpu_future is not None:
                 self._add_cpu_results(sums_all, cpu_future.result())
                 cpu_future = None
-            streaming = self._begin_streaming(streamed)
+            streaming = begin_streaming()
         sums = [sums_all[offsets[i] : offsets[i + 1]] for i in range(len(items))]
         start = host_mark(acc, acc.compute_stream)
         for i, piece in on_gpu:
