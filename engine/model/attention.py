@@ -9,6 +9,7 @@ import torch.nn.functional as F
 
 from engine.forward_batch import ForwardBatch, SequenceSpan
 from engine.kv_cache.paged_cache import PagedKVCache
+from engine.model.decode_attention import DecodeKeys, flash_decode
 from engine.model.rotary import apply_rotary
 
 
@@ -98,23 +99,26 @@ def attend(
     batch: ForwardBatch,
     cache: PagedKVCache,
     out: torch.Tensor | None = None,
+    decode: DecodeKeys | None = None,
 ) -> torch.Tensor:
     """Each span's queries against its context (this step's k/v for a whole prompt, else the cache)
-    -> [num_tokens, heads * dim], into `out` when given."""
+    -> [num_tokens, heads * dim], into `out` when given. `decode`: every span has one query and
+    its keys are read in one flash call (engine/model/decode_attention.py)."""
     num_tokens = q.shape[0]
-    if out is not None and len(batch.spans) == 1:  # one sequence: its result straight into `out`
-        attended = out.view(num_tokens, shape.num_heads, shape.head_dim)
+    if decode is not None:
+        attended = flash_decode(q, cache.keys[layer], cache.values[layer], decode, shape.scale)
     else:
-        attended = torch.empty_like(q)
-    for span in batch.spans:
-        rows = slice(span.query_start, span.query_start + span.query_len)
-        if span.query_len == span.context_len:  # whole sequence computed now: no cache read
-            keys, values = k[rows], v[rows]
-        elif span.context_start is not None:  # one contiguous range of slots: views, no gather
-            keys, values = cache.read_range(layer, span.context_start, span.context_len)
-        else:
-            keys, values = cache.read(layer, span.context_slots)
-        attended[rows] = _span_attention(q[rows], keys, values, span, shape)
+        one_span = out is not None and len(batch.spans) == 1  # its result straight into `out`
+        attended = out.view(num_tokens, shape.num_heads, shape.head_dim) if one_span else torch.empty_like(q)
+        for span in batch.spans:
+            rows = slice(span.query_start, span.query_start + span.query_len)
+            if span.query_len == span.context_len:  # whole sequence computed now: no cache read
+                keys, values = k[rows], v[rows]
+            elif span.context_start is not None:  # one contiguous range of slots: views, no gather
+                keys, values = cache.read_range(layer, span.context_start, span.context_len)
+            else:
+                keys, values = cache.read(layer, span.context_slots)
+            attended[rows] = _span_attention(q[rows], keys, values, span, shape)
     flat = attended.view(num_tokens, shape.num_heads * shape.head_dim)
     if out is None:
         return flat
@@ -131,7 +135,8 @@ def attention(
     batch: ForwardBatch,
     cache: PagedKVCache,
     cos_sin: tuple[torch.Tensor, torch.Tensor],
+    decode: DecodeKeys | None = None,
 ) -> torch.Tensor:
     """x: [num_tokens, hidden] -> [num_tokens, hidden]. Writes this step's keys/values to `cache`."""
     q, k, v = project_qkv(x, weights, shape, layer, batch.slots, cache, cos_sin)
-    return F.linear(attend(q, k, v, shape, layer, batch, cache), weights.o, weights.o_bias)
+    return F.linear(attend(q, k, v, shape, layer, batch, cache, decode=decode), weights.o, weights.o_bias)

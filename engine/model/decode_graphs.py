@@ -10,8 +10,11 @@ between two FFNs. Per layer and token count this module captures two graphs:
     post  residual += o(attention); post-attention norm -> h; MoE routing of h (each token's
           experts sorted by id)
 
-What varies from step to step stays eager: attention over each sequence's context (its length
-changes) and the FFN (routing decides which pieces run where; the partitioned executor). The FFN's
+Where attention runs in one flash call that reads every sequence's keys in place
+(engine/model/decode_attention.py: CUDA, fp16/bf16, "flash" kernels, each sequence's slots one
+range), a layer's pre, attention and post are one graph instead, captured per bound on context
+lengths (`key_bucket`); otherwise attention runs eagerly between the two graphs. The FFN stays
+eager (routing decides which pieces run where; the partitioned executor). The FFN's
 units leave their outputs, unrounded, in a static fp32 buffer (`Segments.unit_sums`, one row per
 unit and token) that the next layer's pre graph rounds and combines: for one token every layer's
 units are the same rows (its top-k experts in top-k order, then a shared expert), for a dense MLP
@@ -36,6 +39,7 @@ import torch.nn.functional as F
 from engine.forward_batch import ForwardBatch
 from engine.kv_cache.paged_cache import PagedKVCache
 from engine.model.attention import attend, project_qkv
+from engine.model.decode_attention import DecodeKeys, flash_decode
 from engine.model.moe import HostRouting, MoEBlock, Routing
 
 MAX_GRAPH_TOKENS = 8  # decode steps of up to this many sequences replay graphs; larger ones run eagerly
@@ -51,6 +55,7 @@ class StepBuffers:
     sin: torch.Tensor
     slots: torch.Tensor  # [n] KV slots written this step
     attended: torch.Tensor  # [n, heads * head_dim] attention output, before the o projection
+    keys_index: torch.Tensor  # int32 [3 n + 2]: DecodeKeys.index of the step (one-graph layers)
 
     @classmethod
     def allocate(cls, num_tokens: int, hidden: int, head_dim: int, q_size: int, dtype: torch.dtype,
@@ -59,7 +64,8 @@ class StepBuffers:
             return torch.zeros(shape, dtype=kind, device=device)
 
         return cls(zeros(num_tokens, hidden), zeros(num_tokens, hidden), zeros(num_tokens, head_dim),
-                   zeros(num_tokens, head_dim), zeros(num_tokens, kind=torch.int64), zeros(num_tokens, q_size))
+                   zeros(num_tokens, head_dim), zeros(num_tokens, kind=torch.int64), zeros(num_tokens, q_size),
+                   zeros(3 * num_tokens + 2, kind=torch.int32))
 
 
 @dataclass
@@ -152,6 +158,19 @@ class Segments:
         out = self.outputs[i]
         out.q, out.k, out.v = project_qkv(h, layer.attn, model.attn_shape, i, b.slots, self.cache, (b.cos, b.sin))
 
+    def attend_in_place(self, i: int, max_k: int) -> None:
+        """Layer i's attention in one flash call over the keys where they lie -> the attended buffer."""
+        b, out = self.buffers, self.outputs[i]
+        where = DecodeKeys(max_k, b.keys_index)
+        attended = flash_decode(out.q, self.cache.keys[i], self.cache.values[i], where, self.model.attn_shape.scale)
+        b.attended.copy_(attended.view(b.attended.shape))
+
+    def layer(self, i: int, max_k: int) -> None:
+        """Layer i up to its routing, attention included (one graph)."""
+        self.pre(i)
+        self.attend_in_place(i, max_k)
+        self.post(i)
+
     def post(self, i: int) -> None:
         b = self.buffers
         layer = self.model.layers[i]
@@ -180,42 +199,42 @@ def _in_id_order(routing: Routing) -> Routing:
 
 @dataclass
 class CapturedStep:
-    """One token count's graphs (or, without CUDA, its segments run eagerly)."""
+    """One token count's segments and, once captured, its graphs (without CUDA: the segments run
+    eagerly): pre and post per layer around eager attention, or one graph per layer for each
+    bound on key lengths."""
 
     segments: Segments
     pre: list[Callable[[], None]] = field(default_factory=list)
     post: list[Callable[[], None]] = field(default_factory=list)
+    layers: dict[int, list[Callable[[], None]]] = field(default_factory=dict)  # max_k -> per layer
 
 
-def _capture(segments: Segments, pool) -> CapturedStep:
-    """Warms every segment up once on a side stream, then captures each as a graph. The warm-up
-    writes K/V at the buffers' slots: call with this step's inputs in the buffers (the step then
-    rewrites those slots) and fill them again before replaying."""
-    n = len(segments.outputs)
+def _capture(runs: list[Callable[[], None]], pool) -> list[Callable[[], None]]:
+    """Warms every run up once, in order, on a side stream, then captures each as a graph (their
+    replays). The warm-up writes K/V at the buffers' slots: call with this step's inputs in the
+    buffers (the step then rewrites those slots) and fill them again before replaying."""
     side = torch.cuda.Stream()
     side.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(side):
-        for i in range(n):
-            segments.pre(i)
-            segments.post(i)
+        for run in runs:
+            run()
     torch.cuda.current_stream().wait_stream(side)
-    step = CapturedStep(segments)
+    replays = []
     # No garbage collection while capturing: collecting an unreachable engine's graphs or events
     # destroys them, which is not permitted while a stream captures (it invalidates the capture).
     gc.collect()
     gc_was_enabled = gc.isenabled()
     gc.disable()
     try:
-        for i in range(n):
-            for kind, run in (("pre", segments.pre), ("post", segments.post)):
-                graph = torch.cuda.CUDAGraph()
-                with torch.cuda.graph(graph, pool=pool, capture_error_mode="thread_local"):
-                    run(i)
-                getattr(step, kind).append(graph.replay)
+        for run in runs:
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph, pool=pool, capture_error_mode="thread_local"):
+                run()
+            replays.append(graph.replay)
     finally:
         if gc_was_enabled:
             gc.enable()
-    return step
+    return replays
 
 
 class DecodeGraphs:
@@ -238,51 +257,71 @@ class DecodeGraphs:
         """The token counts that have graphs (or, without capture, segments) so far."""
         return sorted(self._steps)
 
-    def _step(self, num_tokens: int, cache: PagedKVCache) -> tuple[CapturedStep, bool]:
-        """This token count's step, and whether it still has to be captured."""
+    def _step(self, num_tokens: int, cache: PagedKVCache) -> CapturedStep:
+        """This token count's step (its graphs are captured on first use)."""
         if self._cache_id != id(cache):  # graphs hold the cache tensors' addresses
             self._steps.clear()
             self._cache_id = id(cache)
         step = self._steps.get(num_tokens)
-        if step is not None:
-            return step, False
-        c, model = self.model.config, self.model
-        buffers = StepBuffers.allocate(num_tokens, c.hidden_size, c.head_dim, c.num_heads * c.head_dim,
-                                       model.dtype, model.device)
-        segments = Segments(model, cache, buffers)
-        num_layers = len(model.layers)
-        step = CapturedStep(segments, [lambda i=i: segments.pre(i) for i in range(num_layers)],
-                            [lambda i=i: segments.post(i) for i in range(num_layers)])
-        return step, self.capture
+        if step is None:
+            c, model = self.model.config, self.model
+            buffers = StepBuffers.allocate(num_tokens, c.hidden_size, c.head_dim, c.num_heads * c.head_dim,
+                                           model.dtype, model.device)
+            step = self._steps[num_tokens] = CapturedStep(Segments(model, cache, buffers))
+        return step
 
-    def forward_layers(self, batch: ForwardBatch, cache: PagedKVCache,
-                       cos_sin: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
-        """The decoder layers for a decode batch -> the residual stream after the last layer."""
+    def _graphs(self, runs: list[Callable[[], None]], step: CapturedStep, batch: ForwardBatch,
+                cos_sin: tuple[torch.Tensor, torch.Tensor], decode: DecodeKeys | None) -> list[Callable[[], None]]:
+        """`runs` captured as graphs (their inputs filled again after the capture's warm-up), or
+        `runs` themselves without capture."""
+        if not self.capture:
+            return runs
+        if self._pool is None:
+            self._pool = torch.cuda.graph_pool_handle()
+        replays = _capture(runs, self._pool)
+        self._fill(step, batch, cos_sin, decode)
+        return replays
+
+    def forward_layers(self, batch: ForwardBatch, cache: PagedKVCache, cos_sin: tuple[torch.Tensor, torch.Tensor],
+                       decode: DecodeKeys | None = None) -> torch.Tensor:
+        """The decoder layers for a decode batch -> the residual stream after the last layer.
+        `decode`: the step's keys for one flash call per layer (None: SDPA per sequence)."""
         model = self.model
-        step, needs_capture = self._step(batch.num_tokens, cache)
-        self._fill(step, batch, cos_sin)
-        if needs_capture:
-            if self._pool is None:
-                self._pool = torch.cuda.graph_pool_handle()
-            step = _capture(step.segments, self._pool)
-            self._fill(step, batch, cos_sin)
-        self._steps[batch.num_tokens] = step
-        b, outputs = step.segments.buffers, step.segments.outputs
+        step = self._step(batch.num_tokens, cache)
+        segments = step.segments
+        self._fill(step, batch, cos_sin, decode)
+        num_layers = len(model.layers)
+        whole = decode is not None and decode.gather is None  # keys read in place: one graph per layer
+        if whole:
+            assert decode is not None
+            layers = step.layers.get(decode.max_k)
+            if layers is None:
+                runs = [lambda i=i, max_k=decode.max_k: segments.layer(i, max_k) for i in range(num_layers)]
+                layers = step.layers[decode.max_k] = self._graphs(runs, step, batch, cos_sin, decode)
+        elif not step.pre:
+            runs = [run for i in range(num_layers) for run in (lambda i=i: segments.pre(i), lambda i=i: segments.post(i))]
+            replays = self._graphs(runs, step, batch, cos_sin, decode)
+            step.pre, step.post = replays[0::2], replays[1::2]
+        b, outputs = segments.buffers, segments.outputs
         for i, layer in enumerate(model.layers):
-            step.pre[i]()
             out = outputs[i]
-            attend(out.q, out.k, out.v, model.attn_shape, i, batch, cache, out=b.attended)
-            step.post[i]()
-            routing = step.segments.routing_on_host(i) if self.host_routing else out.routing
-            if step.segments.unit_sums is not None:  # the next pre graph combines
-                model.run_ffn_into(i, layer.ffn, out.h, routing, step.segments.sums_of(i))
+            if whole:
+                layers[i]()
+            else:
+                step.pre[i]()
+                attend(out.q, out.k, out.v, model.attn_shape, i, batch, cache, out=b.attended, decode=decode)
+                step.post[i]()
+            routing = segments.routing_on_host(i) if self.host_routing else out.routing
+            if segments.unit_sums is not None:  # the next pre graph combines
+                model.run_ffn_into(i, layer.ffn, out.h, routing, segments.sums_of(i))
             else:
                 b.ffn_out.copy_(model.run_ffn(i, layer.ffn, out.h, routing))
-        if step.segments.unit_sums is not None:
-            step.segments.combine(len(model.layers) - 1)
+        if segments.unit_sums is not None:
+            segments.combine(len(model.layers) - 1)
         return b.residual + b.ffn_out
 
-    def _fill(self, step: CapturedStep, batch: ForwardBatch, cos_sin: tuple[torch.Tensor, torch.Tensor]) -> None:
+    def _fill(self, step: CapturedStep, batch: ForwardBatch, cos_sin: tuple[torch.Tensor, torch.Tensor],
+              decode: DecodeKeys | None) -> None:
         b = step.segments.buffers
         if step.segments.unit_sums is not None:  # a failed step may have left partial sums
             step.segments.unit_sums.zero_()
@@ -291,3 +330,5 @@ class DecodeGraphs:
         b.cos.copy_(cos_sin[0])
         b.sin.copy_(cos_sin[1])
         b.slots.copy_(batch.slots)
+        if decode is not None and decode.gather is None:
+            b.keys_index.copy_(decode.index)

@@ -18,6 +18,7 @@ from engine.kv_cache.paged_cache import PagedKVCache
 from engine.model.attention import AttentionShape, AttentionWeights, attention
 from engine.model.attention_kernels import attention_kernels
 from engine.model.config import ModelConfig
+from engine.model.decode_attention import DecodeKeys, decode_keys
 from engine.model.decode_graphs import DecodeGraphs
 from engine.model.ffn import ACTIVATIONS, FFNUnit
 from engine.model.moe import MoEBlock, Routing
@@ -115,20 +116,22 @@ class DecoderModel:
     def forward(self, batch: ForwardBatch, cache: PagedKVCache) -> torch.Tensor:
         """Runs the batch, fills the KV cache, returns fp32 logits [len(logits_indices), vocab]."""
         cos_sin = self.rotary.cos_sin(batch.positions, self.dtype, self._long_context_mask(batch))
+        c = self.config
+        decode = decode_keys(batch, c.head_dim, c.sliding_window, self.dtype, self.device, self.attention_kernels)
         with attention_kernels(self.attention_kernels, self.device):
             if self.decode_graphs is not None and self.decode_graphs.applies(batch):
-                x = self.decode_graphs.forward_layers(batch, cache, cos_sin)
+                x = self.decode_graphs.forward_layers(batch, cache, cos_sin, decode)
             else:
-                x = self._forward_layers(batch, cache, cos_sin)
+                x = self._forward_layers(batch, cache, cos_sin, decode)
         x = self.final_norm(x[batch.logits_indices])
         return F.linear(x, self.lm_head, self.lm_head_bias).float()
 
-    def _forward_layers(self, batch: ForwardBatch, cache: PagedKVCache,
-                        cos_sin: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+    def _forward_layers(self, batch: ForwardBatch, cache: PagedKVCache, cos_sin: tuple[torch.Tensor, torch.Tensor],
+                        decode: DecodeKeys | None = None) -> torch.Tensor:
         x = F.embedding(batch.input_ids, self.embed_tokens)
         for i, layer in enumerate(self.layers):
             h = layer.input_norm(x)
-            x = x + attention(h, layer.attn, self.attn_shape, i, batch, cache, cos_sin)
+            x = x + attention(h, layer.attn, self.attn_shape, i, batch, cache, cos_sin, decode)
             h = layer.post_attention_norm(x)
             x = x + self.run_ffn(i, layer.ffn, h)
         return x
