@@ -310,6 +310,10 @@ def variants(llm: LLM, args: argparse.Namespace) -> list[tuple[str, Callable[[],
         graphs = model.decode_graphs
         add([False, True, False, True], lambda v: f"decode graphs {'on' if v else 'off'}",
             lambda v: setattr(model, "decode_graphs", graphs if v else None), True)
+    if args.one_graph_ab and model.decode_graphs is not None:  # attention inside the layer's graph, or eager
+        graphs_one = model.decode_graphs
+        add([False, True, False, True], lambda v: f"one graph per layer {'on' if v else 'off'}",
+            lambda v: setattr(graphs_one, "one_graph_layers", v), True)
     if args.host_routing_ab and model.decode_graphs is not None:  # routing ids and activations to the host
         graphs_ = model.decode_graphs
         add([False, True, False, True], lambda v: f"host routing {'on' if v else 'off'}",
@@ -349,6 +353,9 @@ def main() -> None:
     parser.add_argument("--switch-interval", default="",
                         help="also trace with these Python GIL switch intervals in seconds (comma list)")
     parser.add_argument("--graphs-ab", action="store_true", help="also trace without and with decode graphs, alternating")
+    parser.add_argument("--one-graph-ab", action="store_true",
+                        help="also trace with attention between two graphs per layer and inside one, alternating")
+    parser.add_argument("--profile", default=None, help="hardware profile to plan with (default: measure this machine)")
     parser.add_argument("--host-routing-ab", action="store_true",
                         help="also trace with routing ids read by a kernel + sync, and copied to the host, alternating")
     parser.add_argument("--driver-ab", action="store_true",
@@ -373,7 +380,8 @@ def main() -> None:
                                                     args.prompt_len)
     print("\n".join(lines), flush=True)
     llm = LLM(args.model, device="cuda", random_weights=True, gpu_memory_budget=args.budget, policy=args.policy,
-              kv_cache_tokens=4096, max_num_seqs=8, cpu_threads=args.cpu_threads, show_progress=False)
+              kv_cache_tokens=4096, max_num_seqs=8, cpu_threads=args.cpu_threads, show_progress=False,
+              profile_path=args.profile)
     if args.plain_steps:
         lines += plain_decode(llm, args.prompt_len, args.plain_steps)
         print("\n".join(lines), flush=True)
@@ -386,7 +394,8 @@ def main() -> None:
     for label, apply in variants(llm, args):
         apply()
         if label:
-            lines += [label, *trace_decode(llm, args.prompt_len, args.steps, None)]
+            plain = plain_decode(llm, args.prompt_len, args.plain_steps) if args.plain_steps else []
+            lines += [label, *plain, *trace_decode(llm, args.prompt_len, args.steps, None)]
             print("\n".join(lines[-24:]), flush=True)
     if args.kernel_trace:
         lines += kernel_profile(llm, args.prompt_len, args.kernel_steps, args.kernel_trace)

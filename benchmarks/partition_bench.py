@@ -121,7 +121,10 @@ def _cg_share(llm: LLM) -> float:
 
 
 def floors(llm: LLM, rates: dict[str, float], prompt_len: int) -> dict[str, float]:
-    """Decode: the routed experts' host bytes read by the CPU and streamed over PCIe at once.
+    """Decode: the routed experts' host bytes read by the CPU and streamed over PCIe at once, each
+    at its own rate measured alone (`decode_floor_tok_s`, as in every session's tables) and, where
+    the engine's profile measured them reading at once, no faster together than host DRAM gave
+    them then (`decode_floor_shared_tok_s`).
     Prefill: every host byte moved once, split between PCIe and CPU GEMM at the measured rates."""
     config = llm.engine.model_config
     plan = llm.engine.partition.plan
@@ -137,7 +140,11 @@ def floors(llm: LLM, rates: dict[str, float], prompt_len: int) -> dict[str, floa
     tokens_per_unit = prompt_len * (moe.num_experts_per_tok / moe.num_experts if moe else 1)
     cpu_bytes_s = rates["cpu_gemm64_flops"] / tokens_per_unit  # 2 flops per weight (2 bytes) per token
     prefill_s = host_rows * row / (rates["pcie_pinned_bytes_s"] + cpu_bytes_s)
-    return {"decode_floor_tok_s": 1 / decode_s, "prefill_floor_tok_s": prompt_len / prefill_s,
+    profile = llm.engine.partition.profile
+    shared = profile.host_read_bytes_s if profile is not None else None
+    shared_s = active_host_bytes / shared if shared else decode_s
+    return {"decode_floor_tok_s": 1 / decode_s, "decode_floor_shared_tok_s": 1 / max(decode_s, shared_s),
+            "host_read_bytes_s": shared, "prefill_floor_tok_s": prompt_len / prefill_s,
             "active_host_bytes_per_token": active_host_bytes}
 
 
@@ -300,6 +307,9 @@ def _save_and_print(args: argparse.Namespace, result: dict, rates: dict[str, flo
         print(f"{name:24} {r['decode_tok_s']:12.2f} {r['prefill_tok_s']:13.1f} {r['decode_cpu_busy']:5.2f} "
               f"{r['decode_pcie_busy']:5.2f} {r['decode_gpu_busy']:5.2f}")
     print(f"{'floor':24} {fl['decode_floor_tok_s']:12.2f} {fl['prefill_floor_tok_s']:13.1f}")
+    if fl.get("host_read_bytes_s"):
+        print(f"{'floor, shared DRAM':24} {fl['decode_floor_shared_tok_s']:12.2f}   (CPU + PCIe together "
+              f"{fl['host_read_bytes_s'] / 1e9:.1f} GB/s, the profile's reading)")
     for name, r in result["policies"].items():
         if "predicted" in r:
             print(f"{'predicted ' + name:24} {r['predicted']['decode_tok_s']:12.2f} {r['predicted']['prefill_tok_s']:13.1f}")

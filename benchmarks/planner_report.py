@@ -48,7 +48,7 @@ def prediction_rows(results: list[dict]) -> list[str]:
 def comparison_rows(results: list[dict], hf: dict[tuple[str, str], dict], metric: str, prompt: str) -> list[str]:
     """One row per model and budget: adaptive, each fixed policy, best manual split, HF, floor."""
     header = ["model", "budget", "adaptive", *FIXED, "best manual", "HF device_map", "floor",
-              "adaptive / best fixed", "adaptive / best manual", "adaptive / floor"]
+              "adaptive / best fixed", "adaptive / best manual", "adaptive / floor", "adaptive / shared-DRAM floor"]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * 2 + "---:|" * (len(header) - 2)]
     key = "decode_tok_s" if metric == "decode" else "prefill_tok_s"
     floor_key = "decode_floor_tok_s" if metric == "decode" else "prefill_floor_tok_s"
@@ -66,13 +66,15 @@ def comparison_rows(results: list[dict], hf: dict[tuple[str, str], dict], metric
         sweep = {p: value(v) for p, v in r.get("sweep", {}).items()}
         best_manual = max(sweep.values(), default=0.0)
         best_fixed = max(fixed.values(), default=0.0)
-        floor = r["floor_by_prompt"].get(prompt, r["floor"])[floor_key]
+        floors = r["floor_by_prompt"].get(prompt, r["floor"])
+        floor = floors[floor_key]
+        shared = floors.get("decode_floor_shared_tok_s") if metric == "decode" else None
         h = hf.get((r["model"], r["budget"]))
         hf_value = h["by_prompt"][prompt][key] if h and prompt in h["by_prompt"] else None
         cells = [r["model"], r["budget"], fmt.format(adaptive), *(fmt.format(fixed[p]) if p in fixed else "-" for p in FIXED),
                  fmt.format(best_manual) if sweep else "-", fmt.format(hf_value) if hf_value else "-",
                  fmt.format(floor), _ratio(adaptive, best_fixed), _ratio(adaptive, best_manual) if sweep else "-",
-                 f"{adaptive / floor:.0%}"]
+                 f"{adaptive / floor:.0%}", f"{adaptive / shared:.0%}" if shared else "-"]
         lines.append("| " + " | ".join(cells) + " |")
     return lines
 

@@ -248,6 +248,7 @@ class DecodeGraphs:
         self._cache_id: int | None = None
         self._pool = None
         self.host_routing = True  # routing ids and activations copied to the host with the routing
+        self.one_graph_layers = True  # attention inside the layer's graph where it can be (False: A/B)
 
     def applies(self, batch: ForwardBatch) -> bool:
         n = batch.num_tokens
@@ -291,7 +292,8 @@ class DecodeGraphs:
         segments = step.segments
         self._fill(step, batch, cos_sin, decode)
         num_layers = len(model.layers)
-        whole = decode is not None and decode.gather is None  # keys read in place: one graph per layer
+        # keys read in place: one graph per layer
+        whole = self.one_graph_layers and decode is not None and decode.gather is None
         if whole:
             assert decode is not None
             layers = step.layers.get(decode.max_k)
@@ -330,5 +332,5 @@ class DecodeGraphs:
         b.cos.copy_(cos_sin[0])
         b.sin.copy_(cos_sin[1])
         b.slots.copy_(batch.slots)
-        if decode is not None and decode.gather is None:
+        if self.one_graph_layers and decode is not None and decode.gather is None:
             b.keys_index.copy_(decode.index)

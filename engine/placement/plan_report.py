@@ -79,6 +79,7 @@ def render_plan_report(config: ModelConfig, plan: PartitionPlan, memory: GpuMemo
     if prediction.prefill_mode is HostMode.ASSIGN:
         static = ", ".join(f"prefill-{n} {prediction.prefill_tok_s(n, HostMode.STATIC):.1f} tok/s" for n in prompt_lens)
         lines.append(f"  with the plan's fixed kinds in prefill too: {static}")
-    lines.append("floors: decode = routed host bytes read by the CPU at DRAM speed while PCIe streams; "
+    lines.append("floors: decode = routed host bytes read by the CPU at DRAM speed while PCIe streams "
+                 "(together at most the host DRAM rate measured with both reading); "
                  "prefill = host bytes split between PCIe and the CPU's measured rate")
     return "\n".join(lines)

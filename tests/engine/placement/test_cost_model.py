@@ -61,6 +61,20 @@ def test_floors_bound_every_policy() -> None:
         assert p.floor_decode_s <= p.decode_s_per_token and p.floor_prefill_s(512) <= p.prefill_s(512), policy
 
 
+def test_the_decode_floor_is_bounded_by_host_dram_shared_by_cpu_and_pcie() -> None:
+    request = build_plan_request(MIXTRAL, 24 * GIB, kv_cache_tokens=4096, max_num_seqs=8)
+    plan, _ = make_plan("balanced:cg=0.5", request)
+    apart = replace(synthetic_profile(), cpu_with_pcie_bytes_s=None, pcie_with_cpu_bytes_s=None)
+    cpu = max(apart.dram_read_bytes_s, 1 / apart.cpu_ffn.s_per_byte[0])
+    together = cpu + apart.pcie_h2d_bytes_s
+    half = replace(apart, cpu_with_pcie_bytes_s=together / 4, pcie_with_cpu_bytes_s=together / 4)
+    floor_apart = predict(plan, MIXTRAL, apart, request).floor_decode_s
+    assert predict(plan, MIXTRAL, half, request).floor_decode_s == pytest.approx(2 * floor_apart)
+    # a host that gives both more at once than apart does not lower the floor
+    more = replace(apart, cpu_with_pcie_bytes_s=together, pcie_with_cpu_bytes_s=together)
+    assert predict(plan, MIXTRAL, more, request).floor_decode_s == pytest.approx(floor_apart)
+
+
 def test_modes_follow_the_plans_rule() -> None:
     plan = PartitionPlan("x", {(0, 0): UnitSplit(1, 1, 1)})
     assert host_modes(plan) == (HostMode.STATIC, HostMode.STATIC)
