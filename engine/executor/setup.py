@@ -16,6 +16,7 @@ from engine.executor.staging import StagingRing
 from engine.executor.token_assignment import DispatchRates
 from engine.executor.weight_store import WeightStore
 from engine.model.config import ModelConfig
+from engine.model.decode_attention import num_key_bounds
 from engine.model.decoder import DecoderModel
 from engine.model.factory import load_model
 from engine.placement.hardware import HardwareProfile
@@ -135,7 +136,7 @@ def build_partitioned(model: str, model_config: ModelConfig, device: str, dtype:
     itemsize = torch.empty((), dtype=dtype).element_size()
     budget = parse_bytes(options.gpu_memory_budget) if options.gpu_memory_budget is not None else None
     activations = activation_bytes(model_config, itemsize, max_num_tokens, max_num_seqs)
-    activations += decode_graph_bytes(model_config, itemsize, graph_tokens)
+    activations += decode_graph_bytes(model_config, itemsize, graph_tokens, num_key_bounds(kv_cache_tokens))
     request = PlanRequest(model_config, itemsize, budget, kv_cache_tokens * kv_bytes_per_token(model_config, itemsize),
                           activations, options.staging_slots, options.host_chunk_rows)
     rates: DispatchRates | None = None  # token assignment's rates; measured ones with the adaptive planner

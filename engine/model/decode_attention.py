@@ -37,6 +37,11 @@ def key_bucket(max_context_len: int) -> int:
     return bucket
 
 
+def num_key_bounds(max_context_len: int) -> int:
+    """How many key bounds a context of up to `max_context_len` tokens can take (256, 512, ...)."""
+    return key_bucket(max_context_len).bit_length() - MIN_KEY_BUCKET.bit_length() + 1
+
+
 @dataclass
 class DecodeKeys:
     """Where one decode step's keys are, for one flash call per layer (the same for every layer).

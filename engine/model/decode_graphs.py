@@ -102,7 +102,9 @@ class LayerOutputs:
 
 
 class Segments:
-    """The fixed-shape segments of each layer for one set of buffers, run eagerly."""
+    """The fixed-shape segments of each layer for one set of buffers, run eagerly. `outputs` is the
+    layer outputs the segments write: each set of graphs captured from them (split, or one per key
+    bound) keeps its own list, since a graph replays into the tensors its capture allocated."""
 
     def __init__(self, model, cache: PagedKVCache, buffers: StepBuffers) -> None:
         self.model = model
@@ -166,10 +168,13 @@ class Segments:
         b.attended.copy_(attended.view(b.attended.shape))
 
     def layer(self, i: int, max_k: int) -> None:
-        """Layer i up to its routing, attention included (one graph)."""
+        """Layer i up to its routing, attention included (one graph). q, k and v are not kept: their
+        memory serves the next layers' captures (every kept output is written before it is read)."""
         self.pre(i)
         self.attend_in_place(i, max_k)
         self.post(i)
+        out = self.outputs[i]
+        out.q = out.k = out.v = None
 
     def post(self, i: int) -> None:
         b = self.buffers
@@ -207,6 +212,13 @@ class CapturedStep:
     pre: list[Callable[[], None]] = field(default_factory=list)
     post: list[Callable[[], None]] = field(default_factory=list)
     layers: dict[int, list[Callable[[], None]]] = field(default_factory=dict)  # max_k -> per layer
+    # the layer outputs of each set of graphs: "split" (pre, post) or a key bound (one graph a layer)
+    outputs: dict[str | int, list[LayerOutputs]] = field(default_factory=dict)
+
+    def use_outputs(self, variant: str | int) -> None:
+        """Points the segments at the outputs of this set of graphs (a new list for a new set)."""
+        num_layers = len(self.segments.model.layers)
+        self.segments.outputs = self.outputs.setdefault(variant, [LayerOutputs() for _ in range(num_layers)])
 
 
 def _capture(runs: list[Callable[[], None]], pool) -> list[Callable[[], None]]:
@@ -294,6 +306,7 @@ class DecodeGraphs:
         num_layers = len(model.layers)
         # keys read in place: one graph per layer
         whole = self.one_graph_layers and decode is not None and decode.gather is None
+        step.use_outputs(decode.max_k if whole and decode is not None else "split")
         if whole:
             assert decode is not None
             layers = step.layers.get(decode.max_k)

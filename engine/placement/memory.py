@@ -9,6 +9,9 @@ from engine.model.config import ModelConfig
 from engine.model.weights import DENSE_MLP, SHARED_EXPERT
 
 GIB = 1 << 30
+# flash-decoding's fp32 partials: tokens x splits rows of q (the kernel keeps about two waves of
+# blocks, tokens x splits x kv heads <= ~2 x 132 SMs; 64 rows bound it with room)
+KEY_SPLIT_ROWS = 64
 _UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
           "kib": 1 << 10, "mib": 1 << 20, "gib": 1 << 30, "tib": 1 << 40}
 
@@ -80,21 +83,24 @@ def activation_bytes(config: ModelConfig, itemsize: int, max_num_tokens: int, ma
     return (max_num_tokens * per_token + logits) * 3 // 2  # room for the allocator's fragmentation
 
 
-def decode_graph_bytes(config: ModelConfig, itemsize: int, max_tokens: int) -> int:
+def decode_graph_bytes(config: ModelConfig, itemsize: int, max_tokens: int, num_key_bounds: int = 0) -> int:
     """What decode graphs for 1..max_tokens sequences keep on the GPU (engine/model/decode_graphs.py):
-    per captured token and layer the q, k, v, h and routing outputs, per token count the static
-    inputs and unit sums, once the largest count's temporaries; the graphs' private pool takes whole 2 MiB
-    segments."""
+    per captured token and layer the q, k, v, h and routing outputs of the pre/post graphs, and h
+    and routing once more for each of `num_key_bounds` sets of one-graph layers
+    (engine/model/decode_attention.py: `num_key_bounds`); per token count the static inputs and
+    unit sums, once the largest count's temporaries (flash-decoding's fp32 partials included); the
+    graphs' private pool takes whole 2 MiB segments."""
     if max_tokens <= 0:
         return 0
     c, h = config, config.hidden_size
     q, kv = c.num_heads * c.head_dim, c.num_kv_heads * c.head_dim
     top_k = c.moe.num_experts_per_tok if c.moe is not None else 0
     captured_tokens = max_tokens * (max_tokens + 1) // 2  # every size 1..max_tokens, each captured once
-    per_layer = (q + 2 * kv + h) * itemsize + top_k * 12 + (c.moe.num_experts * 4 if c.moe else 0)
+    routing = top_k * 12 + (c.moe.num_experts * 4 if c.moe else 0)
+    per_layer = (q + 2 * kv + h) * itemsize + routing + num_key_bounds * (h * itemsize + routing)
     # static inputs, plus the fp32 unit sums the pre graphs combine (at most top_k + 1 rows a token)
-    static = (3 * h + q + 2 * c.head_dim) * itemsize + 8 + (top_k + 1) * h * 4
-    temporaries = max_tokens * (q + 2 * kv + 8 * h) * 4
+    static = (3 * h + q + 2 * c.head_dim) * itemsize + 8 + 12 + (top_k + 1) * h * 4
+    temporaries = max_tokens * (q + 2 * kv + 8 * h) * 4 + KEY_SPLIT_ROWS * q * 4
     total = captured_tokens * (per_layer * c.num_layers + static) + temporaries
     segment = 2 << 20
     return (total + segment - 1) // segment * segment + segment

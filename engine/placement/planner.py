@@ -23,6 +23,7 @@ from __future__ import annotations
 from dataclasses import dataclass, replace
 
 from engine.model.config import ModelConfig
+from engine.model.decode_attention import num_key_bounds
 from engine.model.decode_graphs import MAX_GRAPH_TOKENS
 from engine.placement.cost_model import (
     CostModel,
@@ -120,7 +121,7 @@ def build_plan_request(config: ModelConfig, budget_bytes: int | None, itemsize: 
     weights."""
     graph_tokens = min(MAX_GRAPH_TOKENS, max_num_seqs) if decode_graphs else 0
     activations = activation_bytes(config, itemsize, max_num_batched_tokens, max_num_seqs)
-    activations += decode_graph_bytes(config, itemsize, graph_tokens)
+    activations += decode_graph_bytes(config, itemsize, graph_tokens, num_key_bounds(kv_cache_tokens))
     return PlanRequest(config, itemsize, budget_bytes, kv_cache_tokens * kv_bytes_per_token(config, itemsize),
                        activations, staging_slots, host_chunk_rows)
 

@@ -12,7 +12,14 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from engine import LLM, SamplingParams
 from engine.forward_batch import ForwardBatch, SequenceChunk
-from engine.model.decode_attention import DecodeKeys, decode_keys, flash_decode, key_bucket, key_index_values
+from engine.model.decode_attention import (
+    DecodeKeys,
+    decode_keys,
+    flash_decode,
+    key_bucket,
+    key_index_values,
+    num_key_bounds,
+)
 from engine.tools.tiny_checkpoint import write_tiny_checkpoint
 
 BLOCK = 16
@@ -26,6 +33,7 @@ def _batch(block_tables: list[list[int]], lengths: list[int], device: str = "cpu
 def test_key_bucket_is_a_power_of_two_at_least_the_longest_context() -> None:
     assert key_bucket(1) == 256 and key_bucket(256) == 256 and key_bucket(257) == 512
     assert key_bucket(2048) == 2048 and key_bucket(2049) == 4096
+    assert [num_key_bounds(n) for n in (1, 256, 257, 4096, 4097)] == [1, 1, 2, 5, 6]  # 256 ... 4096, 8192
 
 
 def test_key_index_reads_ranges_in_place_and_packs_the_others() -> None:

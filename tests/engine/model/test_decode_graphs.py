@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from engine import LLM, SamplingParams
+from engine.model.decode_attention import num_key_bounds
 from engine.model.decode_graphs import MAX_GRAPH_TOKENS, DecodeGraphs
 from engine.model.factory import resolve_model_config
 from engine.placement.memory import decode_graph_bytes
@@ -93,14 +94,37 @@ def test_cuda_graphs_with_a_partitioned_ffn(seed: int, tmp_path: Path) -> None:
     _assert_same(eager, graphs)
 
 
+@pytest.mark.gpu
+def test_cuda_graphs_switching_key_bounds_and_layouts(tmp_path: Path) -> None:
+    """Steps that go back and forth between sets of graphs of one token count (key bounds 256 and
+    512, keys in place or packed) each read the outputs their own graphs wrote."""
+    path = str(write_tiny_checkpoint(tmp_path / "mixtral", arch="mixtral", seed=1, dtype="bfloat16"))
+    options = dict(device="cuda", dtype="bfloat16", show_progress=False, kv_cache_tokens=2048)
+    eager = LLM(path, decode_graphs=False, **options)
+    graphs = LLM(path, **options)
+    long_prompt = [(7 * k) % 200 + 3 for k in range(300)]  # decode steps at the 512 bound
+    rounds = [[PROMPTS[0]], [long_prompt], [PROMPTS[0]], PROMPTS, [long_prompt, PROMPTS[1], PROMPTS[2]], PROMPTS]
+    for prompts in rounds:
+        tokens, logits = _run(eager, prompts)
+        graph_tokens, graph_logits = _run(graphs, prompts)
+        assert graph_tokens == tokens
+        for step, (a, b) in enumerate(zip(logits, graph_logits, strict=True)):
+            assert torch.equal(a, b), f"{len(prompts)} prompts, step {step} differs"
+    steps = graphs.engine.runner.model.decode_graphs._steps
+    assert sorted(steps[1].layers) == [256, 512]
+    assert set(steps[3].outputs) >= {"split", 256}  # packed and in-place steps of three sequences
+
+
 def test_decode_graph_memory_is_reserved_in_the_budget() -> None:
     config, _ = resolve_model_config("mixtral-8x7b")
     without = build_plan_request(config, 24 << 30, decode_graphs=False).activation_bytes
     with_graphs = build_plan_request(config, 24 << 30).activation_bytes
     extra = with_graphs - without
-    assert extra == decode_graph_bytes(config, 2, MAX_GRAPH_TOKENS)
-    # 36 captured tokens x 32 layers x (q, k, v, h) in bf16 ~ 24 MB, in 2 MiB segments
-    assert 24e6 < extra < 40e6 and extra % (2 << 20) == 0
+    assert extra == decode_graph_bytes(config, 2, MAX_GRAPH_TOKENS, num_key_bounds(16384))
+    # 36 captured tokens x 32 layers x (q, k, v, h) in bf16 ~ 24 MB, and h again for each of the
+    # 7 key bounds up to 16384 tokens ~ 66 MB, in 2 MiB segments
+    assert 85e6 < extra < 110e6 and extra % (2 << 20) == 0
+    assert decode_graph_bytes(config, 2, MAX_GRAPH_TOKENS) < 40e6
     assert decode_graph_bytes(config, 2, 0) == 0
 
 
