@@ -20,6 +20,7 @@ and when no sequence is longer than a sliding window (the mask is then a no-op).
 from __future__ import annotations
 
 from dataclasses import dataclass
+from itertools import accumulate
 
 import torch
 
@@ -89,7 +90,7 @@ def key_index_values(spans: list[SequenceSpan]) -> tuple[list[int], bool]:
     first (some span's slots are not one range: then each span's keys follow the previous one's)."""
     lengths = [span.context_len for span in spans]
     packed = any(span.context_start is None for span in spans)
-    starts = [sum(lengths[:k]) for k in range(len(spans))] if packed else [span.context_start for span in spans]
+    starts = list(accumulate(lengths[:-1], initial=0)) if packed else [span.context_start for span in spans]
     return list(range(len(spans) + 1)) + starts + [starts[-1] + lengths[-1]] + lengths, packed
 
 
