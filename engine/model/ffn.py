@@ -61,16 +61,17 @@ class UnitSlice:
         return F.linear(act(gate) * up, self.down)
 
 
-def adjacent_flat(first: torch.Tensor, second: torch.Tensor) -> torch.Tensor | None:
-    """A 1-D view of `first` followed by `second` when both are contiguous and `second` starts
-    where `first` ends in the same storage; else None."""
-    if not (first.is_contiguous() and second.is_contiguous() and first.dtype == second.dtype):
-        return None
-    if first.untyped_storage().data_ptr() != second.untyped_storage().data_ptr():
-        return None
-    if second.storage_offset() != first.storage_offset() + first.numel():
-        return None
-    return first.new_empty(0).set_(first.untyped_storage(), first.storage_offset(), (first.numel() + second.numel(),))
+def adjacent_flat(*tensors: torch.Tensor) -> torch.Tensor | None:
+    """A 1-D view of the tensors one after the other when all are contiguous, of one dtype, and
+    each starts where the previous one ends in the same storage; else None."""
+    first = tensors[0]
+    storage, offset = first.untyped_storage().data_ptr(), first.storage_offset()
+    for tensor in tensors:
+        if (not tensor.is_contiguous() or tensor.dtype != first.dtype
+                or tensor.untyped_storage().data_ptr() != storage or tensor.storage_offset() != offset):
+            return None
+        offset += tensor.numel()
+    return first.as_strided((offset - first.storage_offset(),), (1,))
 
 
 @dataclass

@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from engine.model.config import MoEConfig, RouterKind
-from engine.model.ffn import FFNUnit
+from engine.model.ffn import FFNUnit, adjacent_flat
 
 # [(unit, its tokens' activations [num_tokens, hidden])], optionally the same activations already
 # on the host (one per unit, or None) -> each unit's output, same shapes
@@ -231,13 +231,7 @@ def _sum_in_topk_order(outputs: torch.Tensor, weights: torch.Tensor, dtype: torc
 
 def _adjacent_rows(rows: list[torch.Tensor]) -> torch.Tensor | None:
     """[len(rows), hidden] view of one-row tensors that are consecutive rows of one storage, else None."""
-    first = rows[0]
-    hidden = first.shape[-1]
-    if first.shape[0] != 1 or not first.is_contiguous():
+    if any(row.dim() != 2 or row.shape != rows[0].shape or row.shape[0] != 1 for row in rows):
         return None
-    storage = first.untyped_storage().data_ptr()
-    for k, row in enumerate(rows):
-        if (row.shape != first.shape or row.dtype != first.dtype or not row.is_contiguous()
-                or row.untyped_storage().data_ptr() != storage or row.storage_offset() != first.storage_offset() + k * hidden):
-            return None
-    return first.as_strided((len(rows), hidden), (hidden, 1))
+    flat = adjacent_flat(*rows)
+    return None if flat is None else flat.view(len(rows), rows[0].shape[1])
