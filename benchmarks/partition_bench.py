@@ -142,6 +142,8 @@ def floors(llm: LLM, rates: dict[str, float], prompt_len: int) -> dict[str, floa
     prefill_s = host_rows * row / (rates["pcie_pinned_bytes_s"] + cpu_bytes_s)
     profile = llm.engine.partition.profile
     shared = profile.host_read_bytes_s if profile is not None else None
+    if shared:  # a disturbed reading below one side alone bounds nothing: that side can run alone
+        shared = max(shared, rates["dram_read_bytes_s"], rates["pcie_pinned_bytes_s"])
     shared_s = active_host_bytes / shared if shared else decode_s
     return {"decode_floor_tok_s": 1 / decode_s, "decode_floor_shared_tok_s": 1 / max(decode_s, shared_s),
             "host_read_bytes_s": shared, "prefill_floor_tok_s": prompt_len / prefill_s,

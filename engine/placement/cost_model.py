@@ -259,8 +259,8 @@ class CostModel:
         """The bound no schedule beats: host bytes moved by CPU and PCIe at once, nothing else.
         Decode: the CPU reads at DRAM speed (or its measured rate, if faster) while PCIe streams,
         both together no faster than host DRAM gave them when measured at once (the profile's
-        `host_read_bytes_s`, where measured); prefill: the CPU at its measured rate at that token
-        count."""
+        `host_read_bytes_s`, where measured, and no slower than either alone); prefill: the CPU at
+        its measured rate at that token count."""
         if decode:
             pcie = self.profile.pcie_h2d_bytes_s or 0.0
             shared = self.profile.host_read_bytes_s or float("inf")
@@ -268,7 +268,9 @@ class CostModel:
             for unit, s in splits:
                 active, tokens = self.unit_rates(layer, unit, num_tokens)[:2]
                 cpu = max(self.profile.dram_read_bytes_s, self.cpu_table.bytes_s(tokens))
-                floor_s += active * (s.cg + s.cc) * self.row_bytes / min(cpu + pcie, shared)
+                # a disturbed shared reading below one side alone bounds nothing: that side can run alone
+                together = min(cpu + pcie, max(shared, cpu, pcie))
+                floor_s += active * (s.cg + s.cc) * self.row_bytes / together
             return floor_s
         pieces, _ = self._host_pieces(layer, splits, num_tokens, overheads=False)
         if self.profile.pcie_h2d_bytes_s is None:

@@ -67,9 +67,13 @@ def test_the_decode_floor_is_bounded_by_host_dram_shared_by_cpu_and_pcie() -> No
     apart = replace(synthetic_profile(), cpu_with_pcie_bytes_s=None, pcie_with_cpu_bytes_s=None)
     cpu = max(apart.dram_read_bytes_s, 1 / apart.cpu_ffn.s_per_byte[0])
     together = cpu + apart.pcie_h2d_bytes_s
-    half = replace(apart, cpu_with_pcie_bytes_s=together / 4, pcie_with_cpu_bytes_s=together / 4)
+    assert max(cpu, apart.pcie_h2d_bytes_s) < 0.8 * together
+    shared = replace(apart, cpu_with_pcie_bytes_s=0.4 * together, pcie_with_cpu_bytes_s=0.4 * together)
     floor_apart = predict(plan, MIXTRAL, apart, request).floor_decode_s
-    assert predict(plan, MIXTRAL, half, request).floor_decode_s == pytest.approx(2 * floor_apart)
+    assert predict(plan, MIXTRAL, shared, request).floor_decode_s == pytest.approx(floor_apart / 0.8)
+    # a shared reading below the CPU alone: the CPU alone bounds it
+    low = replace(apart, cpu_with_pcie_bytes_s=0.1 * cpu, pcie_with_cpu_bytes_s=0.1 * cpu)
+    assert predict(plan, MIXTRAL, low, request).floor_decode_s == pytest.approx(floor_apart * together / cpu)
     # a host that gives both more at once than apart does not lower the floor
     more = replace(apart, cpu_with_pcie_bytes_s=together, pcie_with_cpu_bytes_s=together)
     assert predict(plan, MIXTRAL, more, request).floor_decode_s == pytest.approx(floor_apart)
