@@ -302,25 +302,25 @@ class DecodeGraphs:
         model = self.model
         step = self._step(batch.num_tokens, cache)
         segments = step.segments
-        self._fill(step, batch, cos_sin, decode)
+        # keys read in place: one graph per layer for this bound on key lengths
+        bound = decode.max_k if self.one_graph_layers and decode is not None and decode.gather is None else None
+        in_place = decode if bound is not None else None  # what the one-graph layers read their keys from
+        self._fill(step, batch, cos_sin, in_place)
         num_layers = len(model.layers)
-        # keys read in place: one graph per layer
-        whole = self.one_graph_layers and decode is not None and decode.gather is None
-        step.use_outputs(decode.max_k if whole and decode is not None else "split")
-        if whole:
-            assert decode is not None
-            layers = step.layers.get(decode.max_k)
+        step.use_outputs("split" if bound is None else bound)
+        if bound is not None:
+            layers = step.layers.get(bound)
             if layers is None:
-                runs = [lambda i=i, max_k=decode.max_k: segments.layer(i, max_k) for i in range(num_layers)]
-                layers = step.layers[decode.max_k] = self._graphs(runs, step, batch, cos_sin, decode)
+                runs = [lambda i=i: segments.layer(i, bound) for i in range(num_layers)]
+                layers = step.layers[bound] = self._graphs(runs, step, batch, cos_sin, in_place)
         elif not step.pre:
             runs = [run for i in range(num_layers) for run in (lambda i=i: segments.pre(i), lambda i=i: segments.post(i))]
-            replays = self._graphs(runs, step, batch, cos_sin, decode)
+            replays = self._graphs(runs, step, batch, cos_sin, in_place)
             step.pre, step.post = replays[0::2], replays[1::2]
         b, outputs = segments.buffers, segments.outputs
         for i, layer in enumerate(model.layers):
             out = outputs[i]
-            if whole:
+            if bound is not None:
                 layers[i]()
             else:
                 step.pre[i]()
@@ -345,5 +345,5 @@ class DecodeGraphs:
         b.cos.copy_(cos_sin[0])
         b.sin.copy_(cos_sin[1])
         b.slots.copy_(batch.slots)
-        if self.one_graph_layers and decode is not None and decode.gather is None:
+        if decode is not None:  # one-graph layers read the step's keys from here
             b.keys_index.copy_(decode.index)
