@@ -23,7 +23,7 @@ from engine.cpu_kernels.cpu_info import cpu_info
 logger = logging.getLogger(__name__)
 
 CSRC_DIR = Path(__file__).parent / "csrc"
-SOURCES = ("api.cpp", "driver.cpp", "thread_pool.cpp", "kernels_avx2.cpp", "kernels_avx512.cpp", "kernels_amx.cpp")
+SOURCES = ("api.cpp", "driver.cpp", "thread_pool.cpp", "kernels_avx2.cpp", "kernels_avx512.cpp", "kernels_amx.cpp", "compact.cpp")
 HEADERS = ("driver.h", "slice_ffn.h", "thread_pool.h", "vec_math.h")
 CFLAGS = ("-O3", "-march=native", "-fno-math-errno", "-fno-trapping-math", "-pthread", "-Wno-uninitialized",
           "-Wno-maybe-uninitialized")
@@ -83,6 +83,15 @@ def _declare(lib: ctypes.CDLL) -> None:
     lib.scheinfer_phase_ns.restype = None
     lib.scheinfer_amx_probe.argtypes = [i64, i32, i32]
     lib.scheinfer_amx_probe.restype = ctypes.c_double
+    ptr = ctypes.c_void_p
+    lib.scheinfer_exponent_histogram.argtypes = [ptr, i64, i64, i64, ptr, i32]
+    lib.scheinfer_exponent_histogram.restype = None
+    lib.scheinfer_pack_exponents.argtypes = [ptr, i64, i64, i64, i64, ptr, ptr, ptr, i32]
+    lib.scheinfer_pack_exponents.restype = None
+    lib.scheinfer_pack_exceptions.argtypes = [ptr, i64, i64, i64, i64, ptr, ptr, ptr, i32]
+    lib.scheinfer_pack_exceptions.restype = None
+    lib.scheinfer_unpack_rows.argtypes = [ptr, i64, ptr, i64, ptr, ptr, ptr, i64, i64, i64, ptr]
+    lib.scheinfer_unpack_rows.restype = None
 
 
 def build_library() -> BuiltLibrary:

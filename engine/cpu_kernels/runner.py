@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 
 from engine.cpu_kernels.build import BuiltLibrary, KernelBuildError, build_library
 from engine.cpu_kernels.cpu_info import cpu_info, default_num_threads
-from engine.cpu_kernels.slice_job import SliceJob, check_shapes, describe, kernel_ready
+from engine.cpu_kernels.slice_job import SliceJob, WeightFields, check_shapes, describe, kernel_ready
 from engine.cpu_kernels.torch_path import run_torch_jobs
 
 logger = logging.getLogger(__name__)
@@ -59,6 +59,11 @@ def _library() -> BuiltLibrary | None:
                 _state.build_error = str(exc)
                 logger.warning("cpu kernels: build failed, using the torch path: %s", exc)
         return _state.built
+
+
+def native_library() -> BuiltLibrary | None:
+    """The built C++ library when the kernels are in force (not SCHEINFER_CPU_KERNEL=torch)."""
+    return None if requested_path() == "torch" else _library()
 
 
 def available_paths() -> list[str]:
@@ -236,7 +241,7 @@ class PendingJobs:
 
 
 def start_slice_jobs(jobs: list[SliceJob], activation: str = "silu",
-                     weights: list[tuple[int, int, int, int, int]] | None = None) -> PendingJobs | None:
+                     weights: list[WeightFields] | None = None) -> PendingJobs | None:
     """Submits the jobs to the C++ kernels without waiting, when every job runs there (bf16, silu,
     kernel layouts, a kernel path in force); else None (run them with `prepare_slice_jobs`). The
     jobs' tensors must stay alive until `wait()` returns. `weights`: each job's weight_fields, when

@@ -1,7 +1,7 @@
 """The torch fallback: the same math with torch.nn.functional.linear, job after job.
 
 Used when the C++ kernels are unavailable (no compiler, build failure, SCHEINFER_CPU_KERNEL=torch),
-for activations other than silu, and for jobs that are not bf16 (computed in their own dtype).
+for activations other than silu, and for jobs that are not bf16 (computed in their own dtype). Compact weights are decoded first.
 For bf16 it rounds like the model's bf16 GPU path: gate and up outputs in bf16, h in bf16.
 """
 
@@ -18,6 +18,7 @@ def run_torch_jobs(jobs: list[SliceJob], activation: str) -> None:
     for job in jobs:
         if job.x.shape[0] == 0:
             continue
-        gate, up = F.linear(job.x, job.gate_up).chunk(2, dim=-1)
+        gate_up, down = job.weights()
+        gate, up = F.linear(job.x, gate_up).chunk(2, dim=-1)
         h = (act(gate.float()) * up.float()).to(job.x.dtype)
-        job.out.copy_(F.linear(h, job.down))
+        job.out.copy_(F.linear(h, down))

@@ -22,8 +22,10 @@ from engine.cpu_kernels import SliceJob, prepare_slice_jobs, set_num_threads
 from engine.cpu_kernels.cpu_info import default_num_threads
 from engine.cpu_kernels.runner import PendingJobs, submit_records
 from engine.cpu_kernels.slice_job import (
+    WeightFields,
     activation_fields,
     activations_ready,
+    compact_weight_fields,
     record,
     weight_fields,
     weights_ready,
@@ -64,8 +66,10 @@ class CpuBatch:
 
 def _torch_jobs(batch: CpuBatch, act: Callable[[torch.Tensor], torch.Tensor]) -> None:
     for job in batch.jobs:
-        gate, up = F.linear(job.x, job.piece.gate_up).chunk(2, dim=-1)
-        batch.out_of(job).copy_(F.linear(act(gate) * up, job.piece.down))
+        piece = job.piece
+        gate_up, down = piece.compact.decompact() if piece.compact is not None else (piece.gate_up, piece.down)
+        gate, up = F.linear(job.x, gate_up).chunk(2, dim=-1)
+        batch.out_of(job).copy_(F.linear(act(gate) * up, down))
 
 
 class _Kernels:
@@ -77,16 +81,19 @@ class _Kernels:
             set_num_threads(num_threads)
         self.activation = activation
         # id(piece) -> its weight_fields, or None when the kernels do not read its weights
-        self._weights: dict[int, tuple[int, int, int, int, int] | None] = {}
+        self._weights: dict[int, WeightFields | None] = {}
         # a kept batch's job -> its record: (piece id, activations' address and rows, output address)
         self._records: dict[tuple[int, int, int, int], tuple[int, ...]] = {}
         self.record_hits = 0
 
-    def _weight_fields(self, piece: UnitSlice) -> tuple[int, int, int, int, int] | None:
+    def _weight_fields(self, piece: UnitSlice) -> WeightFields | None:
         key = id(piece)
         if key not in self._weights:  # pieces live as long as the model: their fields do not change
-            ready = weights_ready(piece.gate_up, piece.down)
-            self._weights[key] = weight_fields(piece.gate_up, piece.down) if ready else None
+            if piece.compact is not None:
+                self._weights[key] = compact_weight_fields(piece.compact)
+            else:
+                ready = weights_ready(piece.gate_up, piece.down)
+                self._weights[key] = weight_fields(piece.gate_up, piece.down) if ready else None
         return self._weights[key]
 
     def start(self, batch: CpuBatch) -> PendingJobs | None:
@@ -119,7 +126,7 @@ class _Kernels:
         return submit_records(records, len(batch.jobs), self.activation)
 
     def prepare(self, batch: CpuBatch) -> Callable[[], None]:
-        jobs = [SliceJob(j.x, j.piece.gate_up, j.piece.down, batch.out_of(j)) for j in batch.jobs]
+        jobs = [SliceJob(j.x, j.piece.gate_up, j.piece.down, batch.out_of(j), j.piece.compact) for j in batch.jobs]
         return prepare_slice_jobs(jobs, self.activation, check=False)
 
 

@@ -274,10 +274,11 @@ class PartitionedExecutor:
             slot = state.staged.popleft()
             acc.wait(acc.compute_stream, slot.ready)
             start = host_mark(acc, acc.compute_stream) if self.timeline is not None else None
+            assert self.ring is not None
+            self.ring.unpack(slot)
             sums[i] += self._partial(items[i][1], slot.gate_up, slot.down)
             if self.timeline is not None:  # traced steps: each streamed piece's compute (not a resource)
                 self.timeline.gpu_interval("gpu_piece", start, host_mark(acc, acc.compute_stream), f"slot {slot.slot}")
-            assert self.ring is not None
             self.ring.release(slot)
             if state.queue:
                 self._stage_next(state)

@@ -10,11 +10,13 @@ from dataclasses import dataclass
 import torch
 
 from engine.executor.accelerator import Accelerator
+from engine.executor.compaction import CompactionReport, compact_host_pieces
 from engine.executor.cpu_pool import CpuPool
 from engine.executor.partitioned import PartitionedExecutor
 from engine.executor.staging import StagingRing
 from engine.executor.token_assignment import DispatchRates
 from engine.executor.weight_store import WeightStore
+from engine.model.compact_weights import max_region_bytes
 from engine.model.config import ModelConfig
 from engine.model.decode_attention import num_key_bounds
 from engine.model.decoder import DecoderModel
@@ -50,6 +52,7 @@ class Partition:
     store: WeightStore
     executor: PartitionedExecutor
     profile: HardwareProfile | None = None  # the measurements the adaptive plan came from
+    compaction: CompactionReport | None = None  # host pieces stored compact
 
     def describe(self) -> dict:
         """JSON-ready: the policy, the GPU memory breakdown and weight bytes per kind per layer."""
@@ -66,6 +69,10 @@ class Partition:
 
             extra["predicted"] = predict(self.plan, self.request.config, self.profile, self.request).to_dict()
             extra["hardware_profile"] = json.loads(self.profile.to_json())
+        if self.compaction is not None:
+            extra["compact_host_weights"] = {"pieces": self.compaction.pieces, "kept_bf16": self.compaction.kept_bf16,
+                                             "bytes_ratio": round(self.compaction.ratio, 4),
+                                             "exceptions": self.compaction.exceptions}
         if self.plan.dynamic == "balance":  # how decode steps moved host pieces, measured as they run
             extra["decode_feedback"] = self.executor.feedback.summary()
         return {
@@ -121,6 +128,7 @@ class PartitionOptions:
     staging_slots: int = 8
     host_chunk_rows: int = 1024
     profile_path: str | None = None  # hardware profile for the adaptive planner (default: this machine's)
+    compact_host_weights: bool = True  # host pieces stored compact (lossless, 3/4 of the bytes; needs the C++ kernels)
 
     @property
     def partitioned(self) -> bool:
@@ -137,8 +145,9 @@ def build_partitioned(model: str, model_config: ModelConfig, device: str, dtype:
     budget = parse_bytes(options.gpu_memory_budget) if options.gpu_memory_budget is not None else None
     activations = activation_bytes(model_config, itemsize, max_num_tokens, max_num_seqs)
     activations += decode_graph_bytes(model_config, itemsize, graph_tokens, num_key_bounds(kv_cache_tokens))
+    compact_host = options.compact_host_weights and dtype == torch.bfloat16 and _compact_available()
     request = PlanRequest(model_config, itemsize, budget, kv_cache_tokens * kv_bytes_per_token(model_config, itemsize),
-                          activations, options.staging_slots, options.host_chunk_rows)
+                          activations, options.staging_slots, options.host_chunk_rows, compact_host)
     rates: DispatchRates | None = None  # token assignment's rates; measured ones with the adaptive planner
     profile: HardwareProfile | None = None
     if isinstance(options.policy, PartitionPlan):
@@ -173,12 +182,20 @@ def build_partitioned(model: str, model_config: ModelConfig, device: str, dtype:
     store = WeightStore(plan, model_config, dtype, accelerator)
     decoder = load_model(model, device, dtype_name, random_weights, seed, allocator=store.allocate,
                          layout=plan.layout, show_progress=show_progress)
+    compaction = compact_host_pieces(decoder, show_progress) if compact_host else None
     slot_numel = 3 * staging_slot_rows(plan) * model_config.hidden_size
-    ring = StagingRing(accelerator, options.staging_slots, slot_numel, dtype) if slot_numel else None
+    compact_bytes = max_region_bytes(slot_numel) if compaction is not None and compaction.pieces else 0
+    ring = StagingRing(accelerator, options.staging_slots, slot_numel, dtype, compact_bytes) if slot_numel else None
     pool = CpuPool(decoder.act, model_config.hidden_act, options.cpu_threads)
     executor = PartitionedExecutor(decoder, accelerator, pool, ring, plan.dynamic, rates)
     decoder.unit_executor = executor
-    return decoder, Partition(plan, memory, budget, request, store, executor, profile)
+    return decoder, Partition(plan, memory, budget, request, store, executor, profile, compaction)
+
+
+def _compact_available() -> bool:
+    from engine.cpu_kernels.compact import available
+
+    return available()
 
 
 def _expandable_segments() -> None:

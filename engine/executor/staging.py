@@ -13,6 +13,8 @@ import torch
 
 from engine.executor.accelerator import Accelerator
 from engine.executor.timeline import BusyMeter, Mark, StepTimeline, host_mark
+from engine.executor.gpu_unpack import unpack_piece
+from engine.model.compact_weights import CompactPiece
 from engine.model.ffn import UnitSlice
 
 
@@ -22,6 +24,7 @@ class StagedSlice:
     down: torch.Tensor
     ready: torch.cuda.Event | None
     slot: int
+    compact: CompactPiece | None = None  # streamed compact: decode (StagingRing.unpack) before use
 
 
 class StagingRing:
@@ -30,11 +33,15 @@ class StagingRing:
     of the copy stream is metered per burst of copies (`begin_burst`/`end_burst`), not per piece:
     two timing events per layer instead of two per piece. A traced step times every piece."""
 
-    def __init__(self, accelerator: Accelerator, num_slots: int, slot_numel: int, dtype: torch.dtype) -> None:
+    def __init__(self, accelerator: Accelerator, num_slots: int, slot_numel: int, dtype: torch.dtype,
+                 compact_bytes: int = 0) -> None:
+        """compact_bytes: each slot's byte buffer for compact pieces' regions (0: no compact pieces)."""
         self.accelerator = accelerator
         self.num_slots = num_slots
         self.slot_numel = slot_numel
         self.buffers = [torch.empty(slot_numel, dtype=dtype, device=accelerator.device) for _ in range(num_slots)]
+        self.compact_buffers = [torch.empty(compact_bytes, dtype=torch.uint8, device=accelerator.device)
+                                for _ in range(num_slots if compact_bytes else 0)]
         cuda = accelerator.is_cuda
         self._ready_events = [torch.cuda.Event() if cuda else None for _ in range(num_slots)]
         self._free_events = [torch.cuda.Event() if cuda else None for _ in range(num_slots)]
@@ -46,7 +53,7 @@ class StagingRing:
 
     @property
     def num_bytes(self) -> int:
-        return sum(b.nbytes for b in self.buffers)
+        return sum(b.nbytes for b in self.buffers) + sum(b.nbytes for b in self.compact_buffers)
 
     def begin_burst(self) -> None:
         """Marks the start of a layer's copies on the copy stream (for the busy meter)."""
@@ -73,7 +80,12 @@ class StagingRing:
         ready = self._ready_events[slot]
         with acc.on(acc.copy_stream):
             start = host_mark(acc, acc.copy_stream) if timeline is not None else None
-            if piece.packed is not None:
+            if piece.compact is not None:
+                region = piece.compact.region
+                if not self.compact_buffers or region.numel() > self.compact_buffers[slot].numel():
+                    raise ValueError(f"compact piece of {region.numel()} bytes does not fit the staging slot")
+                self.compact_buffers[slot][: region.numel()].copy_(region, non_blocking=True)
+            elif piece.packed is not None:
                 buffer[:numel].copy_(piece.packed, non_blocking=True)
             else:
                 gate_up.copy_(piece.gate_up, non_blocking=True)
@@ -83,7 +95,14 @@ class StagingRing:
             if timeline is not None:
                 timeline.gpu_interval("pcie", start, host_mark(acc, acc.copy_stream))
         self.bytes_streamed += piece.num_bytes
-        return StagedSlice(gate_up, down, ready, slot)
+        return StagedSlice(gate_up, down, ready, slot, piece.compact)
+
+    def unpack(self, staged: StagedSlice) -> None:
+        """Decodes a compact piece's slot into its bf16 views, on the current (compute) stream, after
+        the copy landed (the caller waited `ready`)."""
+        if staged.compact is not None:
+            region = self.compact_buffers[staged.slot][: staged.compact.region.numel()]
+            unpack_piece(region, staged.compact, self.buffers[staged.slot])
 
     def _views(self, slot: int, gate_up_shape: torch.Size, down_shape: torch.Size) -> tuple[torch.Tensor, torch.Tensor]:
         """The slot's gate_up and down views for pieces of these shapes (pieces share a few shapes)."""

@@ -16,6 +16,8 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
+from engine.model.compact_weights import CompactPiece
+
 ACTIVATIONS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
     "silu": F.silu,
     "gelu": F.gelu,
@@ -38,6 +40,9 @@ class UnitSlice:
     kind: str | None = None  # "GG", "CG" or "CC" once partitioned (engine/placement/plan.py)
     # gate_up then down as one flat view when they are adjacent in one storage (one copy streams both)
     packed: torch.Tensor | None = field(default=None, repr=False)
+    # host pieces stored compact (engine/model/compact_weights.py); gate_up and down are then meta
+    # tensors that keep only the shapes
+    compact: CompactPiece | None = field(default=None, repr=False)
 
     def __post_init__(self) -> None:
         if self.packed is None:
@@ -49,11 +54,19 @@ class UnitSlice:
 
     @property
     def device(self) -> torch.device:
-        return self.gate_up.device
+        return self.compact.region.device if self.compact is not None else self.gate_up.device
 
     @property
     def num_bytes(self) -> int:
-        return self.gate_up.nbytes + self.down.nbytes
+        """Bytes read to use the piece (its compact region when compact)."""
+        return self.compact.num_bytes if self.compact is not None else self.gate_up.nbytes + self.down.nbytes
+
+    def store_compact(self, compact: CompactPiece) -> None:
+        """The piece is stored compact from now on (its bf16 memory was overwritten)."""
+        self.compact = compact
+        self.gate_up = torch.empty(self.gate_up.shape, dtype=self.gate_up.dtype, device="meta")
+        self.down = torch.empty(self.down.shape, dtype=self.down.dtype, device="meta")
+        self.packed = None
 
     def partial(self, x: torch.Tensor, act: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
         """x: [num_tokens, hidden] on this slice's device -> partial output [num_tokens, hidden]."""

@@ -119,12 +119,15 @@ class CostModel:
 
     def __init__(self, config: ModelConfig, profile: HardwareProfile, itemsize: int = 2,
                  host_chunk_rows: int | None = 1024,
-                 expert_popularity: tuple[tuple[float, ...], ...] | None = None) -> None:
+                 expert_popularity: tuple[tuple[float, ...], ...] | None = None,
+                 host_bytes_ratio: float = 1.0) -> None:
+        """host_bytes_ratio: bytes that host pieces move per bf16 byte (compact pieces: ~0.75)."""
         self.config = config
         self.profile = profile
         self.itemsize = itemsize
         self.host_chunk_rows = host_chunk_rows
         self.row_bytes = bytes_per_row(config, itemsize)
+        self.host_row_bytes = self.row_bytes * host_bytes_ratio  # what CPU and PCIe read of a host row
         self._popularity = _check_popularity(config, expert_popularity)
         # Without a GPU the engine's "device" is the CPU itself: copies at DRAM speed, CPU compute.
         self.cpu_table = profile.cpu_ffn
@@ -193,10 +196,11 @@ class CostModel:
             for begin, end, kind in split.ranges(self.host_chunk_rows):
                 if kind is PieceKind.GG:
                     continue
-                num_bytes = (end - begin) * self.row_bytes
+                num_bytes = (end - begin) * self.host_row_bytes
                 pieces.append(_HostPiece(active * num_bytes * cpu_spb,
                                          active * (num_bytes / self.pcie_bytes_s + latency),
-                                         active * num_bytes * gpu_spb, kind, active * num_bytes * cpu_shared_spb))
+                                         active * (end - begin) * self.row_bytes * gpu_spb, kind,
+                                         active * num_bytes * cpu_shared_spb))
         return pieces, gg_s
 
     def _serial_s(self, layer: int, splits: list[tuple[int, UnitSplit]], num_tokens: float, cpu_work: bool) -> float:
@@ -239,15 +243,15 @@ class CostModel:
         """The plan's own kinds, without building pieces (the planner calls this many times)."""
         cpu_s = cpu_shared_s = pcie_s = gpu_s = 0.0
         chunk = self.host_chunk_rows
-        row_bytes = self.row_bytes
+        row_bytes, host_row_bytes = self.row_bytes, self.host_row_bytes
         for unit, split in splits:
             active, _, cpu_spb, cpu_shared_spb, gpu_spb = self.unit_rates(layer, unit, num_tokens)
             if active <= 0:
                 continue
             num_cg_chunks = -(-split.cg // chunk) if chunk else int(split.cg > 0)
-            cpu_s += active * split.cc * row_bytes * cpu_spb
-            cpu_shared_s += active * split.cc * row_bytes * cpu_shared_spb
-            pcie_s += active * (split.cg * row_bytes / self.pcie_bytes_s + num_cg_chunks * self.pcie_latency_s)
+            cpu_s += active * split.cc * host_row_bytes * cpu_spb
+            cpu_shared_s += active * split.cc * host_row_bytes * cpu_shared_spb
+            pcie_s += active * (split.cg * host_row_bytes / self.pcie_bytes_s + num_cg_chunks * self.pcie_latency_s)
             gpu_s += active * (split.gg + split.cg) * row_bytes * gpu_spb
         has_cc = any(split.cc for _, split in splits)
         latency = self._cpu_latency_s(has_cc)
@@ -270,7 +274,7 @@ class CostModel:
                 cpu = max(self.profile.dram_read_bytes_s, self.cpu_table.bytes_s(tokens))
                 # a disturbed shared reading below one side alone bounds nothing: that side can run alone
                 together = min(cpu + pcie, max(shared, cpu, pcie))
-                floor_s += active * (s.cg + s.cc) * self.row_bytes / together
+                floor_s += active * (s.cg + s.cc) * self.host_row_bytes / together
             return floor_s
         pieces, _ = self._host_pieces(layer, splits, num_tokens, overheads=False)
         if self.profile.pcie_h2d_bytes_s is None:
@@ -438,7 +442,7 @@ def predict_plan(plan: PartitionPlan, config: ModelConfig, profile: HardwareProf
                  workload: WorkloadMix | None = None, token_assignment: bool | None = None) -> Prediction:
     """Predicted decode and prefill speed of `plan` (see `predict` for a PlanRequest)."""
     workload = workload or WorkloadMix()
-    model = CostModel(config, profile, itemsize, plan.host_chunk, workload.expert_popularity)
+    model = CostModel(config, profile, itemsize, plan.host_chunk, workload.expert_popularity, plan.host_bytes_ratio)
     decode_mode, prefill_mode = host_modes(plan, token_assignment)
     batch = workload.batch_size
     return Prediction(plan.policy, model.step_s(plan, batch, batch, decode_mode),

@@ -66,6 +66,8 @@ class PartitionPlan:
     splits: dict[UnitKey, UnitSplit] = field(default_factory=dict)
     dynamic: str | None = None
     host_chunk: int | None = None  # host (CG/CC) rows are cut into pieces of at most this many rows
+    # host bytes read per bf16 byte of host pieces (engine/model/compact_weights.py: < 1 when stored compact)
+    host_bytes_ratio: float = 1.0
 
     def split_of(self, layer: int, unit: int, size: int) -> UnitSplit:
         split = self.splits.get((layer, unit), UnitSplit(size, 0, 0))
@@ -88,13 +90,14 @@ class PartitionPlan:
     def to_json(self) -> str:
         units = [{"layer": k[0], "unit": k[1], **asdict(v)} for k, v in sorted(self.splits.items())]
         return json.dumps({"policy": self.policy, "dynamic": self.dynamic, "host_chunk": self.host_chunk,
-                           "units": units}, indent=1)
+                           "host_bytes_ratio": self.host_bytes_ratio, "units": units}, indent=1)
 
     @classmethod
     def from_json(cls, text: str) -> PartitionPlan:
         raw = json.loads(text)
         splits = {(u["layer"], u["unit"]): UnitSplit(u["gg"], u["cg"], u["cc"]) for u in raw["units"]}
-        return cls(raw.get("policy", "manual"), splits, raw.get("dynamic"), raw.get("host_chunk"))
+        return cls(raw.get("policy", "manual"), splits, raw.get("dynamic"), raw.get("host_chunk"),
+                   raw.get("host_bytes_ratio", 1.0))
 
     @classmethod
     def from_file(cls, path: str | Path) -> PartitionPlan:

@@ -44,7 +44,7 @@ from engine.placement.memory import (
     non_ffn_bytes,
 )
 from engine.placement.plan import PartitionPlan, UnitKey, UnitSplit
-from engine.placement.policies import PlanRequest, plan_memory
+from engine.placement.policies import PlanRequest, plan_memory, staging_slot_bytes
 
 ADAPTIVE_POLICY = "adaptive"
 TOKEN_ASSIGNMENT_RULE = "balance"  # the executor's per-step rule: plan's kinds in decode, re-assigned in prefill
@@ -69,17 +69,19 @@ def plan_partition(config: ModelConfig, profile: HardwareProfile, request: PlanR
     if budget is None or fixed + sum(size for _, _, size in units) * row_bytes <= budget:
         return PartitionPlan(ADAPTIVE_POLICY, everything, dynamic, chunk)
 
-    model = CostModel(config, profile, request.itemsize, chunk, workload.expert_popularity)
+    model = CostModel(config, profile, request.itemsize, chunk, workload.expert_popularity,
+                      request.host_bytes_ratio)
     can_stream = profile.pcie_h2d_bytes_s is not None
     widest = max(size for _, _, size in units)
-    ring_bytes = request.staging_slots * min(widest, chunk or widest) * row_bytes
+    ring_bytes = request.staging_slots * staging_slot_bytes(request, min(widest, chunk or widest))
     with_ring = can_stream or dynamic is not None
     resident = _fill_resident(model, units, (budget - fixed - (ring_bytes if with_ring else 0)) // row_bytes,
                               workload.batch_size)
     share = _best_share(model, units, resident, chunk, workload) if can_stream else 0.0
     if share == 0.0 and with_ring and dynamic is None:  # nothing streams: the ring's room is resident too
         resident = _fill_resident(model, units, (budget - fixed) // row_bytes, workload.batch_size)
-    return PartitionPlan(ADAPTIVE_POLICY, _host_split(units, resident, share, chunk), dynamic, chunk)
+    return PartitionPlan(ADAPTIVE_POLICY, _host_split(units, resident, share, chunk), dynamic, chunk,
+                         request.host_bytes_ratio)
 
 
 def make_adaptive_plan(request: PlanRequest, profile: HardwareProfile, workload: WorkloadMix | None = None,
@@ -116,14 +118,15 @@ def dispatch_rates(profile: HardwareProfile) -> dict[str, float]:
 def build_plan_request(config: ModelConfig, budget_bytes: int | None, itemsize: int = 2,
                        kv_cache_tokens: int = 16384, max_num_batched_tokens: int = 2048, max_num_seqs: int = 64,
                        staging_slots: int = 8, host_chunk_rows: int = 1024,
-                       decode_graphs: bool = True) -> PlanRequest:
+                       decode_graphs: bool = True, compact_host: bool = True) -> PlanRequest:
     """The PlanRequest the engine builds on a GPU for these settings (defaults: the engine's), without
-    weights."""
+    weights. `compact_host`: host pieces stored compact (bf16 only; the engine's default where its C++
+    kernels build)."""
     graph_tokens = min(MAX_GRAPH_TOKENS, max_num_seqs) if decode_graphs else 0
     activations = activation_bytes(config, itemsize, max_num_batched_tokens, max_num_seqs)
     activations += decode_graph_bytes(config, itemsize, graph_tokens, num_key_bounds(kv_cache_tokens))
     return PlanRequest(config, itemsize, budget_bytes, kv_cache_tokens * kv_bytes_per_token(config, itemsize),
-                       activations, staging_slots, host_chunk_rows)
+                       activations, staging_slots, host_chunk_rows, compact_host and itemsize == 2)
 
 
 # -- resident rows --------------------------------------------------------------------------------

@@ -15,8 +15,9 @@ over all units; they differ in what they do with the rest:
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
+from engine.model.compact_weights import COMPACT_BYTES_RATIO, max_region_bytes
 from engine.model.config import ModelConfig
 from engine.placement.memory import (
     GpuMemoryBreakdown,
@@ -40,6 +41,19 @@ class PlanRequest:
     activation_bytes: int
     staging_slots: int = 8
     host_chunk_rows: int = 1024
+    compact_host: bool = False  # host pieces stored compact (engine/model/compact_weights.py)
+
+    @property
+    def host_bytes_ratio(self) -> float:
+        return COMPACT_BYTES_RATIO if self.compact_host else 1.0
+
+
+def staging_slot_bytes(req: PlanRequest, slot_rows: int) -> int:
+    """GPU bytes of one staging slot of `slot_rows` rows: the bf16 rows the matmuls read, and with
+    compact host pieces the byte buffer their regions land in (engine/executor/staging.py)."""
+    row_bytes = bytes_per_row(req.config, req.itemsize)
+    compact = max_region_bytes(slot_rows * row_bytes // req.itemsize) if req.compact_host else 0
+    return slot_rows * row_bytes + compact
 
 
 def _align(size: int) -> int:
@@ -64,7 +78,7 @@ def plan_memory(req: PlanRequest, plan: PartitionPlan) -> GpuMemoryBreakdown:
     """What `plan` keeps on the GPU."""
     row_bytes = bytes_per_row(req.config, req.itemsize)
     resident = sum(s.gg for s in plan.splits.values()) * row_bytes
-    staging = req.staging_slots * staging_slot_rows(plan) * row_bytes
+    staging = req.staging_slots * staging_slot_bytes(req, staging_slot_rows(plan))
     return GpuMemoryBreakdown(non_ffn_bytes(req.config, req.itemsize), resident, staging,
                               req.kv_cache_bytes, req.activation_bytes)
 
@@ -77,7 +91,7 @@ def _max_resident_fraction(req: PlanRequest, streams: bool) -> float:
     total_ffn = sum(size for _, _, size in units) * row_bytes
     widest = max(size for _, _, size in units)
     slot_rows = min(widest, req.host_chunk_rows)
-    staging = req.staging_slots * slot_rows * row_bytes if streams else 0
+    staging = req.staging_slots * staging_slot_bytes(req, slot_rows) if streams else 0
     fixed = non_ffn_bytes(req.config, req.itemsize) + req.kv_cache_bytes + req.activation_bytes + staging
     return max(0.0, min(1.0, (req.budget_bytes - fixed) / total_ffn))
 
@@ -152,6 +166,8 @@ def make_plan(policy: str, req: PlanRequest) -> tuple[PartitionPlan, GpuMemoryBr
         plan = PartitionPlan(f"{name}:{spec or 'cg=0.45'}", _split_all(req, split), dynamic, chunk)
     else:
         raise ValueError(f"unknown policy {policy!r}; choose one of {', '.join(POLICIES)}")
+    if req.compact_host and plan.host_bytes_ratio == 1.0:
+        plan = replace(plan, host_bytes_ratio=req.host_bytes_ratio)
     breakdown = plan_memory(req, plan)
     if req.budget_bytes is not None:
         breakdown.check(req.budget_bytes)
@@ -178,4 +194,4 @@ def relabel(plan: PartitionPlan, policy: str) -> PartitionPlan:
         return UnitSplit(s.gg, cg, host - cg)
 
     dynamic = {"fiddler": "fiddler", "balanced": "balance"}.get(name)
-    return PartitionPlan(policy, {k: split(v) for k, v in plan.splits.items()}, dynamic, chunk)
+    return PartitionPlan(policy, {k: split(v) for k, v in plan.splits.items()}, dynamic, chunk, plan.host_bytes_ratio)

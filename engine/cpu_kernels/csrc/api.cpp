@@ -51,6 +51,8 @@ float* ThreadScratch::floats(size_t count) {
 
 namespace {
 
+constexpr int kDescFields = sizeof(JobDesc) / sizeof(int64_t);
+
 struct Item {
   int32_t job;
   int64_t begin, end;
@@ -59,6 +61,7 @@ struct Item {
 std::mutex g_call_mutex;  // one call at a time: the pool and the scratch are shared
 ThreadPool* g_pool = nullptr;  // leaked on exit on purpose (no join during interpreter teardown)
 std::vector<std::unique_ptr<ThreadScratch>> g_thread_scratch;
+std::vector<std::unique_ptr<ThreadScratch>> g_weight_scratch;  // compact jobs: an item's decoded rows
 char* g_scratch = nullptr;
 size_t g_scratch_bytes = 0;
 std::string g_error;
@@ -114,7 +117,11 @@ void ensure_pool(int num_threads) {
   delete g_pool;
   g_pool = new ThreadPool(num_threads);
   g_thread_scratch.clear();
-  for (int i = 0; i < num_threads; ++i) g_thread_scratch.emplace_back(new ThreadScratch());
+  g_weight_scratch.clear();
+  for (int i = 0; i < num_threads; ++i) {
+    g_thread_scratch.emplace_back(new ThreadScratch());
+    g_weight_scratch.emplace_back(new ThreadScratch());
+  }
 }
 
 char* scratch(size_t bytes) {
@@ -178,10 +185,12 @@ size_t plan_scratch(std::vector<Job>& jobs) {
   return offset;
 }
 
-// Returns the per-thread scratch (floats) that the largest item needs.
+// Returns the per-thread scratch (floats) that the largest item needs; weight_need: the floats
+// that the largest item of a compact job needs for its decoded weight rows.
 int64_t plan_items(const std::vector<Job>& jobs, int num_threads, std::vector<Item>& pack, std::vector<Item>& p1,
-                   std::vector<Item>& p2) {
+                   std::vector<Item>& p2, int64_t& weight_need) {
   int64_t scratch_need = 0;
+  weight_need = 0;
   // AMX items are heavy: shrink them until every thread gets about amx_items_per_thread per phase.
   const int64_t target_items = tuning().amx_items_per_thread * static_cast<int64_t>(num_threads);
   const int64_t num_jobs = static_cast<int64_t>(jobs.size());
@@ -204,11 +213,35 @@ int64_t plan_items(const std::vector<Job>& jobs, int num_threads, std::vector<It
       rows2 = rows2 >= 8 ? rows2 / 8 * 8 : rows2;
     }
     scratch_need = std::max(scratch_need, scratch_floats(j, rows1, rows2));
+    if (j.compact) weight_need = std::max(weight_need, std::max(2 * rows1 * j.H, rows2 * j.N) / 2 + 16);
     for (int64_t b = 0; b < pack_total; b += pack_rows) pack.push_back({i, b, std::min(pack_total, b + pack_rows)});
     for (int64_t b = 0; b < j.N; b += rows1) p1.push_back({i, b, std::min(j.N, b + rows1)});
     for (int64_t b = 0; b < j.H; b += rows2) p2.push_back({i, b, std::min(j.H, b + rows2)});
   }
   return scratch_need;
+}
+
+// A compact job as one work item's kernels read it: its rows decoded into `ws`. Phase 1: gate and
+// up rows [begin, end); phase 2: down rows [begin, end).
+Job decoded_item(const Job& j, int phase, const Item& it, ThreadScratch& ws) {
+  Job d = j;
+  const int64_t rows = it.end - it.begin;
+  if (phase == 1) {
+    bf16_t* buf = reinterpret_cast<bf16_t*>(ws.floats(rows * j.H + 16));
+    unpack_rows(j.compact_gu, j.H, it.begin, it.end, buf);
+    unpack_rows(j.compact_gu, j.H, j.N + it.begin, j.N + it.end, buf + rows * j.H);
+    d.gu = buf;
+    d.up = buf + rows * j.H;
+    d.gu_stride = j.H;
+    d.gu_row0 = it.begin;
+  } else {
+    bf16_t* buf = reinterpret_cast<bf16_t*>(ws.floats(rows * j.N / 2 + 16));
+    unpack_rows(j.compact_down, j.N, it.begin, it.end, buf);
+    d.down = buf;
+    d.down_stride = j.N;
+    d.down_row0 = it.begin;
+  }
+  return d;
 }
 
 // Each thread takes items from `next` until none is left.
@@ -229,8 +262,11 @@ void run_jobs(std::vector<Job>& jobs, int num_threads) {
     j.h = base + reinterpret_cast<size_t>(j.h);
   }
   std::vector<Item> pack, p1, p2;
-  int64_t scratch_need = plan_items(jobs, g_pool->size(), pack, p1, p2);
+  int64_t weight_need = 0;
+  int64_t scratch_need = plan_items(jobs, g_pool->size(), pack, p1, p2, weight_need);
   for (auto& ts : g_thread_scratch) ts->floats(scratch_need);  // allocate here: no throw in threads
+  if (weight_need > 0)
+    for (auto& ws : g_weight_scratch) ws->floats(weight_need);
   bool any_amx = std::any_of(jobs.begin(), jobs.end(), [](const Job& j) { return j.path == kPathAmx; });
   std::atomic<int64_t> next_pack{0}, next1{0}, next2{0};
   std::atomic<int> failures{0};
@@ -238,6 +274,7 @@ void run_jobs(std::vector<Job>& jobs, int num_threads) {
   int64_t marks[3] = {now_ns(), 0, 0};  // start, pack done, phase 1 done (written by tid 0)
   g_pool->run([&](int tid) {
     ThreadScratch& ts = *g_thread_scratch[tid];
+    ThreadScratch& ws = *g_weight_scratch[tid];
     try {
       if (any_amx) amx_configure_thread();
       if (!pack.empty()) {
@@ -250,7 +287,7 @@ void run_jobs(std::vector<Job>& jobs, int num_threads) {
       }
       if (tid == 0) marks[1] = now_ns();
       drain(p1, next1, [&](const Item& it) {
-        const Job& j = jobs[it.job];
+        const Job& j = jobs[it.job].compact ? decoded_item(jobs[it.job], 1, it, ws) : jobs[it.job];
         if (j.path == kPathAmx) amx_phase1(j, it.begin, it.end, ts);
         else if (j.path == kPathAvx512) avx512_phase1(j, it.begin, it.end, ts);
         else avx2_phase1(j, it.begin, it.end, ts);
@@ -258,7 +295,7 @@ void run_jobs(std::vector<Job>& jobs, int num_threads) {
       g_pool->barrier();
       if (tid == 0) marks[2] = now_ns();
       drain(p2, next2, [&](const Item& it) {
-        const Job& j = jobs[it.job];
+        const Job& j = jobs[it.job].compact ? decoded_item(jobs[it.job], 2, it, ws) : jobs[it.job];
         if (j.path == kPathAmx) amx_phase2(j, it.begin, it.end, ts);
         else if (j.path == kPathAvx512) avx512_phase2(j, it.begin, it.end, ts);
         else avx2_phase2(j, it.begin, it.end, ts);
@@ -276,13 +313,26 @@ void run_jobs(std::vector<Job>& jobs, int num_threads) {
   if (failures.load() != 0) throw std::runtime_error("out of memory in a kernel thread");
 }
 
-// descs: num_jobs x 10 int64 (JobDesc) -> the jobs to run (empty ones done here: their output is zero).
+CompactMatrix compact_matrix(int64_t low, int64_t stride, int64_t codes, int64_t base, int64_t row_ptr, int64_t cols,
+                           int64_t vals) {
+  CompactMatrix m;
+  m.low = reinterpret_cast<const uint8_t*>(low);
+  m.low_stride = stride;
+  m.codes = reinterpret_cast<const uint8_t*>(codes);
+  m.base = base;
+  m.exc_row_ptr = reinterpret_cast<const int32_t*>(row_ptr);
+  m.exc_cols = reinterpret_cast<const int32_t*>(cols);
+  m.exc_vals = reinterpret_cast<const bf16_t*>(vals);
+  return m;
+}
+
+// descs: num_jobs x kDescFields int64 (JobDesc) -> the jobs to run (empty ones done here: their output is zero).
 std::vector<Job> parse_jobs(const int64_t* descs, int num_jobs, int max_path) {
   int available = available_paths();
   std::vector<Job> jobs;
   for (int i = 0; i < num_jobs; ++i) {
     JobDesc d;
-    std::memcpy(&d, descs + 10 * i, sizeof(JobDesc));
+    std::memcpy(&d, descs + kDescFields * i, sizeof(JobDesc));
     if (d.num_tokens == 0 || d.hidden == 0) continue;
     float* out = reinterpret_cast<float*>(d.out);
     if (d.n == 0) {  // empty slice: the partial output is zero
@@ -298,6 +348,17 @@ std::vector<Job> parse_jobs(const int64_t* descs, int num_jobs, int max_path) {
     j.N = d.n;
     j.down = reinterpret_cast<const bf16_t*>(d.down);
     j.down_stride = d.down_stride;
+    j.up = j.gu + d.n * d.gate_up_stride;
+    j.gu_row0 = j.down_row0 = 0;
+    j.compact = d.gu_codes != 0;
+    if (j.compact) {
+      if (d.hidden % 32 != 0 || d.n % 32 != 0) throw std::runtime_error("compact weights need K % 32 == 0");
+      j.compact_gu = compact_matrix(d.gate_up, d.gate_up_stride, d.gu_codes, d.gu_base, d.gu_exc_row_ptr,
+                                  d.gu_exc_cols, d.gu_exc_vals);
+      j.compact_down = compact_matrix(d.down, d.down_stride, d.down_codes, d.down_base, d.down_exc_row_ptr,
+                                    d.down_exc_cols, d.down_exc_vals);
+      j.gu = j.up = j.down = nullptr;  // set per work item (decoded_item)
+    }
     j.out = out;
     j.out_stride = d.out_stride;
     j.path = choose_path(d, max_path, available);

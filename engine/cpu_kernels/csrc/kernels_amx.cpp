@@ -200,8 +200,8 @@ void amx_phase1(const Job& j, int64_t begin, int64_t end, ThreadScratch& scratch
   float* acc = scratch.floats(groups * 2 * ntile * 256 + 16 * tuning().amx_k_block);
   const bf16_t* tiles[kMaxTiles];
   for (int64_t g = 0; g < groups; ++g) {
-    tiles[2 * g] = j.gu + (begin + 16 * g) * j.gu_stride;           // gate rows
-    tiles[2 * g + 1] = j.gu + (j.N + begin + 16 * g) * j.gu_stride;  // the matching up rows
+    tiles[2 * g] = gate_row(j, begin + 16 * g);           // gate rows
+    tiles[2 * g + 1] = up_row(j, begin + 16 * g);  // the matching up rows
   }
   run_item_gemm({tiles, groups, j.gu_stride, j.H, static_cast<const uint32_t*>(j.xpack), ntile, acc,
                  reinterpret_cast<bf16_t*>(acc + groups * 2 * ntile * 256)});  // panel: 16 kb floats
@@ -231,7 +231,7 @@ void amx_phase2(const Job& j, int64_t begin, int64_t end, ThreadScratch& scratch
   const int64_t pairs = (end - begin) / 32, ntile = j.t_pad / 16;
   float* acc = scratch.floats(pairs * 2 * ntile * 256 + 16 * tuning().amx_k_block);
   const bf16_t* tiles[kMaxTiles];
-  for (int64_t i = 0; i < 2 * pairs; ++i) tiles[i] = j.down + (begin + 16 * i) * j.down_stride;
+  for (int64_t i = 0; i < 2 * pairs; ++i) tiles[i] = down_row(j, begin + 16 * i);
   run_item_gemm({tiles, pairs, j.down_stride, j.N, static_cast<const uint32_t*>(j.h), ntile, acc,
                  reinterpret_cast<bf16_t*>(acc + pairs * 2 * ntile * 256)});
   // Epilogue: tile [16 rows i][16 tokens t] -> out[t][i].

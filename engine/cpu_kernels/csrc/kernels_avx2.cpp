@@ -103,8 +103,8 @@ void avx2_phase1(const Job& j, int64_t begin, int64_t end, ThreadScratch& scratc
   float* u = g + rows * 8;
   float* h = static_cast<float*>(j.h);
   const float* xs = static_cast<const float*>(j.xpack);
-  const bf16_t* gate = j.gu + begin * j.gu_stride;
-  const bf16_t* up = j.gu + (j.N + begin) * j.gu_stride;
+  const bf16_t* gate = gate_row(j, begin);
+  const bf16_t* up = up_row(j, begin);
   for (int64_t t0 = 0; t0 < j.T; t0 += kMaxTokenBlock) {
     const int tb = static_cast<int>(j.T - t0 < kMaxTokenBlock ? j.T - t0 : kMaxTokenBlock);
     const float* x = xs + t0 * j.x_stride;
@@ -131,7 +131,7 @@ void avx2_phase1(const Job& j, int64_t begin, int64_t end, ThreadScratch& scratc
 
 void avx2_phase2(const Job& j, int64_t begin, int64_t end, ThreadScratch&) {
   const float* h = static_cast<const float*>(j.h);
-  const bf16_t* down = j.down + begin * j.down_stride;
+  const bf16_t* down = down_row(j, begin);
   for (int64_t t0 = 0; t0 < j.T; t0 += kMaxTokenBlock) {
     const int tb = static_cast<int>(j.T - t0 < kMaxTokenBlock ? j.T - t0 : kMaxTokenBlock);
     dot_rows(tb, down, j.down_stride, end - begin, h + t0 * j.h_stride, j.h_stride, j.N,

@@ -127,8 +127,8 @@ void avx512_phase1(const Job& j, int64_t begin, int64_t end, ThreadScratch& scra
   float* g = scratch.floats(2 * rows * kMaxTokenBlock);
   float* u = g + rows * kMaxTokenBlock;
   bf16_t* h = static_cast<bf16_t*>(j.h);
-  const bf16_t* gate = j.gu + begin * j.gu_stride;
-  const bf16_t* up = j.gu + (j.N + begin) * j.gu_stride;
+  const bf16_t* gate = gate_row(j, begin);
+  const bf16_t* up = up_row(j, begin);
   for (int64_t t0 = 0; t0 < j.T; t0 += kMaxTokenBlock) {
     const int tb = static_cast<int>(j.T - t0 < kMaxTokenBlock ? j.T - t0 : kMaxTokenBlock);
     const bf16_t* x = j.x + t0 * j.H;
@@ -140,7 +140,7 @@ void avx512_phase1(const Job& j, int64_t begin, int64_t end, ThreadScratch& scra
 
 void avx512_phase2(const Job& j, int64_t begin, int64_t end, ThreadScratch&) {
   const bf16_t* h = static_cast<const bf16_t*>(j.h);
-  const bf16_t* down = j.down + begin * j.down_stride;
+  const bf16_t* down = down_row(j, begin);
   for (int64_t t0 = 0; t0 < j.T; t0 += kMaxTokenBlock) {
     const int tb = static_cast<int>(j.T - t0 < kMaxTokenBlock ? j.T - t0 : kMaxTokenBlock);
     dot_rows(tb, down, j.down_stride, end - begin, h + t0 * j.h_stride, j.h_stride, j.N,

@@ -14,9 +14,31 @@ using bf16_t = uint16_t;
 
 enum Path : int { kPathNone = 0, kPathAvx2 = 1, kPathAvx512 = 2, kPathAmx = 3 };
 
-// One job as the Python side lays it out: 10 int64 fields (see engine/cpu_kernels/slice_job.py).
+// A matrix [rows][K] stored compact, its exponents coded (engine/model/compact_weights.py), lossless:
+// element (r, k) has low byte low[r * low_stride + k] = sign << 7 | mantissa and a 4-bit code, the
+// nibble (k % 32) / 16 of codes[r * low_stride / 2 + k / 32 * 16 + k % 16]; code c < 15 means exponent
+// base + c, code 15 an exception whose bf16 value is exc_vals[i] for the i in
+// [exc_row_ptr[r], exc_row_ptr[r + 1]) with exc_cols[i] == k. K is a multiple of 32.
+struct CompactMatrix {
+  const uint8_t* low = nullptr;
+  int64_t low_stride = 0;
+  const uint8_t* codes = nullptr;
+  int64_t base = 0;
+  const int32_t* exc_row_ptr = nullptr;
+  const int32_t* exc_cols = nullptr;
+  const bf16_t* exc_vals = nullptr;
+};
+
+// Rows [r0, r1) of a compact matrix with K columns, decoded into out[(r - r0) * K + k] (bit-exact).
+void unpack_rows(const CompactMatrix& m, int64_t K, int64_t r0, int64_t r1, bf16_t* out);
+
+// One job as the Python side lays it out: 20 int64 fields (see engine/cpu_kernels/slice_job.py).
+// gu_codes == 0: plain bf16 weights; else gate_up and down are the low bytes of compact matrices
+// (strides in bytes) and the gu_* / down_* fields the rest of them.
 struct JobDesc {
   int64_t x, num_tokens, hidden, gate_up, gate_up_stride, n, down, down_stride, out, out_stride;
+  int64_t gu_codes, gu_base, gu_exc_row_ptr, gu_exc_cols, gu_exc_vals;
+  int64_t down_codes, down_base, down_exc_row_ptr, down_exc_cols, down_exc_vals;
 };
 
 // One job with its path and scratch. Shapes: x [T, H] (row stride H), gate_up [2N, H] (row stride
@@ -24,11 +46,17 @@ struct JobDesc {
 struct Job {
   const bf16_t* x;
   int64_t T, H;
+  // Weight rows as the kernels read them: gate row r at gu + (r - gu_row0) * gu_stride, up row r at
+  // up + (r - gu_row0) * gu_stride, down row r at down + (r - down_row0) * down_stride. For compact
+  // weights the driver points them at one work item's rows, decoded into thread scratch.
   const bf16_t* gu;
-  int64_t gu_stride;
+  const bf16_t* up;
+  int64_t gu_stride, gu_row0;
   int64_t N;
   const bf16_t* down;
-  int64_t down_stride;
+  int64_t down_stride, down_row0;
+  bool compact;
+  CompactMatrix compact_gu, compact_down;  // when compact: gate_up [2N][H] and down [H][N]
   float* out;
   int64_t out_stride;
   int path;
@@ -41,6 +69,10 @@ struct Job {
   int64_t h_stride;
   int64_t t_pad;  // amx: T rounded up to 16
 };
+
+inline const bf16_t* gate_row(const Job& j, int64_t r) { return j.gu + (r - j.gu_row0) * j.gu_stride; }
+inline const bf16_t* up_row(const Job& j, int64_t r) { return j.up + (r - j.gu_row0) * j.gu_stride; }
+inline const bf16_t* down_row(const Job& j, int64_t r) { return j.down + (r - j.down_row0) * j.down_stride; }
 
 // Run-time knobs (set from Python for tuning; defaults are the tuned values).
 struct Tuning {
