@@ -129,11 +129,13 @@ def floors(llm: LLM, rates: dict[str, float], prompt_len: int) -> dict[str, floa
     config = llm.engine.model_config
     plan = llm.engine.partition.plan
     row = bytes_per_row(config, 2)
+    compaction = llm.engine.partition.compaction
+    read_row = row * (compaction.ratio if compaction is not None else 1.0)  # host bytes read per row
     host_rows = sum(s.cg + s.cc for s in plan.splits.values())
     num_units = len(plan.splits)
     moe = config.moe
     active_units = config.num_layers * (moe.num_experts_per_tok if moe else 1)
-    active_host_bytes = host_rows / num_units * active_units * row
+    active_host_bytes = host_rows / num_units * active_units * read_row
     if host_rows == 0:
         return {"decode_floor_tok_s": float("inf"), "prefill_floor_tok_s": float("inf"), "active_host_bytes_per_token": 0}
     decode_s = active_host_bytes / (rates["dram_read_bytes_s"] + rates["pcie_pinned_bytes_s"])
@@ -171,6 +173,8 @@ def main() -> None:
                         help="plan the model is built with (sets the resident share every policy shares)")
     parser.add_argument("--host-chunk-rows", type=int, default=1024,
                         help="rows of the host pieces the experts are cut into (what a decode move shifts)")
+    parser.add_argument("--no-compact", action="store_true",
+                        help="keep host pieces bf16 (default: stored compact, engine/model/compact_weights.py)")
     parser.add_argument("--out", default=None)
     args = parser.parse_args()
 
@@ -185,7 +189,8 @@ def main() -> None:
     longest = max(prompt_lens)  # every prompt prefilled in one step: host weights move once per prompt
     llm = LLM(args.model, device="cuda", random_weights=True, gpu_memory_budget=args.budget, policy=args.build_policy,
               kv_cache_tokens=max(4096, 2 * longest), max_num_seqs=8, max_prefill_chunk=longest,
-              max_num_batched_tokens=max(2048, longest), host_chunk_rows=args.host_chunk_rows, show_progress=False)
+              max_num_batched_tokens=max(2048, longest), host_chunk_rows=args.host_chunk_rows, show_progress=False,
+              compact_host_weights=not args.no_compact)
     build_s = time.perf_counter() - start
     partition = llm.engine.partition
     config = llm.engine.model_config
@@ -194,6 +199,7 @@ def main() -> None:
               "resident_fraction": partition.plan.rows_by_kind()["GG"] / sum(s.size for s in partition.plan.splits.values()),
               "prompt_lens": prompt_lens, "new_tokens": args.new_tokens, "rates": rates,
               "host_chunk_rows": args.host_chunk_rows,
+              "compact": partition.compaction.describe() if partition.compaction is not None else None,
               "floor": floors(llm, rates, prompt_lens[0]),
               "floor_by_prompt": {str(n): floors(llm, rates, n) for n in prompt_lens}, "policies": {}}
     generator = torch.Generator().manual_seed(0)

@@ -19,7 +19,8 @@ GREEDY = SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True)
 
 
 def _engine(path: Path, policy: str, compact_host_weights: bool, device: str = "cpu") -> LLM:
-    return LLM(str(path), device=device, dtype="bfloat16", show_progress=False, gpu_memory_budget="4MB",
+    budget = "4MB" if device == "cpu" else None  # a budget on CUDA caps the whole process's memory
+    return LLM(str(path), device=device, dtype="bfloat16", show_progress=False, gpu_memory_budget=budget,
                policy=policy, kv_cache_tokens=256, max_num_batched_tokens=64, max_num_seqs=4, host_chunk_rows=32,
                compact_host_weights=compact_host_weights)
 
