@@ -287,6 +287,8 @@ void run_jobs(std::vector<Job>& jobs, int num_threads) {
       }
       if (tid == 0) marks[1] = now_ns();
       drain(p1, next1, [&](const Item& it) {
+        if (jobs[it.job].compact && jobs[it.job].path == kPathAvx512)
+          return avx512_phase1_compact(jobs[it.job], it.begin, it.end, ts);
         const Job& j = jobs[it.job].compact ? decoded_item(jobs[it.job], 1, it, ws) : jobs[it.job];
         if (j.path == kPathAmx) amx_phase1(j, it.begin, it.end, ts);
         else if (j.path == kPathAvx512) avx512_phase1(j, it.begin, it.end, ts);
@@ -295,6 +297,8 @@ void run_jobs(std::vector<Job>& jobs, int num_threads) {
       g_pool->barrier();
       if (tid == 0) marks[2] = now_ns();
       drain(p2, next2, [&](const Item& it) {
+        if (jobs[it.job].compact && jobs[it.job].path == kPathAvx512)
+          return avx512_phase2_compact(jobs[it.job], it.begin, it.end, ts);
         const Job& j = jobs[it.job].compact ? decoded_item(jobs[it.job], 2, it, ws) : jobs[it.job];
         if (j.path == kPathAmx) amx_phase2(j, it.begin, it.end, ts);
         else if (j.path == kPathAvx512) avx512_phase2(j, it.begin, it.end, ts);

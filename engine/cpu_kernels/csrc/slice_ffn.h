@@ -130,6 +130,9 @@ void avx2_phase2(const Job& job, int64_t begin, int64_t end, ThreadScratch& scra
 bool avx512_compiled();
 void avx512_phase1(const Job& job, int64_t begin, int64_t end, ThreadScratch& scratch);
 void avx512_phase2(const Job& job, int64_t begin, int64_t end, ThreadScratch& scratch);
+// Compact jobs: weights decoded in registers as they stream (no scratch copy of the rows).
+void avx512_phase1_compact(const Job& job, int64_t begin, int64_t end, ThreadScratch& scratch);
+void avx512_phase2_compact(const Job& job, int64_t begin, int64_t end, ThreadScratch& scratch);
 
 bool amx_compiled();
 bool amx_request_permission();  // asks Linux for the AMX tile state; false if refused
