@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -88,17 +89,42 @@ def test_abort_frees_kv_at_once(engine: AsyncEngine, llm: LLMEngine) -> None:
     assert stats.num_free_blocks == stats.num_total_blocks and stats.num_running == 0
 
 
-def test_abort_delivers_final_abort_output(engine: AsyncEngine, llm: LLMEngine) -> None:
+class LockstepEngine(GatedEngine):
+    """Steps only as fast as the consumer reads: no race between a fast engine and the abort."""
+
+    def __init__(self, inner: Any) -> None:
+        super().__init__(inner)
+        self.permits = threading.Semaphore(1)
+
+    def step(self) -> Any:
+        if not self.gate.is_set():
+            self.permits.acquire()
+        return self.inner.step()
+
+
+def test_abort_delivers_final_abort_output(llm: LLMEngine) -> None:
+    lockstep = LockstepEngine(llm)
+    engine = AsyncEngine(lockstep, max_queue_size=8)  # type: ignore[arg-type]
+    engine.start()
+
     async def main() -> Any:
         last = None
         async for out in engine.generate("to-abort", prompt(llm), greedy(200)):
             last = out
             if len(out.token_ids) == 2:
                 engine.abort("to-abort")
+                lockstep.gate.set()  # free-running from here: the abort must still win
+            lockstep.permits.release()
         return last
 
-    last = asyncio.run(main())
+    try:
+        last = asyncio.run(main())
+    finally:
+        lockstep.gate.set()
+        lockstep.permits.release()
+        engine.shutdown()
     assert last.finished and last.finish_reason == "abort"
+    assert len(last.token_ids) < 200
 
 
 def test_queue_full_and_atomic_admission(llm: LLMEngine) -> None:
