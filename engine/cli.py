@@ -33,6 +33,9 @@ def generate(
     random_weights: bool = False,
     gpu_memory_budget: Annotated[str | None, typer.Option(help='GPU memory cap, e.g. "24GiB"')] = None,
     policy: Annotated[str, typer.Option(help="auto, adaptive, gpu, cpu-experts, stream, fiddler, balanced:cg=F, manual:cg=F, manual:PLAN.json")] = "auto",
+    compact_host_weights: Annotated[bool | None, typer.Option(
+        help="Store host weight pieces compact (lossless, 3/4 of the bytes; default: on with AVX512/AMX kernels)",
+        show_default=False)] = None,
     trace: Annotated[str | None, typer.Option(help="Write a Chrome trace of CPU/PCIe/GPU activity to this file")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object per prompt")] = False,
 ) -> None:
@@ -47,7 +50,8 @@ def generate(
         params = SamplingParams(max_tokens=max_tokens, temperature=temperature, top_p=top_p, top_k=top_k,
                                 seed=seed)
         llm = LLM(model, device=device, dtype=dtype, random_weights=random_weights,
-                  gpu_memory_budget=gpu_memory_budget, policy=policy, trace=trace is not None)
+                  gpu_memory_budget=gpu_memory_budget, policy=policy, compact_host_weights=compact_host_weights,
+                  trace=trace is not None)
         start_s = time.perf_counter()
         if prompt_token_ids is not None:
             ids = [int(t) for t in prompt_token_ids.split(",") if t.strip()]
@@ -92,6 +96,9 @@ def serve(
     gpu_memory_budget: Annotated[str | None, typer.Option(help='GPU memory cap, e.g. "24GiB"')] = None,
     policy: Annotated[str | None, typer.Option(help="partition policy (see `scheinfer generate --help`)")] = None,
     random_weights: Annotated[bool | None, typer.Option(help="random weights for a model name")] = None,
+    compact_host_weights: Annotated[bool | None, typer.Option(
+        help="Store host weight pieces compact (lossless, 3/4 of the bytes; default: on with AVX512/AMX kernels)",
+        show_default=False)] = None,
 ) -> None:
     """Serve the OpenAI-compatible HTTP API."""
     try:
@@ -102,7 +109,8 @@ def serve(
         raise typer.Exit(2) from e
     overrides = {k: v for k, v in {"model": model, "host": host, "port": port, "device": device,
                                    "dtype": dtype, "api_key": api_key, "gpu_memory_budget": gpu_memory_budget,
-                                   "policy": policy, "random_weights": random_weights}.items() if v is not None}
+                                   "policy": policy, "random_weights": random_weights,
+                                   "compact_host_weights": compact_host_weights}.items() if v is not None}
     run_server(load_settings(config, **overrides))
 
 

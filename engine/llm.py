@@ -42,7 +42,7 @@ class LLM:
         staging_slots: int = 8,
         host_chunk_rows: int = 1024,
         profile_path: str | None = None,
-        compact_host_weights: bool = True,
+        compact_host_weights: bool | None = None,
         trace: bool = False,
         show_progress: bool = True,
         **engine_options: object,
@@ -50,10 +50,11 @@ class LLM:
         """`gpu_memory_budget` (e.g. "24GiB") caps what the engine allocates on the GPU; the FFN
         weights that do not fit are partitioned over CPU, PCIe and GPU by `policy` (see
         engine/placement/policies.py, or pass a PartitionPlan). `compact_host_weights`: bf16 host pieces
-        are stored compact (lossless, a quarter fewer bytes to read; engine/model/compact_weights.py)."""
+        are stored compact (lossless, a quarter fewer bytes to read; engine/model/compact_weights.py);
+        None: when the CPU kernels decode them in registers (AVX512/AMX), True: whenever they can."""
         scheduler = SchedulerConfig(max_num_seqs, max_num_batched_tokens, max_prefill_chunk)
         partition = PartitionOptions(policy, gpu_memory_budget, cpu_threads, staging_slots, host_chunk_rows,
-                                     profile_path, compact_host_weights)
+                                     profile_path=profile_path, compact_host_weights=compact_host_weights)
         config = EngineConfig(model=model, device=device, dtype=dtype, random_weights=random_weights,
                               seed=seed, max_model_len=max_model_len, block_size=block_size,
                               kv_cache_tokens=kv_cache_tokens, scheduler=scheduler, partition=partition,

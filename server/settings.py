@@ -41,6 +41,9 @@ class ServerSettings(BaseSettings):
     gpu_memory_budget: str | None = Field(None, description='GPU memory the engine may use, e.g. "24GiB"')
     policy: str = Field("auto", description="partition policy: auto, gpu, cpu-experts, stream, fiddler, manual:...")
     cpu_threads: int | None = Field(None, ge=1, description="threads computing CC pieces (default: cores - 1)")
+    compact_host_weights: bool | None = Field(
+        None, description="store host weight pieces compact (lossless, 3/4 of the bytes); default: when the "
+                          "CPU kernels decode them in registers (AVX512/AMX)")
     max_model_len: int | None = Field(None, ge=1, description="context length (default: the model's)")
     kv_cache_tokens: int | None = Field(None, ge=1, description="KV cache size in tokens (default: the engine's)")
     api_key: SecretStr | None = Field(None, description="when set, /v1/* require `Authorization: Bearer <key>`")

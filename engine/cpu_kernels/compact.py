@@ -22,6 +22,16 @@ def available() -> bool:
     return runner.native_library() is not None
 
 
+REGISTER_DECODE_PATHS = ("avx512_bf16", "amx")
+
+
+def decodes_in_registers() -> bool:
+    """True when the kernel path in force decodes compact rows in registers as it streams them
+    (AVX512 and AMX); the AVX2 path decodes them into a scratch copy first, which makes CC pieces
+    several times slower than reading bf16."""
+    return available() and runner.active_path() in REGISTER_DECODE_PATHS
+
+
 def _lib() -> ctypes.CDLL:
     built = runner.native_library()
     if built is None:

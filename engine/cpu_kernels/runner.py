@@ -130,6 +130,11 @@ def _active(requested: str) -> tuple[str, int, str]:
     return best, PATHS.index(best) + 1, why
 
 
+def active_path() -> str:
+    """The top kernel path in force: torch, avx2, avx512_bf16 or amx."""
+    return _cached_active()[0]
+
+
 def _why_missing(path: str) -> str:
     flags = cpu_info().missing(path)
     if flags:

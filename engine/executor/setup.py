@@ -128,7 +128,9 @@ class PartitionOptions:
     staging_slots: int = 8
     host_chunk_rows: int = 1024
     profile_path: str | None = None  # hardware profile for the adaptive planner (default: this machine's)
-    compact_host_weights: bool = True  # host pieces stored compact (lossless, 3/4 of the bytes; needs the C++ kernels)
+    # host pieces stored compact (lossless, 3/4 of the bytes): None = when the CPU kernels decode them
+    # in registers (AVX512/AMX), True = whenever the C++ kernels are built, False = never
+    compact_host_weights: bool | None = None
 
     @property
     def partitioned(self) -> bool:
@@ -145,7 +147,7 @@ def build_partitioned(model: str, model_config: ModelConfig, device: str, dtype:
     budget = parse_bytes(options.gpu_memory_budget) if options.gpu_memory_budget is not None else None
     activations = activation_bytes(model_config, itemsize, max_num_tokens, max_num_seqs)
     activations += decode_graph_bytes(model_config, itemsize, graph_tokens, num_key_bounds(kv_cache_tokens))
-    compact_host = options.compact_host_weights and dtype == torch.bfloat16 and _compact_available()
+    compact_host = _use_compact_host(options.compact_host_weights, dtype)
     request = PlanRequest(model_config, itemsize, budget, kv_cache_tokens * kv_bytes_per_token(model_config, itemsize),
                           activations, options.staging_slots, options.host_chunk_rows, compact_host)
     rates: DispatchRates | None = None  # token assignment's rates; measured ones with the adaptive planner
@@ -192,10 +194,25 @@ def build_partitioned(model: str, model_config: ModelConfig, device: str, dtype:
     return decoder, Partition(plan, memory, budget, request, store, executor, profile, compaction)
 
 
-def _compact_available() -> bool:
-    from engine.cpu_kernels.compact import available
+def _use_compact_host(requested: bool | None, dtype: torch.dtype) -> bool:
+    """Whether host pieces are stored compact, logging why not when it was not explicitly refused."""
+    if requested is False:
+        return False
+    if dtype != torch.bfloat16:
+        reason = f"weights are {dtype}, compact storage is for bf16"
+    else:
+        from engine.cpu_kernels.compact import available, decodes_in_registers
 
-    return available()
+        if not available():
+            reason = "the C++ cpu kernels are not available"
+        elif requested is None and not decodes_in_registers():
+            reason = ("this CPU's kernel path decodes them into a scratch copy, slower than reading bf16 "
+                      "(force with compact_host_weights=True)")
+        else:
+            return True
+    log = logger.warning if requested else logger.info
+    log("host pieces stay bf16: %s", reason)
+    return False
 
 
 def _expandable_segments() -> None:

@@ -66,3 +66,17 @@ def test_cuda_compact_host_pieces_keep_every_bit(checkpoint: Path) -> None:
     assert torch.equal(packed.engine.prompt_logits(PROMPTS[0]), plain.engine.prompt_logits(PROMPTS[0]))
     got = [o.token_ids for o in packed.generate(prompt_token_ids=PROMPTS, params=GREEDY)]
     assert got == [o.token_ids for o in plain.generate(prompt_token_ids=PROMPTS, params=GREEDY)]
+
+
+def test_default_is_compact_only_where_kernels_decode_in_registers(checkpoint: Path,
+                                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("SCHEINFER_CPU_KERNEL", "avx2")  # the path that decodes into a scratch copy
+    assert not compact.decodes_in_registers()
+    assert _engine(checkpoint, "manual:gg=0.5,cg=0.25", compact_host_weights=None).engine.partition.compaction is None
+    forced = _engine(checkpoint, "manual:gg=0.5,cg=0.25", compact_host_weights=True).engine.partition.compaction
+    assert forced is not None and forced.pieces > 0
+    monkeypatch.setenv("SCHEINFER_CPU_KERNEL", "auto")
+    register_decode = compact.runner.active_path() in ("avx512_bf16", "amx")
+    assert compact.decodes_in_registers() == register_decode
+    auto = _engine(checkpoint, "manual:gg=0.5,cg=0.25", compact_host_weights=None).engine.partition.compaction
+    assert (auto is not None) == register_decode
