@@ -29,6 +29,7 @@ import torch
 import torch.nn.functional as F
 
 from engine import LLM, SamplingParams
+from engine.executor.lookahead import LOOKAHEAD_PIECES
 from engine.executor.timeline import TraceRecorder
 from engine.placement.memory import bytes_per_row
 
@@ -94,6 +95,7 @@ def run_policy(llm: LLM, prompts: list[list[int]], new_tokens: int, traced_token
     warm = SamplingParams(max_tokens=4, temperature=0.0, ignore_eos=True)
     llm.generate(prompt_token_ids=[prompts[0][:32]], params=warm)
     by_prompt = {}
+    engine.runner.executor.lookahead_stats.reset()
     for prompt in prompts:
         prefill_s, decode_s = _timed_generation(engine, prompt, new_tokens)
         decode = statistics.median(decode_s[1:] or decode_s)  # the first decode step warms the decode path
@@ -110,7 +112,9 @@ def run_policy(llm: LLM, prompts: list[list[int]], new_tokens: int, traced_token
             "by_prompt": by_prompt, "cg_share": _cg_share(llm),
             "decode_cpu_busy": trace["cpu_busy"], "decode_pcie_busy": trace["pcie_busy"],
             "decode_gpu_busy": trace["gpu_busy"], "decode_overlap": trace["overlap"],
-            "decode_feedback": engine.runner.executor.feedback.summary()}
+            "decode_feedback": engine.runner.executor.feedback.summary(),
+            "lookahead": {**engine.runner.executor.lookahead_stats.summary(),
+                          "pieces": engine.runner.executor.lookahead_pieces}}
 
 
 def _cg_share(llm: LLM) -> float:
@@ -168,7 +172,8 @@ def main() -> None:
                         help="'adaptive' re-applies the build plan when --build-policy is adaptive; "
                              "'adaptive@torch' (or another kernel path) re-profiles the CPU on that path and re-plans; "
                              "a '#N' suffix runs the CPU kernels with N threads; a '~eager' suffix decodes "
-                             "without the per-layer CUDA graphs")
+                             "without the per-layer CUDA graphs; a last '^N' suffix copies N pieces of the "
+                             "next layer's likely experts ahead (0: no look-ahead)")
     parser.add_argument("--build-policy", default="manual:cg=0",
                         help="plan the model is built with (sets the resident share every policy shares)")
     parser.add_argument("--host-chunk-rows", type=int, default=1024,
@@ -217,9 +222,12 @@ def main() -> None:
     user_threads = os.environ.get("SCHEINFER_CPU_THREADS")
     graphs = llm.engine.runner.model.decode_graphs
     for policy in args.policies.split(","):
+        # adaptive^0: N pieces of the next layer's likely experts copied ahead (engine/executor/lookahead.py)
+        core, _, lookahead = policy.partition("^")
+        llm.engine.runner.executor.lookahead_pieces = int(lookahead) if lookahead else LOOKAHEAD_PIECES
         # adaptive~eager: decode without the per-layer CUDA graphs (engine/model/decode_graphs.py)
-        llm.engine.runner.model.decode_graphs = None if policy.endswith("~eager") else graphs
-        spec, _, threads = policy.removesuffix("~eager").partition("#")  # stream#12: the CPU kernels' pool at 12 threads
+        llm.engine.runner.model.decode_graphs = None if core.endswith("~eager") else graphs
+        spec, _, threads = core.removesuffix("~eager").partition("#")  # stream#12: the CPU kernels' pool at 12 threads
         base, _, kernel_path = spec.partition("@")  # adaptive@torch: re-profiled and re-planned on that path
         os.environ["SCHEINFER_CPU_KERNEL"] = kernel_path or "auto"
         _set_env("SCHEINFER_CPU_THREADS", threads or user_threads)

@@ -26,9 +26,10 @@ REGISTER_DECODE_PATHS = ("avx512_bf16", "amx")
 
 
 def decodes_in_registers() -> bool:
-    """True when the kernel path in force decodes compact rows in registers as it streams them
-    (AVX512 and AMX); the AVX2 path decodes them into a scratch copy first, which makes CC pieces
-    several times slower than reading bf16."""
+    """True when decode-sized jobs (1-3 tokens) decode compact rows in registers as they stream
+    them: the AVX512-BF16 path, which an AMX CPU also runs for such jobs (AMX itself, for larger
+    blocks, decodes each item's rows into a scratch copy, as AVX2 does for every job, which makes
+    AVX2's CC pieces slower than reading bf16)."""
     return available() and runner.active_path() in REGISTER_DECODE_PATHS
 
 

@@ -25,6 +25,7 @@ from engine.executor.accelerator import Accelerator, now_s
 from engine.executor.cpu_batches import MAX_KEPT_ROWS, DecodeCpuBuffers
 from engine.executor.cpu_pool import CpuBatch, CpuJob, CpuPool, CpuResult
 from engine.executor.decode_feedback import DecodeFeedback, DecodeMeter
+from engine.executor.lookahead import LOOKAHEAD_PIECES, LookaheadStats, likely_pieces
 from engine.executor.staging import StagedSlice, StagingRing
 from engine.executor.timeline import BusyMeter, StepTimeline, host_mark
 from engine.executor.token_assignment import DispatchRates, assign
@@ -54,6 +55,9 @@ class _Streaming:
     queue: deque[tuple[int, UnitSlice]]
     pending: deque[tuple[int, UnitSlice]]
     staged: deque[StagedSlice]
+    # prefetched slots released unused among the ring's slots in use: the ring hands out slots in
+    # turn, so each hole keeps one slot of the layer's window from being filled
+    holes: int = 0
 
 
 class PartitionedExecutor:
@@ -75,7 +79,11 @@ class PartitionedExecutor:
         self.use_feedback = True  # False: decode keeps the plan's kinds (A/B in benchmarks)
         self._meter = DecodeMeter(accelerator, self.feedback)
         self._cpu_buffers = DecodeCpuBuffers(accelerator)
-        self._prefetched: deque[tuple[UnitSlice, StagedSlice]] = deque()
+        self._prefetched: deque[tuple[UnitSlice, StagedSlice, bool]] = deque()  # (piece, slot, a guess)
+        # streamed pieces of the next layer's likely experts copied ahead, at most this many a layer
+        # (they fill the copy stream while the next layer's attention and routing run; 0: off)
+        self.lookahead_pieces = LOOKAHEAD_PIECES
+        self.lookahead_stats = LookaheadStats()
 
     def apply_plan(self, plan: PartitionPlan) -> None:
         """Re-labels the host pieces (CG <-> CC) and the dynamic rule for `plan` without moving any
@@ -100,11 +108,14 @@ class PartitionedExecutor:
     # -- one layer ---------------------------------------------------------------------------
 
     def __call__(self, layer: int, items: list[tuple[FFNUnit, torch.Tensor]],
-                 host_x: list[torch.Tensor] | None = None, into: torch.Tensor | None = None) -> list[torch.Tensor] | None:
+                 host_x: list[torch.Tensor] | None = None, into: torch.Tensor | None = None,
+                 lookahead: list[int] | None = None) -> list[torch.Tensor] | None:
         """Each item's output; `host_x`: the items' activations already on the host (decode steps
         copy them there with the routing), which the CPU's pieces then take without a copy.
         `into`: fp32 zeros [all items' rows, hidden] to sum the outputs in, left there unrounded
-        (None is returned): a decode graph rounds and combines them."""
+        (None is returned): a decode graph rounds and combines them. `lookahead`: the next layer's
+        likely experts, whose first streamed pieces are copied ahead (a guess: a wrong one costs a
+        copy, never a result)."""
         acc = self.accelerator
         entered_s = now_s()
         # one fp32 accumulator for all items (rows of item i at offsets[i]); views per item
@@ -156,7 +167,7 @@ class PartitionedExecutor:
             self.timeline.gpu_interval("gpu", start, end, f"layer {layer} FFN")
         # before waiting for the CPU (this thread has time then): the next layer's prefetches and
         # the end of this layer's copies for the busy meter
-        self._prefetch_next(layer)
+        self._prefetch_next(layer, lookahead)
         if self.ring is not None:
             self.ring.end_burst()
         if cpu_future is not None:
@@ -243,12 +254,21 @@ class PartitionedExecutor:
             return state
         if self.ring is None:
             raise RuntimeError("the plan streams pieces but the executor has no staging ring")
-        order = [id(piece) for piece, _ in self._prefetched]  # prefetched pieces are consumed first
-        streamed = sorted(streamed, key=lambda t: order.index(id(t[1])) if id(t[1]) in order else len(order))
-        state.queue.extend(streamed)
-        while state.queue and self._prefetched and self._prefetched[0][0] is state.queue[0][1]:
-            state.staged.append(self._prefetched.popleft()[1])
-            state.pending.append(state.queue.popleft())
+        # prefetched pieces this layer streams are consumed first, in the order they were copied;
+        # the others (a wrong guess, a plan change) are released
+        wanted = {id(piece): (i, piece) for i, piece in streamed}
+        while self._prefetched:
+            piece, slot, guessed = self._prefetched.popleft()
+            entry = wanted.pop(id(piece), None)
+            if entry is None:
+                assert self.ring is not None
+                self.ring.release(slot)
+                state.holes += 1
+                continue
+            state.staged.append(slot)
+            state.pending.append(entry)
+            self.lookahead_stats.used += guessed
+        state.queue.extend(t for t in streamed if id(t[1]) in wanted)
         self._drop_prefetched()
         self._fill_ring(state, max_copies)
         return state
@@ -257,7 +277,8 @@ class PartitionedExecutor:
         """Enqueues copies until the ring is full (or `max_copies` are in flight)."""
         if self.ring is None:
             return
-        limit = self.ring.num_slots if max_copies is None else min(max_copies, self.ring.num_slots)
+        limit = self.ring.num_slots - state.holes
+        limit = limit if max_copies is None else min(max_copies, limit)
         while state.queue and len(state.staged) < limit:
             self._stage_next(state)
 
@@ -289,14 +310,18 @@ class PartitionedExecutor:
             assert self.ring is not None
             self.ring.release(self._prefetched.popleft()[1])
 
-    def _prefetch_next(self, layer: int) -> None:
-        """Streams ahead the CG pieces of the next layer that every token needs."""
+    def _prefetch_next(self, layer: int, lookahead: list[int] | None = None) -> None:
+        """Streams ahead the CG pieces of the next layer that every token needs, then the first CG
+        pieces of its likely experts (`lookahead`, up to `lookahead_pieces`)."""
         if self.ring is None or layer + 1 >= len(self.model.layers):
             return
         ffn = self.model.layers[layer + 1].ffn
         unit = ffn if isinstance(ffn, FFNUnit) else (ffn.shared_expert if isinstance(ffn, MoEBlock) else None)
-        if unit is None:
-            return
-        for piece in unit.slices:
-            if piece.kind == PieceKind.CG and len(self._prefetched) < self.ring.num_slots:
-                self._prefetched.append((piece, self.ring.stage(piece, self.timeline)))
+        pieces = [(piece, False) for piece in unit.slices if piece.kind == PieceKind.CG] if unit is not None else []
+        if isinstance(ffn, MoEBlock) and lookahead and self.lookahead_pieces > 0:
+            pieces += [(piece, True) for piece in likely_pieces(ffn, lookahead, self.lookahead_pieces)]
+        for piece, guessed in pieces:
+            if len(self._prefetched) >= self.ring.num_slots:
+                break
+            self._prefetched.append((piece, self.ring.stage(piece, self.timeline), guessed))
+            self.lookahead_stats.staged += guessed

@@ -76,18 +76,25 @@ class HostMirror:
     ids: torch.Tensor  # [n, top_k] int64
     x: torch.Tensor  # [n, hidden]
     ready: torch.cuda.Event
+    next_ids: torch.Tensor  # [n, top_k] int64: the next layer's likely experts
 
     @classmethod
     def allocate(cls, num_tokens: int, top_k: int, hidden: int, dtype: torch.dtype) -> HostMirror:
         return cls(torch.empty((num_tokens, top_k), dtype=torch.int64, pin_memory=True),
-                   torch.empty((num_tokens, hidden), dtype=dtype, pin_memory=True), torch.cuda.Event())
+                   torch.empty((num_tokens, hidden), dtype=dtype, pin_memory=True), torch.cuda.Event(),
+                   torch.empty((num_tokens, top_k), dtype=torch.int64, pin_memory=True))
 
-    def copy(self, routing: Routing, h: torch.Tensor) -> Routing:
-        """`routing` with its ids and `h` on their way to the host (read them after `ready`)."""
+    def copy(self, routing: Routing, h: torch.Tensor, next_ids: torch.Tensor | None) -> Routing:
+        """`routing` with its ids, `h` and the next layer's likely experts on their way to the host
+        (read them after `ready`)."""
         self.ids.copy_(routing.expert_ids, non_blocking=True)
         self.x.copy_(h, non_blocking=True)
+        host_next = None
+        if next_ids is not None and next_ids.shape == self.next_ids.shape:
+            host_next = self.next_ids
+            host_next.copy_(next_ids, non_blocking=True)
         self.ready.record()
-        return Routing(routing.expert_ids, routing.weights, HostRouting(self.ids, self.x, self.ready))
+        return Routing(routing.expert_ids, routing.weights, HostRouting(self.ids, self.x, self.ready, host_next))
 
 
 @dataclass
@@ -99,6 +106,7 @@ class LayerOutputs:
     v: torch.Tensor | None = None
     h: torch.Tensor | None = None
     routing: Routing | None = None
+    next_ids: torch.Tensor | None = None  # the next layer's likely experts (MoEBlock.likely_experts)
 
 
 class Segments:
@@ -113,6 +121,7 @@ class Segments:
         self.outputs = [LayerOutputs() for _ in model.layers]
         moe = [layer.ffn for layer in model.layers if isinstance(layer.ffn, MoEBlock)]
         self.host: HostMirror | None = None  # only where there is a GPU: on the CPU h is on the host
+        self.lookahead = model.unit_executor is not None  # guess the next layer's experts (streaming)
         n, hidden = buffers.residual.shape
         if moe and buffers.residual.device.type == "cuda":
             self.host = HostMirror.allocate(n, moe[0].config.num_experts_per_tok, hidden, buffers.residual.dtype)
@@ -147,8 +156,9 @@ class Segments:
         if out.routing is None or out.h is None:
             return out.routing
         if self.host is None:  # CPU: nothing to copy
-            return Routing(out.routing.expert_ids, out.routing.weights, HostRouting(out.routing.expert_ids, out.h, None))
-        return self.host.copy(out.routing, out.h)
+            return Routing(out.routing.expert_ids, out.routing.weights,
+                           HostRouting(out.routing.expert_ids, out.h, None, out.next_ids))
+        return self.host.copy(out.routing, out.h, out.next_ids)
 
     def pre(self, i: int) -> None:
         model, b = self.model, self.buffers
@@ -181,8 +191,14 @@ class Segments:
         layer = self.model.layers[i]
         b.residual.add_(F.linear(b.attended, layer.attn.o, layer.attn.o_bias))
         h = layer.post_attention_norm(b.residual)
-        self.outputs[i].h = h
-        self.outputs[i].routing = _in_id_order(layer.ffn.route(h)) if isinstance(layer.ffn, MoEBlock) else None
+        out = self.outputs[i]
+        out.h = h
+        out.routing = _in_id_order(layer.ffn.route(h)) if isinstance(layer.ffn, MoEBlock) else None
+        following = self.model.layers[i + 1] if i + 1 < len(self.model.layers) else None
+        out.next_ids = None
+        if (self.lookahead and out.routing is not None and following is not None
+                and isinstance(following.ffn, MoEBlock)):
+            out.next_ids = following.ffn.likely_experts(b.residual, following.post_attention_norm)
 
 
 def _unit_rows(ffn, num_tokens: int) -> int | None:

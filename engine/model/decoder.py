@@ -30,10 +30,11 @@ FFN = FFNUnit | MoEBlock
 
 class UnitExecutor(Protocol):
     def __call__(self, layer: int, items: list[tuple[FFNUnit, torch.Tensor]], host_x: list[torch.Tensor] | None = None,
-                 into: torch.Tensor | None = None) -> list[torch.Tensor] | None:
+                 into: torch.Tensor | None = None, lookahead: list[int] | None = None) -> list[torch.Tensor] | None:
         """(layer index, [(unit, its tokens' activations)], the same activations on the host or None)
         -> each unit's output; with `into` (fp32 zeros, one row per item row) the outputs are summed
-        there unrounded and None is returned."""
+        there unrounded and None is returned. `lookahead`: the next layer's likely experts (a guess
+        an executor may stream early; it never changes results)."""
 
 
 @dataclass
@@ -78,7 +79,7 @@ class DecoderModel:
 
         def run_units(items: list[tuple[FFNUnit, torch.Tensor]], host_x: list[torch.Tensor] | None = None,
                       ) -> list[torch.Tensor]:
-            results = executor(layer_idx, items, host_x)
+            results = executor(layer_idx, items, host_x, lookahead=_lookahead(routing))
             assert results is not None
             return results
 
@@ -98,7 +99,8 @@ class DecoderModel:
         else:
             items, host_x = [(ffn, h)], None
         if self.unit_executor is not None:
-            self.unit_executor(layer_idx, items, host_x, into=sums)
+            self.unit_executor(layer_idx, items, host_x, into=sums,
+                               lookahead=_lookahead(routing) if isinstance(ffn, MoEBlock) else None)
             return
         row = 0
         for unit, x in items:
@@ -135,3 +137,8 @@ class DecoderModel:
             h = layer.post_attention_norm(x)
             x = x + self.run_ffn(i, layer.ffn, h)
         return x
+
+
+def _lookahead(routing: Routing | None) -> list[int] | None:
+    """The next layer's likely experts that came with a host routing (read after its ids were)."""
+    return routing.host.lookahead() if routing is not None and routing.host is not None else None

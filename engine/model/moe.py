@@ -25,6 +25,15 @@ class HostRouting:
     expert_ids: torch.Tensor  # [num_tokens, top_k] int64, host
     x: torch.Tensor  # [num_tokens, hidden], host: the activations the experts take
     ready: torch.cuda.Event | None  # recorded after both copies (None: no copy, already there)
+    # the next layer's likely experts per token [num_tokens, top_k] (a guess that only moves copies
+    # earlier: MoEBlock.likely_experts), or None
+    next_expert_ids: torch.Tensor | None = None
+
+    def lookahead(self) -> list[int] | None:
+        """The next layer's likely experts, most tokens' first picks first (read after `ready`)."""
+        if self.next_expert_ids is None:
+            return None
+        return list(dict.fromkeys(self.next_expert_ids.t().flatten().tolist()))
 
 
 @dataclass(frozen=True)
@@ -137,6 +146,14 @@ class MoEBlock:
             return sparsemixer(logits, self.config.router_jitter_eps)
         keep_fp32 = self.shared_expert is None  # Mixtral keeps fp32 weights; Qwen2-MoE casts back
         return softmax_topk(logits, self.config.num_experts_per_tok, self.config.norm_topk_prob, keep_fp32)
+
+    def likely_experts(self, h_before_ffn: torch.Tensor, norm: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
+        """A guess of this layer's experts per token [num_tokens, top_k], from the residual stream one
+        FFN and one attention earlier (the previous layer's, before its FFN) through this layer's
+        norm and router: the top-k router logits are the experts both routers pick (softmax top-k,
+        and sparsemixer's two successive maxima). Streaming uses it to copy early; never results."""
+        logits = F.linear(norm(h_before_ffn), self.router)
+        return torch.topk(logits, self.config.num_experts_per_tok, dim=-1).indices
 
     def units(self, x: torch.Tensor, routing: Routing
               ) -> tuple[dict[int, TokenGroup], list[tuple[FFNUnit, torch.Tensor]], list[torch.Tensor] | None]:

@@ -1,0 +1,50 @@
+"""Expert look-ahead: which streamed pieces of the next layer to copy before its routing is known.
+
+A decode layer's copies end before its CPU job and its GPU work do, and the next layer's copies
+cannot start before its routing is read: the copy stream idles across every layer boundary. A
+guess of the next layer's experts (MoEBlock.likely_experts: the next router applied to the
+residual stream one FFN and one attention early, computed in the decode graph with the routing)
+lets the executor copy the first streamed pieces of those experts into free staging slots in
+that idle time. A right guess is a copy the next layer no longer waits for (the decode feedback
+then moves pieces from the CPU to PCIe); a wrong one costs a copy on an idle bus. Results never
+depend on it: a prefetched slot holds the same bytes the layer would have copied.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from engine.model.ffn import UnitSlice
+from engine.model.moe import MoEBlock
+from engine.placement.plan import PieceKind
+
+LOOKAHEAD_PIECES = 2  # pieces copied ahead per layer (about what the idle copy stream moves)
+
+
+@dataclass
+class LookaheadStats:
+    """Counts since the last reset: pieces copied ahead on a guess, and those the next layer used."""
+
+    staged: int = 0
+    used: int = 0
+
+    def summary(self) -> dict[str, float | int]:
+        return {"staged": self.staged, "used": self.used,
+                "hit_rate": self.used / self.staged if self.staged else 0.0}
+
+    def reset(self) -> None:
+        self.staged = self.used = 0
+
+
+def likely_pieces(ffn: MoEBlock, experts: list[int], limit: int) -> list[UnitSlice]:
+    """Up to `limit` streamed (CG) pieces of the likely `experts` (most likely first): each expert's
+    first CG piece in turn, then their second ones... The decode feedback moves an expert's last
+    streamed pieces to the CPU first, so its first ones are the likeliest to be streamed."""
+    per_expert = [[p for p in ffn.experts[e].slices if p.kind == PieceKind.CG]
+                  for e in experts if 0 <= e < len(ffn.experts)]
+    out: list[UnitSlice] = []
+    rank = 0
+    while len(out) < limit and any(rank < len(pieces) for pieces in per_expert):
+        out.extend(pieces[rank] for pieces in per_expert if rank < len(pieces))
+        rank += 1
+    return out[:limit]
