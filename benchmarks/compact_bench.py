@@ -43,7 +43,7 @@ def time_cpu(pieces, per_call: int, tokens: int, compact: bool, repeats: int) ->
         start = (r * per_call) % len(pieces)
         chosen = [pieces[(start + i) % len(pieces)] for i in range(per_call)]
         jobs = []
-        for (gu, dn, cp), out in zip(chosen, outs):
+        for (gu, dn, cp), out in zip(chosen, outs, strict=True):
             if compact:
                 jobs.append(SliceJob(x, torch.empty(gu.shape, dtype=gu.dtype, device="meta"),
                                      torch.empty(dn.shape, dtype=dn.dtype, device="meta"), out, cp))

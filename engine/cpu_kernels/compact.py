@@ -12,9 +12,18 @@ import torch
 
 from engine.cpu_kernels import runner
 from engine.cpu_kernels.cpu_info import default_num_threads
-from engine.model.compact_weights import (MAX_EXCEPTION_SHARE, NUM_EXPONENTS, CompactMatrix, CompactPiece,
-                                          choose_base, compactable, exception_views, max_region_bytes,
-                                          region_bytes, region_views)
+from engine.model.compact_weights import (
+    MAX_EXCEPTION_SHARE,
+    NUM_EXPONENTS,
+    CompactMatrix,
+    CompactPiece,
+    choose_base,
+    compactable,
+    exception_views,
+    max_region_bytes,
+    region_bytes,
+    region_views,
+)
 
 
 def available() -> bool:
@@ -112,7 +121,7 @@ def compact_piece(gate_up: torch.Tensor, down: torch.Tensor, region: torch.Tenso
 
 def unpack_rows(matrix: CompactMatrix, r0: int, r1: int) -> torch.Tensor:
     """Rows [r0, r1) decoded by the kernels' decoder (bf16 [r1 - r0, K])."""
-    rows, k = matrix.shape
+    _, k = matrix.shape
     out = torch.empty(r1 - r0, k, dtype=torch.bfloat16)
     _lib().scheinfer_unpack_rows(matrix.low.data_ptr(), matrix.low.stride(0), matrix.codes.data_ptr(), matrix.base,
                                  matrix.exc_row_ptr.data_ptr(), matrix.exc_cols.data_ptr(),

@@ -12,8 +12,8 @@ from dataclasses import dataclass
 import torch
 
 from engine.executor.accelerator import Accelerator
-from engine.executor.timeline import BusyMeter, Mark, StepTimeline, host_mark
 from engine.executor.gpu_unpack import unpack_piece
+from engine.executor.timeline import BusyMeter, Mark, StepTimeline, host_mark
 from engine.model.compact_weights import CompactPiece
 from engine.model.ffn import UnitSlice
 
