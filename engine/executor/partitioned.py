@@ -167,7 +167,7 @@ class PartitionedExecutor:
             self.timeline.gpu_interval("gpu", start, end, f"layer {layer} FFN")
         # before waiting for the CPU (this thread has time then): the next layer's prefetches and
         # the end of this layer's copies for the busy meter
-        self._prefetch_next(layer, lookahead)
+        self._prefetch_next(layer)
         if self.ring is not None:
             self.ring.end_burst()
         if cpu_future is not None:
@@ -175,6 +175,8 @@ class PartitionedExecutor:
             self._add_cpu_results(sums_all, batch)
             if measured:
                 self._meter.cpu_done(batch.end_s)
+        # the guesses only once the CPU job is done: their copies would take host DRAM from it
+        self._prefetch_guessed(layer, lookahead)
         results = None
         if into is None:
             result = sums_all.to(items[0][1].dtype)
@@ -310,18 +312,28 @@ class PartitionedExecutor:
             assert self.ring is not None
             self.ring.release(self._prefetched.popleft()[1])
 
-    def _prefetch_next(self, layer: int, lookahead: list[int] | None = None) -> None:
-        """Streams ahead the CG pieces of the next layer that every token needs, then the first CG
-        pieces of its likely experts (`lookahead`, up to `lookahead_pieces`)."""
+    def _prefetch_next(self, layer: int) -> None:
+        """Streams ahead the CG pieces of the next layer that every token needs."""
         if self.ring is None or layer + 1 >= len(self.model.layers):
             return
         ffn = self.model.layers[layer + 1].ffn
         unit = ffn if isinstance(ffn, FFNUnit) else (ffn.shared_expert if isinstance(ffn, MoEBlock) else None)
-        pieces = [(piece, False) for piece in unit.slices if piece.kind == PieceKind.CG] if unit is not None else []
-        if isinstance(ffn, MoEBlock) and lookahead and self.lookahead_pieces > 0:
-            pieces += [(piece, True) for piece in likely_pieces(ffn, lookahead, self.lookahead_pieces)]
-        for piece, guessed in pieces:
+        if unit is not None:
+            self._prefetch([piece for piece in unit.slices if piece.kind == PieceKind.CG], guessed=False)
+
+    def _prefetch_guessed(self, layer: int, lookahead: list[int] | None) -> None:
+        """Streams ahead the first CG pieces of the next layer's likely experts (`lookahead`)."""
+        if self.ring is None or not lookahead or self.lookahead_pieces <= 0 or layer + 1 >= len(self.model.layers):
+            return
+        ffn = self.model.layers[layer + 1].ffn
+        if isinstance(ffn, MoEBlock):
+            self._prefetch(likely_pieces(ffn, lookahead, self.lookahead_pieces), guessed=True)
+            self.ring.end_burst()
+
+    def _prefetch(self, pieces: list[UnitSlice], guessed: bool) -> None:
+        assert self.ring is not None
+        for piece in pieces:
             if len(self._prefetched) >= self.ring.num_slots:
-                break
+                return
             self._prefetched.append((piece, self.ring.stage(piece, self.timeline), guessed))
             self.lookahead_stats.staged += guessed
