@@ -224,7 +224,10 @@ def main() -> None:
     for policy in args.policies.split(","):
         # adaptive^0: N pieces of the next layer's likely experts copied ahead (engine/executor/lookahead.py)
         core, _, lookahead = policy.partition("^")
-        llm.engine.runner.executor.lookahead_pieces = int(lookahead) if lookahead else LOOKAHEAD_PIECES
+        pieces = int(lookahead) if lookahead else LOOKAHEAD_PIECES
+        if pieces != llm.engine.runner.executor.lookahead_pieces and graphs is not None:
+            graphs.reset()  # the graphs compute the guesses only when look-ahead is on
+        llm.engine.runner.executor.lookahead_pieces = pieces
         # adaptive~eager: decode without the per-layer CUDA graphs (engine/model/decode_graphs.py)
         llm.engine.runner.model.decode_graphs = None if core.endswith("~eager") else graphs
         spec, _, threads = core.removesuffix("~eager").partition("#")  # stream#12: the CPU kernels' pool at 12 threads

@@ -18,7 +18,13 @@ from engine.model.ffn import UnitSlice
 from engine.model.moe import MoEBlock
 from engine.placement.plan import PieceKind
 
-LOOKAHEAD_PIECES = 2  # pieces copied ahead per layer (about what the idle copy stream moves)
+# pieces copied ahead per layer; 0 (off) by default: on the H100 machine (session 10) it did not
+# pay. Copied before the CPU job finished they took host DRAM from it (Phi-3.5-MoE 24 GiB decode
+# 15.4 -> 12.3 tok/s); copied after it, 2 pieces a layer measured 12.95 / 13.81 vs 13.85 / 13.53
+# off (hit rate 72-90%), Mixtral 6.97 / 7.99 vs 7.17 / 7.88: within noise
+# (benchmarks/results/2026-11-24_s10_lookahead_*). Kept, with its tests, for machines whose
+# copy stream idles more (faster host DRAM, slower PCIe).
+LOOKAHEAD_PIECES = 0
 
 
 @dataclass

@@ -121,7 +121,9 @@ class Segments:
         self.outputs = [LayerOutputs() for _ in model.layers]
         moe = [layer.ffn for layer in model.layers if isinstance(layer.ffn, MoEBlock)]
         self.host: HostMirror | None = None  # only where there is a GPU: on the CPU h is on the host
-        self.lookahead = model.unit_executor is not None  # guess the next layer's experts (streaming)
+        # guess the next layer's experts when the executor copies ahead on guesses (read at capture:
+        # DecodeGraphs.reset after changing the executor's lookahead_pieces)
+        self.lookahead = getattr(model.unit_executor, "lookahead_pieces", 0) > 0
         n, hidden = buffers.residual.shape
         if moe and buffers.residual.device.type == "cuda":
             self.host = HostMirror.allocate(n, moe[0].config.num_experts_per_tok, hidden, buffers.residual.dtype)
@@ -277,6 +279,10 @@ class DecodeGraphs:
         self._pool = None
         self.host_routing = True  # routing ids and activations copied to the host with the routing
         self.one_graph_layers = True  # attention inside the layer's graph where it can be (False: A/B)
+
+    def reset(self) -> None:
+        """Drops the captured steps (captured again on next use), e.g. after a setting they read."""
+        self._steps.clear()
 
     def applies(self, batch: ForwardBatch) -> bool:
         n = batch.num_tokens

@@ -28,6 +28,8 @@ def _engine(path: Path, lookahead_pieces: int, device: str = "cpu") -> LLM:
     if device == "cpu":  # the decode path that reads routing on the host (captured graphs on a GPU)
         model.decode_graphs = DecodeGraphs(model, capture=False)
     llm.engine.runner.executor.lookahead_pieces = lookahead_pieces
+    if model.decode_graphs is not None:
+        model.decode_graphs.reset()  # they compute the guesses only when look-ahead is on
     return llm
 
 
@@ -69,6 +71,12 @@ def test_lookahead_keeps_every_logit_and_uses_right_guesses(arch: str, device: s
     stats = on.engine.runner.executor.lookahead_stats
     assert stats.staged > 0 and 0 < stats.used <= stats.staged
     assert off.engine.runner.executor.lookahead_stats.staged == 0
+    # without look-ahead the decode graphs compute no guesses (a router pass per layer saved)
+    for llm, guessing in ((off, False), (on, True)):
+        steps = llm.engine.runner.model.decode_graphs._steps.values()
+        assert steps and all(step.segments.lookahead is guessing for step in steps)
+        outputs = [out for step in steps for outs in step.outputs.values() for out in outs[:-1]]
+        assert outputs and all((out.next_ids is not None) is guessing for out in outputs)
     assert on.engine.partition.describe()["lookahead"]["staged"] == stats.staged
 
 
