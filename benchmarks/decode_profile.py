@@ -165,8 +165,9 @@ def time_host_phases(llm: LLM) -> None:
 
 
 def time_prologue_parts(llm: LLM, prompt_len: int, steps: int) -> list[str]:
-    """Median host time of each part of the executor's prologue (before the CPU job is submitted)
-    over untraced decode steps: each part wrapped with a perf_counter pair."""
+    """Median host time of each part of the executor's prologue (before the CPU job is submitted),
+    and of its per-piece GPU work, over untraced decode steps: each part wrapped with a
+    perf_counter pair."""
     from engine.executor import cpu_pool, decode_feedback, partitioned
 
     executor = llm.engine.runner.executor
@@ -180,8 +181,11 @@ def time_prologue_parts(llm: LLM, prompt_len: int, steps: int) -> list[str]:
             timed(executor, "_begin_streaming"), timed(executor.cpu_pool, "submit"),
             timed(executor.cpu_pool._kernels, "start"), timed(executor._meter, "enter"),
             timed(executor._cpu_buffers, "output"), timed(executor._cpu_buffers, "destination"),
-            timed(cpu_pool, "submit_records"),
+            timed(cpu_pool, "submit_records"), timed(executor, "_partial"), timed(executor, "_finish_streaming"),
+            timed(executor, "_add_cpu_results"), timed(executor, "flush"),
             timed(decode_feedback, "host_mark"), timed(partitioned.torch, "zeros", "torch.zeros (all calls)")]
+    if executor.ring is not None:  # a streamed piece's copy and decode
+        undo += [timed(executor.ring, "stage"), timed(executor.ring, "unpack")]
     try:
         prompt = list(range(1, prompt_len + 1))
         llm.generate(prompt_token_ids=[prompt], params=SamplingParams(max_tokens=steps + 2, ignore_eos=True))
@@ -326,6 +330,10 @@ def variants(llm: LLM, args: argparse.Namespace) -> list[tuple[str, Callable[[],
         executor = llm.engine.runner.executor
         add([False, True, False, True], lambda v: f"decode feedback {'on' if v else 'off'}",
             lambda v: setattr(executor, "use_feedback", v), True)
+    if args.signal_ab:  # decode CPU jobs waited for by the GPU stream, or by the driving thread
+        executor_ = llm.engine.runner.executor
+        add([False, True, False, True], lambda v: f"stream signal {'on' if v else 'off'}",
+            lambda v: setattr(executor_, "use_signal", v), True)
     if args.first_copies:  # copies enqueued before the CPU job is prepared
         add([int(v) for v in args.first_copies.split(",")] * 2, lambda v: f"first copies {v}",
             lambda v: setattr(partitioned, "FIRST_COPIES", v), partitioned.FIRST_COPIES)
@@ -366,6 +374,8 @@ def main() -> None:
                         help="first time each part of the executor's prologue (untraced decode steps)")
     parser.add_argument("--feedback-ab", action="store_true",
                         help="also trace with decode steps on the plan's kinds and balanced by measured rates, alternating")
+    parser.add_argument("--signal-ab", action="store_true",
+                        help="also trace with the GPU stream waiting for decode CPU jobs off and on, alternating")
     parser.add_argument("--first-copies", default="",
                         help="also trace with these counts of copies enqueued before the CPU job (comma list, "
                              "each twice, alternating; 0 = the CPU job first)")

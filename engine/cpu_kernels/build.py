@@ -71,7 +71,7 @@ def _declare(lib: ctypes.CDLL) -> None:
     lib.scheinfer_get_tuning.restype = i64
     lib.scheinfer_run.argtypes = [ctypes.c_void_p, i32, i32, i32]
     lib.scheinfer_run.restype = i32
-    lib.scheinfer_submit.argtypes = [ctypes.c_void_p, i32, i32, i32]
+    lib.scheinfer_submit.argtypes = [ctypes.c_void_p, i32, i32, i32, ctypes.c_void_p, i64]
     lib.scheinfer_submit.restype = i64
     lib.scheinfer_wait.argtypes = [i64, ctypes.c_void_p]
     lib.scheinfer_wait.restype = i32

@@ -259,9 +259,12 @@ def start_slice_jobs(jobs: list[SliceJob], activation: str = "silu",
     return submit_records(records, len(jobs), activation)
 
 
-def submit_records(records: array, num_jobs: int, activation: str = "silu") -> PendingJobs | None:
+def submit_records(records: array, num_jobs: int, activation: str = "silu", signal: int = 0,
+                   value: int = 0) -> PendingJobs | None:
     """Submits `num_jobs` job records (DESC_FIELDS each, kernel-ready operands: the caller checked)
-    to the C++ driver thread; None when no kernel path is in force for them."""
+    to the C++ driver thread; None when no kernel path is in force for them (then nothing is
+    signalled). `signal`: the address of an int64 where `value` is stored once the jobs are over,
+    done or failed (0: none)."""
     path, cap, reason = _cached_active()
     if cap == 0 or activation not in KERNEL_ACTIVATIONS:
         return None
@@ -269,7 +272,7 @@ def submit_records(records: array, num_jobs: int, activation: str = "silu") -> P
     lib = _state.built.lib  # type: ignore[union-attr]
     called_s = time.perf_counter()
     # the records' address (the C++ side copies them before returning)
-    ticket = lib.scheinfer_submit(records.buffer_info()[0], num_jobs, cap, num_threads())
+    ticket = lib.scheinfer_submit(records.buffer_info()[0], num_jobs, cap, num_threads(), signal or None, value)
     if ticket < 0:
         raise RuntimeError(f"cpu kernel failed: {lib.scheinfer_last_error().decode()}")
     return PendingJobs(ticket, lib, called_s)

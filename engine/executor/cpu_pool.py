@@ -96,10 +96,11 @@ class _Kernels:
                 self._weights[key] = weight_fields(piece.gate_up, piece.down) if ready else None
         return self._weights[key]
 
-    def start(self, batch: CpuBatch) -> PendingJobs | None:
+    def start(self, batch: CpuBatch, signal: tuple[int, int] | None = None) -> PendingJobs | None:
         """The submitted batch, or None when some job needs torch. The records are built from the
         pieces' kept fields and pointer arithmetic on the batch's output (this runs every layer);
-        a kept batch's jobs (the same buffers every decode layer) find their records kept."""
+        a kept batch's jobs (the same buffers every decode layer) find their records kept.
+        `signal`: (address, value) stored once the jobs are over (runner.submit_records)."""
         out = batch.out
         if out.dtype != torch.float32 or not out.is_contiguous():
             return None
@@ -123,7 +124,8 @@ class _Kernels:
                     self._records.clear()
                 self._records[key] = job_record
             records.extend(job_record)
-        return submit_records(records, len(batch.jobs), self.activation)
+        address, value = signal if signal is not None else (0, 0)
+        return submit_records(records, len(batch.jobs), self.activation, address, value)
 
     def prepare(self, batch: CpuBatch) -> Callable[[], None]:
         jobs = [SliceJob(j.x, j.piece.gate_up, j.piece.down, batch.out_of(j), j.piece.compact) for j in batch.jobs]
@@ -133,9 +135,16 @@ class _Kernels:
 class _Submitted:
     """A batch running on the kernels' driver thread; `result()` waits for it (the GIL released)."""
 
-    def __init__(self, pool: CpuPool, batch: CpuBatch, pending: PendingJobs, timeline: StepTimeline | None) -> None:
+    def __init__(self, pool: CpuPool, batch: CpuBatch, pending: PendingJobs, timeline: StepTimeline | None,
+                 signalled: bool = False) -> None:
         self._pool, self._batch, self._pending, self._timeline = pool, batch, pending, timeline
         self._done = False
+        self.signalled = signalled  # its end is stored at the signal's address (CpuPool.submit)
+
+    @property
+    def batch(self) -> CpuBatch:
+        """The batch (its outputs are complete only after `result()` or the signal)."""
+        return self._batch
 
     def result(self) -> CpuBatch:
         if not self._done:
@@ -174,20 +183,22 @@ class CpuPool:
         self.busy_s = 0.0
 
     def submit(self, batch: CpuBatch, inputs_ready: torch.cuda.Event | None,
-               timeline: StepTimeline | None = None) -> CpuResult:
+               timeline: StepTimeline | None = None, signal: tuple[int, int] | None = None) -> CpuResult:
         """Starts the batch. bf16 jobs that the C++ kernels take go straight to their driver thread
         once the inputs have landed (this thread waits for the device-to-host copy: it is enqueued
         right after the GPU work this thread already waited for). Others: the Python part is done
-        here, the compute on the worker, which waits for the inputs itself."""
+        here, the compute on the worker, which waits for the inputs itself. `signal`: (address,
+        value) that the driver stores when the batch is over; only batches on the driver signal
+        (the result's `signalled`)."""
         jobs = batch.jobs
         bf16 = all(j.x.dtype == torch.bfloat16 for j in jobs)
         if bf16 and self.use_driver:
             if inputs_ready is not None:
                 inputs_ready.synchronize()
                 inputs_ready = None
-            pending = self._kernels.start(batch)
+            pending = self._kernels.start(batch, signal)
             if pending is not None:
-                return _Submitted(self, batch, pending, timeline)
+                return _Submitted(self, batch, pending, timeline, signalled=signal is not None)
         if bf16:
             compute = self._kernels.prepare(batch)
         else:

@@ -7,7 +7,10 @@ For one layer (all routed experts, or the dense MLP, as one job):
      worth enqueued before the GPU's own pieces, so that PCIe starts at once).
   3. GG pieces, then CG pieces as their copies complete, are computed on the compute stream.
   4. The CPU partials come back host->device and are summed in fp32 with the GPU partials.
-The driving thread only waits for the CPU at the end of the layer, where its result is needed.
+The driving thread only waits for the CPU at the end of the layer, where its result is needed;
+in decode not even there where streams can wait on the CPU kernels (stream_signal.py): the copy
+and the sum are enqueued behind a stream wait for the job's end, and the job is collected at the
+next layer (or `flush`).
 Which host pieces go to the CPU or over PCIe in a step is token assignment's choice.
 Pieces of the next layer that will surely be needed (dense MLP, shared expert) are prefetched.
 """
@@ -23,10 +26,11 @@ import torch.nn.functional as F
 
 from engine.executor.accelerator import Accelerator, now_s
 from engine.executor.cpu_batches import MAX_KEPT_ROWS, DecodeCpuBuffers
-from engine.executor.cpu_pool import CpuBatch, CpuJob, CpuPool, CpuResult
+from engine.executor.cpu_pool import CpuBatch, CpuJob, CpuPool, CpuResult, _Submitted
 from engine.executor.decode_feedback import DecodeFeedback, DecodeMeter
 from engine.executor.lookahead import LOOKAHEAD_PIECES, LookaheadStats, likely_pieces
 from engine.executor.staging import StagedSlice, StagingRing
+from engine.executor.stream_signal import StreamSignal
 from engine.executor.timeline import BusyMeter, StepTimeline, host_mark
 from engine.executor.token_assignment import DispatchRates, assign
 from engine.model.decoder import DecoderModel
@@ -36,7 +40,10 @@ from engine.model.weights import DENSE_MLP, SHARED_EXPERT
 from engine.placement.plan import PartitionPlan, PieceKind
 
 MAX_CPU_ROWS_PER_COPY = 1024  # rows of CPU partial outputs moved to the GPU per copy
-FIRST_COPIES = 2  # copies enqueued before the CPU job is prepared (the rest of the ring after it)
+# copies enqueued before the CPU job is prepared (the rest of the ring after it). 0: the CPU job
+# first (session 11, Phi-3.5-MoE 24 GiB: the job starts 0.14 instead of 0.25 ms after the
+# executor is entered; the copies still end before it)
+FIRST_COPIES = 0
 
 
 @dataclass
@@ -84,6 +91,11 @@ class PartitionedExecutor:
         # (they fill the copy stream while the next layer's attention and routing run; 0: off)
         self.lookahead_pieces = LOOKAHEAD_PIECES
         self.lookahead_stats = LookaheadStats()
+        # decode CPU jobs whose end the compute stream waits for itself (None: no GPU, or no call)
+        self.signal = StreamSignal.create(accelerator.device) if accelerator.is_cuda else None
+        self.use_signal = True  # False: the driving thread waits for every CPU job (A/B in benchmarks)
+        self._deferred: tuple[CpuResult, bool] | None = None  # a signalled CPU job not collected yet
+        self._signal_value = 0  # the value the last signalled job stores
 
     def apply_plan(self, plan: PartitionPlan) -> None:
         """Re-labels the host pieces (CG <-> CC) and the dynamic rule for `plan` without moving any
@@ -139,15 +151,23 @@ class PartitionedExecutor:
             return self._begin_streaming(streamed, max_copies)
 
         if self.overlap:
-            # The CPU's activations leave first (when not on the host yet), then the first copies
-            # start (PCIe busy at once; a staged copy costs the CPU job ~15 us of delay), then the
-            # CPU job, then the rest of a ring's worth of copies.
+            # The CPU's activations leave first (when not on the host yet), then the CPU job and a
+            # ring's worth of copies (FIRST_COPIES of them before the job: a staged copy costs the
+            # CPU job ~15-50 us of delay). The previous layer's signalled job is collected once
+            # this one runs (it is over: this layer's inputs came after it).
             cpu_inputs = self._ship_cpu_inputs(items, on_cpu, host_x)
-            streaming = begin_streaming(FIRST_COPIES)
-            cpu_future = self._submit_cpu(items, offsets, on_cpu, cpu_inputs)
-            self._fill_ring(streaming)
+            if FIRST_COPIES > 0:
+                self.flush()
+                streaming = begin_streaming(FIRST_COPIES)
+                cpu_future = self._submit_cpu(items, offsets, on_cpu, cpu_inputs)
+                self._fill_ring(streaming)
+            else:
+                cpu_future = self._submit_cpu(items, offsets, on_cpu, cpu_inputs)
+                self.flush()
+                streaming = begin_streaming()
             sums_all = accumulator()
         else:  # Fiddler: the CPU's pieces, then the transfers
+            self.flush()
             sums_all = accumulator()
             cpu_future = self._submit_cpu(items, offsets, on_cpu, self._ship_cpu_inputs(items, on_cpu, host_x))
             if cpu_future is not None:
@@ -170,7 +190,13 @@ class PartitionedExecutor:
         self._prefetch_next(layer)
         if self.ring is not None:
             self.ring.end_burst()
-        if cpu_future is not None:
+        if cpu_future is not None and getattr(cpu_future, "signalled", False):
+            # the stream waits for the job's end, not this thread: collected at the next layer
+            assert self.signal is not None and isinstance(cpu_future, _Submitted)
+            self.signal.wait(acc.compute_stream, self._signal_value)
+            self._add_cpu_results(sums_all, cpu_future.batch)
+            self._deferred = (cpu_future, measured)
+        elif cpu_future is not None:
             batch = cpu_future.result()
             self._add_cpu_results(sums_all, batch)
             if measured:
@@ -184,6 +210,17 @@ class PartitionedExecutor:
         if self.timeline is not None:
             self.timeline.cpu_interval("host", entered_s, now_s(), f"layer {layer} executor")
         return results
+
+    def flush(self) -> None:
+        """Collects the last signalled CPU job (waits for it; raises its error). The model calls it
+        at the end of every forward, so that a failed job never goes unnoticed."""
+        if self._deferred is None:
+            return
+        future, measured = self._deferred
+        self._deferred = None
+        batch = future.result()
+        if measured:  # before the next layer enters the meter: its record is still the last
+            self._meter.cpu_done(batch.end_s)
 
     def _enter_meter(self, items: list[tuple[FFNUnit, torch.Tensor]], host: list[tuple[int, UnitSlice]]) -> None:
         """Starts measuring a decode layer (before its first copy is enqueued); a host piece's effect
@@ -218,7 +255,8 @@ class PartitionedExecutor:
                     on_cpu: list[tuple[int, UnitSlice]], inputs: _CpuInputs | None) -> CpuResult | None:
         """Hands all CC pieces of the layer to the CPU worker as one job, writing into one host
         buffer (rows of job k at its offset, destined for the accumulator rows in `dest`). Small
-        batches (decode) take kept buffers."""
+        batches (decode) take kept buffers, and signal their end to the GPU stream where it can
+        wait (with overlap; not with look-ahead, whose guessed copies wait for the job's end)."""
         if inputs is None:
             return None
         jobs, dest_rows, row = [], [], 0
@@ -228,14 +266,18 @@ class PartitionedExecutor:
             dest_rows.extend(range(offsets[i], offsets[i] + n))
             row += n
         hidden = items[0][1].shape[1]
+        signal = None
         if row <= MAX_KEPT_ROWS:
             dest, dest_device = self._cpu_buffers.destination(tuple(dest_rows))
             batch = CpuBatch(jobs, self._cpu_buffers.output(row, hidden), dest, dest_device, kept=True)
+            if self.signal is not None and self.use_signal and self.overlap and self.lookahead_pieces <= 0:
+                self._signal_value = self.signal.next_value()
+                signal = (self.signal.address, self._signal_value)
         else:
             dest = self.accelerator.host_empty((row,), torch.int64)
             dest.numpy()[:] = dest_rows
             batch = CpuBatch(jobs, self.accelerator.host_empty((row, hidden), torch.float32), dest)
-        return self.cpu_pool.submit(batch, inputs.ready, self.timeline)
+        return self.cpu_pool.submit(batch, inputs.ready, self.timeline, signal)
 
     def _add_cpu_results(self, sums_all: torch.Tensor, batch: CpuBatch) -> None:
         """CPU partials copied host-to-device and summed into their items' rows, a bounded block of

@@ -75,6 +75,8 @@ class Partition:
                                              "exceptions": self.compaction.exceptions}
         if self.plan.dynamic == "balance":  # how decode steps moved host pieces, measured as they run
             extra["decode_feedback"] = self.executor.feedback.summary()
+        if self.executor.signal is not None:  # decode CPU jobs the GPU stream waits for itself
+            extra["cpu_signal"] = {"enabled": self.executor.use_signal, "waits": self.executor.signal.waits}
         if self.executor.ring is not None:  # streamed pieces of the next layer's likely experts copied ahead
             extra["lookahead"] = {**self.executor.lookahead_stats.summary(), "pieces": self.executor.lookahead_pieces}
         return {

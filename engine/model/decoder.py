@@ -36,6 +36,10 @@ class UnitExecutor(Protocol):
         there unrounded and None is returned. `lookahead`: the next layer's likely experts (a guess
         an executor may stream early; it never changes results)."""
 
+    def flush(self) -> None:
+        """Waits for work the calls left running (a CPU job whose end only the GPU stream waited
+        for) and raises its error; called at the end of every forward."""
+
 
 @dataclass
 class DecoderLayer:
@@ -121,10 +125,14 @@ class DecoderModel:
         c = self.config
         decode = decode_keys(batch, c.head_dim, c.sliding_window, self.dtype, self.device, self.attention_kernels)
         with attention_kernels(self.attention_kernels, self.device):
-            if self.decode_graphs is not None and self.decode_graphs.applies(batch):
-                x = self.decode_graphs.forward_layers(batch, cache, cos_sin, decode)
-            else:
-                x = self._forward_layers(batch, cache, cos_sin, decode)
+            try:
+                if self.decode_graphs is not None and self.decode_graphs.applies(batch):
+                    x = self.decode_graphs.forward_layers(batch, cache, cos_sin, decode)
+                else:
+                    x = self._forward_layers(batch, cache, cos_sin, decode)
+            finally:
+                if self.unit_executor is not None:
+                    self.unit_executor.flush()
         x = self.final_norm(x[batch.logits_indices])
         return F.linear(x, self.lm_head, self.lm_head_bias).float()
 

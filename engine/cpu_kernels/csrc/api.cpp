@@ -412,7 +412,11 @@ int scheinfer_run(const int64_t* descs, int num_jobs, int max_path, int num_thre
 
 // As scheinfer_run, without waiting: the call runs on the driver thread (driver.h). Returns a
 // ticket for scheinfer_wait, or -1 with scheinfer_last_error() set (descs are read before return).
-int64_t scheinfer_submit(const int64_t* descs, int num_jobs, int max_path, int num_threads) {
+// signal (may be null): once the call is over (done or failed), `value` is stored there (release
+// order, after the outputs): a GPU stream waiting for that value in pinned memory starts on the
+// CPU's outputs without a round trip through the submitting thread.
+int64_t scheinfer_submit(const int64_t* descs, int num_jobs, int max_path, int num_threads, int64_t* signal,
+                         int64_t value) {
   try {
     std::vector<Job> jobs;
     {
@@ -420,7 +424,14 @@ int64_t scheinfer_submit(const int64_t* descs, int num_jobs, int max_path, int n
       jobs = parse_jobs(descs, num_jobs, max_path);
     }
     const int threads = num_threads < 1 ? 1 : num_threads;
-    return driver_submit([jobs = std::move(jobs), threads]() mutable {
+    return driver_submit([jobs = std::move(jobs), threads, signal, value]() mutable {
+      struct Signal {  // stored however the call ends
+        int64_t* where;
+        int64_t value;
+        ~Signal() {
+          if (where != nullptr) __atomic_store_n(where, value, __ATOMIC_RELEASE);
+        }
+      } done{signal, value};
       std::lock_guard<std::mutex> lock(g_call_mutex);
       try {
         if (!jobs.empty()) run_jobs(jobs, threads);
@@ -432,6 +443,7 @@ int64_t scheinfer_submit(const int64_t* descs, int num_jobs, int max_path, int n
     });
   } catch (const std::exception& e) {
     g_error = e.what();
+    if (signal != nullptr) __atomic_store_n(signal, value, __ATOMIC_RELEASE);  // nobody may wait forever
     return -1;
   }
 }

@@ -80,3 +80,24 @@ def test_pool_runs_kernel_batches_on_the_driver_and_others_on_its_worker() -> No
         assert pool.busy_s > 0
     finally:
         pool.shutdown()
+
+
+@needs_kernels
+def test_signalled_batches_store_their_value_once_done_and_others_never() -> None:
+    """The value a GPU stream waits for (engine/executor/stream_signal.py) is stored by the driver
+    after the outputs; batches that run on the Python worker are not signalled."""
+    pool = CpuPool(torch.nn.functional.silu, "silu", num_threads=2)
+    flag = torch.zeros(1, dtype=torch.int64)
+    try:
+        for dtype, value, on_driver in ((torch.bfloat16, 7, True), (torch.float32, 9, False), (torch.bfloat16, 8, True)):
+            job = make_job(2, 64, 24, seed=value)
+            piece = UnitSlice(0, 24, job.gate_up.to(dtype), job.down.to(dtype))
+            out = torch.full((2, 64), float("nan"))
+            batch = CpuBatch([CpuJob(0, job.x.to(dtype), piece, 0)], out, torch.arange(2))
+            result = pool.submit(batch, None, signal=(flag.data_ptr(), value))
+            assert getattr(result, "signalled", False) == on_driver
+            result.result()
+            assert not out.isnan().any()
+            assert flag.item() == (value if on_driver else 7)
+    finally:
+        pool.shutdown()

@@ -1,0 +1,71 @@
+"""Decode CPU jobs whose end the GPU stream waits for itself (engine/executor/stream_signal.py):
+the stream holds until the value is stored, and decoding gives the same bits as waiting on the
+host."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from engine import LLM
+from engine.executor.stream_signal import StreamSignal
+from tests.engine.executor.test_partition_exactness import write_bf16
+from tests.engine.model.test_decode_graphs import PROMPTS, _run
+
+CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (run on the GPU machine)")
+
+
+def test_no_signal_without_a_gpu(tiny_checkpoints: dict[str, Path]) -> None:
+    assert StreamSignal.create(torch.device("cpu")) is None
+    llm = LLM(str(tiny_checkpoints["mixtral"]), show_progress=False, policy="manual:cg=0.5")
+    assert llm.engine.runner.executor.signal is None
+    assert "cpu_signal" not in llm.engine.plan_info()
+
+
+@pytest.mark.gpu
+@CUDA
+def test_a_stream_waits_until_the_value_is_stored() -> None:
+    signal = StreamSignal.create(torch.device("cuda"))
+    assert signal is not None
+    stream = torch.cuda.Stream()
+    x = torch.zeros(4, device="cuda")
+    value = signal.next_value()
+    with torch.cuda.stream(stream):
+        signal.wait(stream, value)
+        x += 1
+        done = torch.cuda.Event()
+        done.record(stream)
+    time.sleep(0.05)
+    assert not done.query() and x.sum().item() == 0  # held (x read on the default stream)
+    signal.flag[0] = value
+    done.synchronize()
+    assert x.sum().item() == 4
+    assert signal.waits == 1
+
+
+@pytest.mark.gpu
+@CUDA
+@pytest.mark.parametrize("arch", ["mixtral", "phimoe", "llama"])
+def test_signalled_decode_gives_the_bits_of_host_waits(arch: str, tmp_path: Path) -> None:
+    path = write_bf16(tmp_path, arch)
+
+    def engine(use_signal: bool) -> LLM:
+        llm = LLM(str(path), device="cuda", dtype="bfloat16", show_progress=False, policy="manual:gg=0.25,cg=0.25",
+                  kv_cache_tokens=256, max_num_batched_tokens=64, max_num_seqs=4, host_chunk_rows=8)
+        llm.engine.runner.executor.use_signal = use_signal
+        return llm
+
+    waiting, signalled = engine(False), engine(True)
+    for prompts in (PROMPTS[:1], PROMPTS):
+        tokens, logits = _run(waiting, prompts)
+        got_tokens, got_logits = _run(signalled, prompts)
+        assert got_tokens == tokens
+        assert all(torch.equal(a, b) for a, b in zip(logits, got_logits, strict=True))
+    executor = signalled.engine.runner.executor
+    assert executor.signal is not None and executor.signal.waits > 0
+    assert waiting.engine.runner.executor.signal.waits == 0
+    assert executor._deferred is None  # every forward collected its last job
+    assert signalled.engine.plan_info()["cpu_signal"]["waits"] == executor.signal.waits
