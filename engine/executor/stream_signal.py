@@ -8,6 +8,10 @@ machine, with the CPU idle meanwhile). With it, all of that is enqueued while th
 behind a wait for the job's value: the GPU starts the moment the CPU's outputs are there, and
 the driving thread has already moved on to the next layer.
 
+A kernel's first launch (CUDA's lazy module loading) waits for every stream, so one launched
+behind a wait holds the driving thread until the CPU job is over: a stall at warm-up, never a
+deadlock, since the job does not depend on that thread.
+
 Only where the driver API has the call (CUDA >= 11.7 drivers; `SCHEINFER_STREAM_SIGNAL=0` turns
 it off): `StreamSignal.create` returns None elsewhere, and the executor then waits as before.
 """

@@ -25,6 +25,17 @@ def test_no_signal_without_a_gpu(tiny_checkpoints: dict[str, Path]) -> None:
     assert "cpu_signal" not in llm.engine.plan_info()
 
 
+def _query_until(event: torch.cuda.Event, seconds: float) -> bool:
+    """Polls the event (never blocks longer than `seconds`: a stream that never goes on fails the
+    test instead of hanging it)."""
+    deadline = time.monotonic() + seconds
+    while not event.query():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.001)
+    return True
+
+
 @pytest.mark.gpu
 @CUDA
 def test_a_stream_waits_until_the_value_is_stored() -> None:
@@ -32,17 +43,21 @@ def test_a_stream_waits_until_the_value_is_stored() -> None:
     assert signal is not None
     stream = torch.cuda.Stream()
     x = torch.zeros(4, device="cuda")
+    x += 1  # loaded before the wait: a kernel's first launch (lazy module loading) waits for every stream
+    torch.cuda.synchronize()
     value = signal.next_value()
     with torch.cuda.stream(stream):
         signal.wait(stream, value)
         x += 1
         done = torch.cuda.Event()
         done.record(stream)
-    time.sleep(0.05)
-    assert not done.query() and x.sum().item() == 0  # held (x read on the default stream)
-    signal.flag[0] = value
-    done.synchronize()
-    assert x.sum().item() == 4
+    held = not _query_until(done, 0.05)
+    signal.flag[0] = value  # stored as the CPU kernels' driver stores it
+    went_on = _query_until(done, 5.0)
+    if not went_on:
+        signal.flag[0] = 1 << 62  # never leave a stream waiting behind
+    assert held and went_on
+    assert x.sum().item() == 8
     assert signal.waits == 1
 
 
