@@ -64,8 +64,10 @@ def main() -> None:
     result = json.loads(Path(args.result).read_text())
     config, _ = resolve_model_config(result["model"])
     longest = max(result.get("prompt_lens", [512]))
+    # the run's own storage: a bf16 run (--no-compact) planned as compact would skew the fit
     request = build_plan_request(config, parse_bytes(result["budget"]), kv_cache_tokens=max(4096, 2 * longest),
-                                 max_num_batched_tokens=max(2048, longest), max_num_seqs=8)
+                                 max_num_batched_tokens=max(2048, longest), max_num_seqs=8,
+                                 compact_host=bool(result.get("compact")))
     profile = HardwareProfile.from_file(args.profile)
     points = measured_points(result, request, tuple(filter(None, args.skip.split(","))))
     print("before:", {f: getattr(profile, f) for f in OVERHEAD_FIELDS})

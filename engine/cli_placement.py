@@ -50,6 +50,9 @@ def plan(
     new_tokens: Annotated[int, typer.Option(min=0, help="Typical generated tokens per request")] = 128,
     prompt_len: Annotated[list[int], typer.Option(help="Prompt lengths to predict (repeat)")] = [512, 2048],  # noqa: B006
     token_assignment: Annotated[bool | None, typer.Option(help="Assume per-step token assignment (default: as the policy's rule)")] = None,
+    compact_host_weights: Annotated[bool | None, typer.Option(
+        help="Plan host pieces stored compact (3/4 of the bytes; default: as the engine on the profiled machine, "
+             "on with AVX512/AMX kernels)")] = None,
     reprofile: Annotated[bool, typer.Option(help="Measure this machine again (without --profile)")] = False,
     as_json: Annotated[bool, typer.Option("--json", help="Print plan summary and predictions as JSON")] = False,
 ) -> None:
@@ -58,7 +61,13 @@ def plan(
     from engine.placement.hardware import HardwareProfile
     from engine.placement.memory import PlanDoesNotFitError, parse_bytes
     from engine.placement.plan_report import bytes_by_kind_per_layer, render_plan_report
-    from engine.placement.planner import ADAPTIVE_POLICY, build_plan_request, make_adaptive_plan, predict
+    from engine.placement.planner import (
+        ADAPTIVE_POLICY,
+        build_plan_request,
+        compact_by_default,
+        make_adaptive_plan,
+        predict,
+    )
     from engine.placement.policies import make_plan
     from engine.placement.profiler import load_or_profile
 
@@ -69,8 +78,9 @@ def plan(
     try:
         budget = parse_bytes(gpu_memory_budget)
         hardware = HardwareProfile.from_file(profile_file) if profile_file else load_or_profile(reprofile=reprofile)
+        compact = compact_host_weights if compact_host_weights is not None else compact_by_default(hardware)
         request = build_plan_request(config, budget, itemsize, kv_cache_tokens, max_num_batched_tokens, max_num_seqs,
-                                     staging_slots, host_chunk_rows)
+                                     staging_slots, host_chunk_rows, compact_host=compact)
         workload = WorkloadMix(prompt_len=prompt_len[0] if prompt_len else 512, new_tokens=new_tokens,
                                batch_size=batch_size, prefill_chunk_tokens=max_prefill_chunk or None)
         if policy == ADAPTIVE_POLICY:
@@ -85,6 +95,7 @@ def plan(
         per_layer = bytes_by_kind_per_layer(the_plan, config, itemsize)
         typer.echo(json.dumps({
             "model": model, "policy": the_plan.policy, "gpu_memory_budget_bytes": budget,
+            "host_bytes_ratio": the_plan.host_bytes_ratio,
             "gpu_memory": {"total": memory.total, "describe": memory.describe()},
             "bytes_by_kind_per_layer": [{"layer": i, "GG": v[0], "CG": v[1], "CC": v[2]} for i, v in per_layer.items()],
             "prediction": prediction.to_dict(lens), "profile_source": hardware.source}, indent=1))

@@ -63,7 +63,9 @@ def render_plan_report(config: ModelConfig, plan: PartitionPlan, memory: GpuMemo
     budget = format_bytes(budget_bytes) if budget_bytes is not None else "none"
     lines = [f"model {_model_text(config)}; {itemsize} bytes per weight",
              f"policy {plan.policy}" + (f" (per-step rule {plan.dynamic})" if plan.dynamic else "")
-             + f"; GPU budget {budget}; host chunks of {plan.host_chunk} rows",
+             + f"; GPU budget {budget}; host chunks of {plan.host_chunk} rows"
+             + (f", stored compact ({plan.host_bytes_ratio:.2f} of their bf16 bytes)" if plan.host_bytes_ratio != 1.0
+                else ""),
              "profile: " + profile.describe().replace("\n", "\n         "),
              f"GPU memory: {memory.describe()}",
              "FFN weights per kind (GG resident, CG streamed, CC on the CPU):",

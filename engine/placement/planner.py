@@ -115,13 +115,21 @@ def dispatch_rates(profile: HardwareProfile) -> dict[str, float]:
     return rates
 
 
+def compact_by_default(profile: HardwareProfile) -> bool:
+    """Whether the engine stores host pieces compact by default on the profiled machine: where its CPU
+    kernels decode compact rows in registers (cpu_kernels.compact.decodes_in_registers)."""
+    from engine.cpu_kernels.compact import REGISTER_DECODE_PATHS
+
+    return profile.cpu_path in REGISTER_DECODE_PATHS
+
+
 def build_plan_request(config: ModelConfig, budget_bytes: int | None, itemsize: int = 2,
                        kv_cache_tokens: int = 16384, max_num_batched_tokens: int = 2048, max_num_seqs: int = 64,
                        staging_slots: int = 8, host_chunk_rows: int = 1024,
                        decode_graphs: bool = True, compact_host: bool = True) -> PlanRequest:
     """The PlanRequest the engine builds on a GPU for these settings (defaults: the engine's), without
     weights. `compact_host`: host pieces stored compact (bf16 only; the engine's default where its C++
-    kernels build)."""
+    kernels decode compact rows in registers: `compact_by_default(profile)`)."""
     graph_tokens = min(MAX_GRAPH_TOKENS, max_num_seqs) if decode_graphs else 0
     activations = activation_bytes(config, itemsize, max_num_batched_tokens, max_num_seqs)
     activations += decode_graph_bytes(config, itemsize, graph_tokens, num_key_bounds(kv_cache_tokens))

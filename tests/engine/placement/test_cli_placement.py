@@ -75,3 +75,25 @@ def test_plan_with_everything_resident(app) -> None:
                                       "--gpu-memory-budget", "40GiB"])
     assert result.exit_code == 0, result.output
     assert "floor: none" in result.output
+
+
+
+def test_plan_stores_host_pieces_as_the_engine_would_on_the_profiled_machine(app, tmp_path) -> None:
+    """The H100 profile's CPU path decodes compact rows in registers: compact by default there; a
+    profile of an AVX2 machine plans bf16 host pieces; the flag overrides either."""
+    def plan(profile: Path, *flags: str) -> dict:
+        result = CliRunner().invoke(app, ["plan", "--profile", str(profile), "--model", "mixtral-8x7b",
+                                          "--gpu-memory-budget", "24GiB", "--json", *flags])
+        assert result.exit_code == 0, result.output
+        return json.loads(result.output)
+
+    compact, forced_bf16 = plan(H100_PROFILE), plan(H100_PROFILE, "--no-compact-host-weights")
+    assert compact["host_bytes_ratio"] < 0.8 and forced_bf16["host_bytes_ratio"] == 1.0
+    # fewer bytes over PCIe and through the CPU: faster decode and a higher floor
+    assert compact["prediction"]["decode_tok_s"] > 1.15 * forced_bf16["prediction"]["decode_tok_s"]
+    assert compact["prediction"]["floor_decode_tok_s"] > 1.15 * forced_bf16["prediction"]["floor_decode_tok_s"]
+    assert compact["gpu_memory"]["total"] <= 24 << 30 and forced_bf16["gpu_memory"]["total"] <= 24 << 30
+    avx2 = tmp_path / "avx2.json"
+    avx2.write_text(json.dumps({**json.loads(H100_PROFILE.read_text()), "cpu_path": "avx2"}))
+    assert plan(avx2)["host_bytes_ratio"] == 1.0
+    assert plan(avx2, "--compact-host-weights")["host_bytes_ratio"] < 0.8
