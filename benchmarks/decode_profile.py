@@ -334,6 +334,10 @@ def variants(llm: LLM, args: argparse.Namespace) -> list[tuple[str, Callable[[],
         executor_ = llm.engine.runner.executor
         add([False, True, False, True], lambda v: f"stream signal {'on' if v else 'off'}",
             lambda v: setattr(executor_, "use_signal", v), True)
+    if args.unpack_ab and llm.engine.runner.executor.ring is not None:  # streamed compact pieces decoded by address or views
+        ring = llm.engine.runner.executor.ring
+        add([False, True, False, True], lambda v: f"unpack by address {'on' if v else 'off'}",
+            lambda v: setattr(ring, "unpack_by_address", v), ring.unpack_by_address)
     if args.first_copies:  # copies enqueued before the CPU job is prepared
         add([int(v) for v in args.first_copies.split(",")] * 2, lambda v: f"first copies {v}",
             lambda v: setattr(partitioned, "FIRST_COPIES", v), partitioned.FIRST_COPIES)
@@ -376,6 +380,8 @@ def main() -> None:
                         help="also trace with decode steps on the plan's kinds and balanced by measured rates, alternating")
     parser.add_argument("--signal-ab", action="store_true",
                         help="also trace with the GPU stream waiting for decode CPU jobs off and on, alternating")
+    parser.add_argument("--unpack-ab", action="store_true",
+                        help="also trace with streamed compact pieces decoded through tensor views and by address, alternating")
     parser.add_argument("--first-copies", default="",
                         help="also trace with these counts of copies enqueued before the CPU job (comma list, "
                              "each twice, alternating; 0 = the CPU job first)")

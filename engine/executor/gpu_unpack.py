@@ -47,6 +47,38 @@ if triton is not None:
             tl.store(out + index, tl.load(exc_bits + j, mask=inside, other=0), mask=inside)
 
 
+class _Pointer:
+    """A pointer argument of the Triton kernel at a raw device address: Triton takes any object with
+    `data_ptr()` and `dtype` (as its own TensorWrapper), so no tensor view is built per call."""
+
+    __slots__ = ("address", "dtype")
+
+    def __init__(self, address: int, dtype: torch.dtype) -> None:
+        self.address = address
+        self.dtype = dtype
+
+    def data_ptr(self) -> int:
+        return self.address
+
+
+def fast_path() -> bool:
+    """Whether `unpack_at` can run (Triton present)."""
+    return triton is not None
+
+
+def unpack_at(staged_address: int, piece: CompactPiece, out_address: int) -> None:
+    """`unpack_piece` for a staged region and a bf16 output on the GPU given by their addresses (a
+    staging slot's buffers): the same kernel and bits, without the ~5 tensor views a call otherwise
+    builds (a decode layer's driving thread decodes several pieces; its time is the layer's)."""
+    values, exceptions = piece.num_values, piece.num_exceptions
+    at = values * 3 // 2  # as exception_views: indices (int32), then the exceptions' bits (int16)
+    grid = (triton.cdiv(values, BLOCK) + triton.cdiv(exceptions, BLOCK),)
+    _unpack_kernel[grid](_Pointer(staged_address, torch.uint8), _Pointer(out_address, torch.int16),
+                         _Pointer(staged_address + at, torch.int32),
+                         _Pointer(staged_address + at + 4 * exceptions, torch.int16), values,
+                         piece.gate_up.low.numel(), piece.gate_up.base, piece.down.base, exceptions, BLOCK=BLOCK)
+
+
 def unpack_piece(staged: torch.Tensor, piece: CompactPiece, out: torch.Tensor) -> None:
     """staged: uint8, the piece's region as copied (same device as `out`); out: bf16, at least
     piece.num_values long, receives [gate_up | down] flat. Enqueued on the current stream."""

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import torch
 
 from engine.executor.accelerator import Accelerator
-from engine.executor.gpu_unpack import unpack_piece
+from engine.executor.gpu_unpack import fast_path, unpack_at, unpack_piece
 from engine.executor.timeline import BusyMeter, Mark, StepTimeline, host_mark
 from engine.model.compact_weights import CompactPiece
 from engine.model.ffn import UnitSlice
@@ -46,6 +46,10 @@ class StagingRing:
         self._ready_events = [torch.cuda.Event() if cuda else None for _ in range(num_slots)]
         self._free_events = [torch.cuda.Event() if cuda else None for _ in range(num_slots)]
         self._view_cache: dict[tuple[int, torch.Size, torch.Size], tuple[torch.Tensor, torch.Tensor]] = {}
+        # slots decoded by address (gpu_unpack.unpack_at) where Triton runs; False: by tensor views (A/B)
+        self.unpack_by_address = cuda and fast_path()
+        # (byte buffer, bf16 buffer) addresses of each slot that has a byte buffer (none: no compact pieces)
+        self._addresses = [(c.data_ptr(), b.data_ptr()) for c, b in zip(self.compact_buffers, self.buffers, strict=False)]
         self._next = 0
         self._burst_start: Mark = None
         self.bytes_streamed = 0
@@ -100,7 +104,12 @@ class StagingRing:
     def unpack(self, staged: StagedSlice) -> None:
         """Decodes a compact piece's slot into its bf16 views, on the current (compute) stream, after
         the copy landed (the caller waited `ready`)."""
-        if staged.compact is not None:
+        if staged.compact is None:
+            return
+        if self.unpack_by_address:
+            region_address, out_address = self._addresses[staged.slot]
+            unpack_at(region_address, staged.compact, out_address)
+        else:
             region = self.compact_buffers[staged.slot][: staged.compact.region.numel()]
             unpack_piece(region, staged.compact, self.buffers[staged.slot])
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from engine.executor.gpu_unpack import unpack_piece
+from engine.executor.gpu_unpack import unpack_at, unpack_piece
 from engine.model.compact_weights import (
     ESCAPE,
     choose_base,
@@ -123,3 +123,9 @@ def test_gpu_decoder_is_bit_exact() -> None:
     unpack_piece(piece.region.cuda(), piece, out)
     expected = torch.cat((gate_up.reshape(-1), down.reshape(-1)))
     assert same_bits(out.cpu(), expected)
+    # by address, as a staging slot decodes (gpu_unpack.unpack_at): the same bits
+    slot = torch.zeros(region.numel(), dtype=torch.uint8, device="cuda")
+    slot[: piece.region.numel()].copy_(piece.region)
+    by_address = torch.full_like(out, 7.0)
+    unpack_at(slot.data_ptr(), piece, by_address.data_ptr())
+    assert piece.num_exceptions > 0 and same_bits(by_address.cpu(), expected)
