@@ -15,7 +15,7 @@ from engine.executor.lookahead import likely_pieces
 from engine.model.decode_graphs import DecodeGraphs
 from engine.model.moe import MoEBlock
 from engine.placement.plan import PieceKind
-from tests.engine.model.test_decode_graphs import PROMPTS, _run
+from tests.engine.model.test_decode_graphs import _assert_same
 
 GREEDY = SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True)
 
@@ -63,11 +63,7 @@ CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GP
 def test_lookahead_keeps_every_logit_and_uses_right_guesses(arch: str, device: str,
                                                             tiny_checkpoints: dict[str, Path]) -> None:
     off, on = _engine(tiny_checkpoints[arch], 0, device), _engine(tiny_checkpoints[arch], 4, device)
-    for prompts in (PROMPTS[:1], PROMPTS):
-        tokens, logits = _run(off, prompts)
-        look_tokens, look_logits = _run(on, prompts)
-        assert look_tokens == tokens
-        assert all(torch.equal(a, b) for a, b in zip(logits, look_logits, strict=True))
+    _assert_same(off, on)
     stats = on.engine.runner.executor.lookahead_stats
     assert stats.staged > 0 and 0 < stats.used <= stats.staged
     assert off.engine.runner.executor.lookahead_stats.staged == 0
@@ -92,10 +88,6 @@ def test_wrong_guesses_are_released_and_change_nothing(tiny_checkpoints: dict[st
         return likely_pieces(first, experts, limit)
 
     monkeypatch.setattr(partitioned, "likely_pieces", wrong_pieces)
-    for prompts in (PROMPTS[:1], PROMPTS):
-        tokens, logits = _run(off, prompts)
-        wrong_tokens, wrong_logits = _run(on, prompts)
-        assert wrong_tokens == tokens
-        assert all(torch.equal(a, b) for a, b in zip(logits, wrong_logits, strict=True))
+    _assert_same(off, on)
     stats = on.engine.runner.executor.lookahead_stats
     assert stats.staged > 0 and stats.used == 0

@@ -13,7 +13,7 @@ import torch
 from engine import LLM
 from engine.executor.stream_signal import StreamSignal
 from tests.engine.executor.test_partition_exactness import write_bf16
-from tests.engine.model.test_decode_graphs import PROMPTS, _run
+from tests.engine.model.test_decode_graphs import _assert_same
 
 CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (run on the GPU machine)")
 
@@ -74,11 +74,7 @@ def test_signalled_decode_gives_the_bits_of_host_waits(arch: str, tmp_path: Path
         return llm
 
     waiting, signalled = engine(False), engine(True)
-    for prompts in (PROMPTS[:1], PROMPTS):
-        tokens, logits = _run(waiting, prompts)
-        got_tokens, got_logits = _run(signalled, prompts)
-        assert got_tokens == tokens
-        assert all(torch.equal(a, b) for a, b in zip(logits, got_logits, strict=True))
+    _assert_same(waiting, signalled)
     executor = signalled.engine.runner.executor
     assert executor.signal is not None and executor.signal.waits > 0
     assert waiting.engine.runner.executor.signal.waits == 0
