@@ -80,3 +80,35 @@ def test_signalled_decode_gives_the_bits_of_host_waits(arch: str, tmp_path: Path
     assert waiting.engine.runner.executor.signal.waits == 0
     assert executor._deferred is None  # every forward collected its last job
     assert signalled.engine.plan_info()["cpu_signal"]["waits"] == executor.signal.waits
+
+
+@pytest.mark.gpu
+@CUDA
+def test_a_failed_signalled_job_raises_at_the_end_of_the_forward(tmp_path: Path,
+                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    """The GPU stream goes on (the driver stores the value however the job ends); the error is
+    raised by the forward's flush, and the next request runs normally."""
+    from engine import SamplingParams
+    from engine.cpu_kernels import runner
+
+    llm = LLM(str(write_bf16(tmp_path, "mixtral")), device="cuda", dtype="bfloat16", show_progress=False,
+              policy="manual:gg=0.25,cg=0.25", kv_cache_tokens=256, max_num_batched_tokens=64, max_num_seqs=4,
+              host_chunk_rows=8)
+    params = SamplingParams(max_tokens=6, temperature=0.0, ignore_eos=True)
+    expected = llm.generate(prompt_token_ids=[[5, 9, 13]], params=params)[0].token_ids
+    real_wait = runner.PendingJobs.wait
+    calls = {"n": 0}
+
+    def failing_wait(self):
+        calls["n"] += 1
+        times = real_wait(self)
+        if calls["n"] == 3:  # the first decode step's first layer (after the prompt's two layers)
+            raise RuntimeError("cpu kernel failed: injected")
+        return times
+
+    monkeypatch.setattr(runner.PendingJobs, "wait", failing_wait)
+    with pytest.raises(RuntimeError, match="injected"):
+        llm.generate(prompt_token_ids=[[5, 9, 13]], params=params)
+    assert llm.engine.runner.executor._deferred is None
+    monkeypatch.setattr(runner.PendingJobs, "wait", real_wait)
+    assert llm.generate(prompt_token_ids=[[5, 9, 13]], params=params)[0].token_ids == expected
