@@ -82,8 +82,10 @@ class _Kernels:
         self.activation = activation
         # id(piece) -> its weight_fields, or None when the kernels do not read its weights
         self._weights: dict[int, WeightFields | None] = {}
-        # a kept batch's job -> its record: (piece id, activations' address and rows, output address)
-        self._records: dict[tuple[int, int, int, int], tuple[int, ...]] = {}
+        # a kept batch's job -> its record as packed int64 bytes (appended with one copy, where
+        # extending by a tuple of ints converts each: ~2.5 us a job): key (piece id, activations'
+        # address and rows, output address)
+        self._records: dict[tuple[int, int, int, int], bytes] = {}
         self.record_hits = 0
 
     def _weight_fields(self, piece: UnitSlice) -> WeightFields | None:
@@ -113,7 +115,7 @@ class _Kernels:
             kept = self._records.get(key) if key is not None else None
             if kept is not None:
                 self.record_hits += 1
-                records.extend(kept)
+                records.frombytes(kept)
                 continue
             weights = self._weight_fields(job.piece)
             if weights is None or not activations_ready(x):
@@ -122,7 +124,7 @@ class _Kernels:
             if key is not None:
                 if len(self._records) >= MAX_KEPT_RECORDS:
                     self._records.clear()
-                self._records[key] = job_record
+                self._records[key] = array("q", job_record).tobytes()
             records.extend(job_record)
         address, value = signal if signal is not None else (0, 0)
         return submit_records(records, len(batch.jobs), self.activation, address, value)
