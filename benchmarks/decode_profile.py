@@ -338,6 +338,12 @@ def variants(llm: LLM, args: argparse.Namespace) -> list[tuple[str, Callable[[],
         ring = llm.engine.runner.executor.ring
         add([False, True, False, True], lambda v: f"unpack by address {'on' if v else 'off'}",
             lambda v: setattr(ring, "unpack_by_address", v), ring.unpack_by_address)
+    if args.launch_ab:  # the compact decode kernel launched through Triton's path or past it
+        from engine.executor import gpu_unpack
+        launcher = gpu_unpack._launch_unpack
+        if launcher is not None:
+            add([False, True, False, True], lambda v: f"direct Triton launch {'on' if v else 'off'}",
+                lambda v: setattr(launcher, "direct", v), launcher.direct)
     if args.first_copies:  # copies enqueued before the CPU job is prepared
         add([int(v) for v in args.first_copies.split(",")] * 2, lambda v: f"first copies {v}",
             lambda v: setattr(partitioned, "FIRST_COPIES", v), partitioned.FIRST_COPIES)
@@ -382,6 +388,8 @@ def main() -> None:
                         help="also trace with the GPU stream waiting for decode CPU jobs off and on, alternating")
     parser.add_argument("--unpack-ab", action="store_true",
                         help="also trace with streamed compact pieces decoded through tensor views and by address, alternating")
+    parser.add_argument("--launch-ab", action="store_true",
+                        help="also trace with the compact decode kernel launched through Triton's path and past it, alternating")
     parser.add_argument("--first-copies", default="",
                         help="also trace with these counts of copies enqueued before the CPU job (comma list, "
                              "each twice, alternating; 0 = the CPU job first)")

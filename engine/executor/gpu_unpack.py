@@ -13,6 +13,7 @@ import logging
 
 import torch
 
+from engine.executor.triton_launch import CachedLauncher
 from engine.model.compact_weights import CompactPiece, decode_flat, exception_views
 
 logger = logging.getLogger(__name__)
@@ -66,17 +67,21 @@ def fast_path() -> bool:
     return triton is not None
 
 
+_launch_unpack = CachedLauncher(_unpack_kernel) if triton is not None else None
+
+
 def unpack_at(staged_address: int, piece: CompactPiece, out_address: int) -> None:
     """`unpack_piece` for a staged region and a bf16 output on the GPU given by their addresses (a
     staging slot's buffers): the same kernel and bits, without the ~5 tensor views a call otherwise
-    builds (a decode layer's driving thread decodes several pieces; its time is the layer's)."""
+    builds, and launched past Triton's per-call path once compiled (triton_launch.py): a decode
+    layer's driving thread decodes several pieces, and its time is the layer's."""
+    assert _launch_unpack is not None
     values, exceptions = piece.num_values, piece.num_exceptions
     at = values * 3 // 2  # as exception_views: indices (int32), then the exceptions' bits (int16)
-    grid = (triton.cdiv(values, BLOCK) + triton.cdiv(exceptions, BLOCK),)
-    _unpack_kernel[grid](_Pointer(staged_address, torch.uint8), _Pointer(out_address, torch.int16),
-                         _Pointer(staged_address + at, torch.int32),
-                         _Pointer(staged_address + at + 4 * exceptions, torch.int16), values,
-                         piece.gate_up.low.numel(), piece.gate_up.base, piece.down.base, exceptions, BLOCK=BLOCK)
+    grid_x = -(-values // BLOCK) - (-exceptions // BLOCK)
+    _launch_unpack(grid_x, _Pointer(staged_address, torch.uint8), _Pointer(out_address, torch.int16),
+                   _Pointer(staged_address + at, torch.int32), _Pointer(staged_address + at + 4 * exceptions, torch.int16),
+                   values, piece.gate_up.low.numel(), piece.gate_up.base, piece.down.base, exceptions, BLOCK)
 
 
 def unpack_piece(staged: torch.Tensor, piece: CompactPiece, out: torch.Tensor) -> None:
