@@ -55,12 +55,11 @@ def _traits(value: Any) -> tuple:
 
 class CachedLauncher:
     """`launcher(grid_x, *args)` == `kernel[(grid_x,)](*args)` (args: every parameter in order,
-    constexprs included), on the current stream of `device`."""
+    constexprs included), on the current device's current stream."""
 
-    def __init__(self, kernel: Any, device_index: int | None = None) -> None:
+    def __init__(self, kernel: Any) -> None:
         self.kernel = kernel
         self.direct = _supported()
-        self.device_index = device_index
         self._compiled: dict[tuple, Any] = {}
         self.direct_calls = 0  # launches that skipped Triton's path (tests, benchmarks)
 
@@ -82,8 +81,7 @@ class CachedLauncher:
     def _launch(self, compiled: Any, grid_x: int, args: tuple) -> None:
         from triton import knobs
 
-        device = self.device_index if self.device_index is not None else torch.cuda.current_device()
-        stream = torch._C._cuda_getCurrentRawStream(device)
+        stream = torch._C._cuda_getCurrentRawStream(torch.cuda.current_device())
         grid = (grid_x, 1, 1)
         metadata = compiled.launch_metadata(grid, stream, *args)
         compiled.run(grid_x, 1, 1, stream, compiled.function, compiled.packed_metadata, metadata,
