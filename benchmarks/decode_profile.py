@@ -301,7 +301,7 @@ def variants(llm: LLM, args: argparse.Namespace) -> list[tuple[str, Callable[[],
     import sys
 
     from engine.cpu_kernels.runner import get_tuning, set_tuning
-    from engine.executor import partitioned
+    from engine.executor import gpu_unpack, partitioned
 
     model = llm.engine.runner.model
     out: list[tuple[str, Callable[[], None]]] = []
@@ -314,36 +314,27 @@ def variants(llm: LLM, args: argparse.Namespace) -> list[tuple[str, Callable[[],
         graphs = model.decode_graphs
         add([False, True, False, True], lambda v: f"decode graphs {'on' if v else 'off'}",
             lambda v: setattr(model, "decode_graphs", graphs if v else None), True)
-    if args.one_graph_ab and model.decode_graphs is not None:  # attention inside the layer's graph, or eager
-        graphs_one = model.decode_graphs
-        add([False, True, False, True], lambda v: f"one graph per layer {'on' if v else 'off'}",
-            lambda v: setattr(graphs_one, "one_graph_layers", v), True)
-    if args.host_routing_ab and model.decode_graphs is not None:  # routing ids and activations to the host
-        graphs_ = model.decode_graphs
-        add([False, True, False, True], lambda v: f"host routing {'on' if v else 'off'}",
-            lambda v: setattr(graphs_, "host_routing", v), True)
-    if args.driver_ab:  # CPU jobs on the kernels' C++ driver thread, or on the pool's Python worker
-        pool = llm.engine.runner.executor.cpu_pool
-        add([False, True, False, True], lambda v: f"C++ driver {'on' if v else 'off'}",
-            lambda v: setattr(pool, "use_driver", v), True)
-    if args.feedback_ab:  # decode steps balanced by measured CPU/PCIe rates, or the plan's kinds
-        executor = llm.engine.runner.executor
-        add([False, True, False, True], lambda v: f"decode feedback {'on' if v else 'off'}",
-            lambda v: setattr(executor, "use_feedback", v), True)
-    if args.signal_ab:  # decode CPU jobs waited for by the GPU stream, or by the driving thread
-        executor_ = llm.engine.runner.executor
-        add([False, True, False, True], lambda v: f"stream signal {'on' if v else 'off'}",
-            lambda v: setattr(executor_, "use_signal", v), True)
-    if args.unpack_ab and llm.engine.runner.executor.ring is not None:  # streamed compact pieces decoded by address or views
-        ring = llm.engine.runner.executor.ring
-        add([False, True, False, True], lambda v: f"unpack by address {'on' if v else 'off'}",
-            lambda v: setattr(ring, "unpack_by_address", v), ring.unpack_by_address)
-    if args.launch_ab:  # the compact decode kernel launched through Triton's path or past it
-        from engine.executor import gpu_unpack
-        launcher = gpu_unpack._launch_unpack
-        if launcher is not None:
-            add([False, True, False, True], lambda v: f"direct Triton launch {'on' if v else 'off'}",
-                lambda v: setattr(launcher, "direct", v), launcher.direct)
+
+    def switch(asked: bool, label: str, owner: object | None, attribute: str) -> None:
+        """A boolean attribute off, on, off, on, then back to its value now (asked and present)."""
+        if asked and owner is not None:
+            add([False, True, False, True], lambda v: f"{label} {'on' if v else 'off'}",
+                lambda v: setattr(owner, attribute, v), getattr(owner, attribute))
+
+    executor = llm.engine.runner.executor
+    graphs_now = model.decode_graphs
+    # attention inside the layer's graph, or eager; routing ids and activations copied to the host
+    switch(args.one_graph_ab, "one graph per layer", graphs_now, "one_graph_layers")
+    switch(args.host_routing_ab, "host routing", graphs_now, "host_routing")
+    # CPU jobs on the kernels' C++ driver thread, or on the pool's Python worker
+    switch(args.driver_ab, "C++ driver", executor.cpu_pool, "use_driver")
+    # decode steps balanced by measured CPU/PCIe rates, or the plan's kinds
+    switch(args.feedback_ab, "decode feedback", executor, "use_feedback")
+    # decode CPU jobs waited for by the GPU stream, or by the driving thread
+    switch(args.signal_ab, "stream signal", executor, "use_signal")
+    # streamed compact pieces decoded by address or through views; their kernel launched past Triton's path
+    switch(args.unpack_ab, "unpack by address", executor.ring, "unpack_by_address")
+    switch(args.launch_ab, "direct Triton launch", gpu_unpack._launch_unpack, "direct")
     if args.first_copies:  # copies enqueued before the CPU job is prepared
         add([int(v) for v in args.first_copies.split(",")] * 2, lambda v: f"first copies {v}",
             lambda v: setattr(partitioned, "FIRST_COPIES", v), partitioned.FIRST_COPIES)
