@@ -183,7 +183,8 @@ def time_prologue_parts(llm: LLM, prompt_len: int, steps: int) -> list[str]:
             timed(executor._cpu_buffers, "output"), timed(executor._cpu_buffers, "destination"),
             timed(cpu_pool, "submit_records"), timed(executor, "_partial"), timed(executor, "_finish_streaming"),
             timed(executor, "_add_cpu_results"), timed(executor, "flush"),
-            timed(decode_feedback, "host_mark"), timed(partitioned.torch, "zeros", "torch.zeros (all calls)")]
+            timed(decode_feedback, "host_mark"), timed(partitioned.torch, "zeros", "torch.zeros (all calls)"),
+            timed(executor.partial_graphs, "add_partial")]
     if executor.ring is not None:  # a streamed piece's copy and decode
         undo += [timed(executor.ring, "stage"), timed(executor.ring, "unpack")]
     try:
@@ -335,6 +336,8 @@ def variants(llm: LLM, args: argparse.Namespace) -> list[tuple[str, Callable[[],
     # streamed compact pieces decoded by address or through views; their kernel launched past Triton's path
     switch(args.unpack_ab, "unpack by address", executor.ring, "unpack_by_address")
     switch(args.launch_ab, "direct Triton launch", gpu_unpack._launch_unpack, "direct")
+    # decode pieces' partials replayed as CUDA graphs, or five eager calls each
+    switch(args.partial_graphs_ab, "partial graphs", executor.partial_graphs, "enabled")
     if args.first_copies:  # copies enqueued before the CPU job is prepared
         add([int(v) for v in args.first_copies.split(",")] * 2, lambda v: f"first copies {v}",
             lambda v: setattr(partitioned, "FIRST_COPIES", v), partitioned.FIRST_COPIES)
@@ -381,6 +384,8 @@ def main() -> None:
                         help="also trace with streamed compact pieces decoded through tensor views and by address, alternating")
     parser.add_argument("--launch-ab", action="store_true",
                         help="also trace with the compact decode kernel launched through Triton's path and past it, alternating")
+    parser.add_argument("--partial-graphs-ab", action="store_true",
+                        help="also trace with decode pieces' partials eager and replayed as graphs, alternating")
     parser.add_argument("--first-copies", default="",
                         help="also trace with these counts of copies enqueued before the CPU job (comma list, "
                              "each twice, alternating; 0 = the CPU job first)")

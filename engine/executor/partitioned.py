@@ -29,6 +29,7 @@ from engine.executor.cpu_batches import MAX_KEPT_ROWS, DecodeCpuBuffers
 from engine.executor.cpu_pool import CpuBatch, CpuJob, CpuPool, CpuResult, _Submitted
 from engine.executor.decode_feedback import DecodeFeedback, DecodeMeter
 from engine.executor.lookahead import LOOKAHEAD_PIECES, LookaheadStats, likely_pieces
+from engine.executor.partial_graphs import PartialGraphs
 from engine.executor.staging import StagedSlice, StagingRing
 from engine.executor.stream_signal import StreamSignal
 from engine.executor.timeline import BusyMeter, StepTimeline, host_mark
@@ -96,6 +97,8 @@ class PartitionedExecutor:
         self.use_signal = True  # False: the driving thread waits for every CPU job (A/B in benchmarks)
         self._deferred: tuple[CpuResult, bool] | None = None  # a signalled CPU job not collected yet
         self._signal_value = 0  # the value the last signalled job stores
+        # decode pieces' partials replayed as graphs (`into` given: the decode graphs' static buffers)
+        self.partial_graphs = PartialGraphs(accelerator, self._partial)
 
     def apply_plan(self, plan: PartitionPlan) -> None:
         """Re-labels the host pieces (CG <-> CC) and the dynamic rule for `plan` without moving any
@@ -175,10 +178,11 @@ class PartitionedExecutor:
                 cpu_future = None
             streaming = begin_streaming()
         sums = [sums_all[offsets[i] : offsets[i + 1]] for i in range(len(items))]
+        add_partial = self.partial_graphs.add_partial if into is not None else self._add_partial
         start = host_mark(acc, acc.compute_stream)
         for i, piece in on_gpu:
-            sums[i] += self._partial(items[i][1], piece.gate_up, piece.down)
-        self._finish_streaming(streaming, items, sums)
+            add_partial(sums[i], items[i][1], piece.gate_up, piece.down)
+        self._finish_streaming(streaming, items, sums, add_partial)
         if measured and streamed:
             self._meter.copies_enqueued()
         end = host_mark(acc, acc.compute_stream)
@@ -231,6 +235,9 @@ class PartitionedExecutor:
     def _partial(self, x: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor) -> torch.Tensor:
         gate, up = F.linear(x, gate_up).chunk(2, dim=-1)
         return self.accelerator.linear_fp32(self.act(gate) * up, down)
+
+    def _add_partial(self, sums_row: torch.Tensor, x: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor) -> None:
+        sums_row += self._partial(x, gate_up, down)
 
     def _ship_cpu_inputs(self, items: list[tuple[FFNUnit, torch.Tensor]], on_cpu: list[tuple[int, UnitSlice]],
                          host_x: list[torch.Tensor] | None) -> _CpuInputs | None:
@@ -331,7 +338,8 @@ class PartitionedExecutor:
         state.pending.append(state.queue[0])
         state.staged.append(self.ring.stage(state.queue.popleft()[1], self.timeline))
 
-    def _finish_streaming(self, state: _Streaming, items, sums: list[torch.Tensor]) -> None:
+    def _finish_streaming(self, state: _Streaming, items, sums: list[torch.Tensor],
+                          add_partial: Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], None]) -> None:
         """Computes each streamed piece once its copy landed; a released slot takes the next copy."""
         acc = self.accelerator
         while state.pending:
@@ -341,7 +349,7 @@ class PartitionedExecutor:
             start = host_mark(acc, acc.compute_stream) if self.timeline is not None else None
             assert self.ring is not None
             self.ring.unpack(slot)
-            sums[i] += self._partial(items[i][1], slot.gate_up, slot.down)
+            add_partial(sums[i], items[i][1], slot.gate_up, slot.down)
             if self.timeline is not None:  # traced steps: each streamed piece's compute (not a resource)
                 self.timeline.gpu_interval("gpu_piece", start, host_mark(acc, acc.compute_stream), f"slot {slot.slot}")
             self.ring.release(slot)

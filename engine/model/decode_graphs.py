@@ -56,6 +56,9 @@ class StepBuffers:
     slots: torch.Tensor  # [n] KV slots written this step
     attended: torch.Tensor  # [n, heads * head_dim] attention output, before the o projection
     keys_index: torch.Tensor  # int32 [3 n + 2]: DecodeKeys.index of the step (one-graph layers)
+    # [n, hidden] the FFN's input h of the layer being run: one address for every layer and set of
+    # graphs, so the executor's per-piece graphs (engine/executor/partial_graphs.py) serve them all
+    ffn_in: torch.Tensor
 
     @classmethod
     def allocate(cls, num_tokens: int, hidden: int, head_dim: int, q_size: int, dtype: torch.dtype,
@@ -65,7 +68,7 @@ class StepBuffers:
 
         return cls(zeros(num_tokens, hidden), zeros(num_tokens, hidden), zeros(num_tokens, head_dim),
                    zeros(num_tokens, head_dim), zeros(num_tokens, kind=torch.int64), zeros(num_tokens, q_size),
-                   zeros(3 * num_tokens + 2, kind=torch.int32))
+                   zeros(3 * num_tokens + 2, kind=torch.int32), zeros(num_tokens, hidden))
 
 
 @dataclass
@@ -192,7 +195,8 @@ class Segments:
         b = self.buffers
         layer = self.model.layers[i]
         b.residual.add_(F.linear(b.attended, layer.attn.o, layer.attn.o_bias))
-        h = layer.post_attention_norm(b.residual)
+        b.ffn_in.copy_(layer.post_attention_norm(b.residual))
+        h = b.ffn_in  # layer i's h stays there until the next layer's post (its pre combines with it)
         out = self.outputs[i]
         out.h = h
         out.routing = _in_id_order(layer.ffn.route(h)) if isinstance(layer.ffn, MoEBlock) else None
