@@ -199,6 +199,30 @@ def time_prologue_parts(llm: LLM, prompt_len: int, steps: int) -> list[str]:
     return lines
 
 
+def time_layer_graphs(llm: LLM, repeats: int = 20) -> list[str]:
+    """GPU time of one decode layer's graph (pre, attention, post: everything of a layer but its FFN),
+    replayed back to back over all layers for one token and each captured key bound. The replays
+    rewrite the last step's K/V slots with the same values; run after a generation."""
+    graphs = llm.engine.runner.model.decode_graphs
+    step = graphs._steps.get(1) if graphs is not None else None
+    if step is None or not step.layers:
+        return ["layer graphs: none captured for one token"]
+    lines = []
+    for bound, layers in sorted(step.layers.items()):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        for replay in layers:  # warm
+            replay()
+        start.record()
+        for _ in range(repeats):
+            for replay in layers:
+                replay()
+        end.record()
+        end.synchronize()
+        per_layer_us = start.elapsed_time(end) * 1e3 / (repeats * len(layers))
+        lines.append(f"layer graph (one token, key bound {bound}): {per_layer_us:.1f} us of GPU time a layer")
+    return lines
+
+
 def trace_decode(llm: LLM, prompt_len: int, steps: int, trace_path: str | None) -> list[str]:
     """Per-layer anatomy of traced decode steps (median over layers and steps, ms): the executor's
     host time, the gap between executors (attention, routing, combining), when the CPU job starts
@@ -384,6 +408,8 @@ def main() -> None:
                         help="also trace with streamed compact pieces decoded through tensor views and by address, alternating")
     parser.add_argument("--launch-ab", action="store_true",
                         help="also trace with the compact decode kernel launched through Triton's path and past it, alternating")
+    parser.add_argument("--layer-graphs", action="store_true",
+                        help="also time the decode layer graphs' GPU time (everything of a layer but its FFN)")
     parser.add_argument("--partial-graphs-ab", action="store_true",
                         help="also trace with decode pieces' partials eager and replayed as graphs, alternating")
     parser.add_argument("--first-copies", default="",
@@ -409,6 +435,8 @@ def main() -> None:
     if args.prologue_parts:
         lines += time_prologue_parts(llm, args.prompt_len, args.steps)
         print("\n".join(lines), flush=True)
+    if args.layer_graphs:
+        lines += time_layer_graphs(llm)
     time_host_phases(llm)
     lines += trace_decode(llm, args.prompt_len, args.steps, args.trace)
     print("\n".join(lines[-24:]), flush=True)
