@@ -73,6 +73,10 @@ def _declare(lib: ctypes.CDLL) -> None:
     lib.scheinfer_run.restype = i32
     lib.scheinfer_submit.argtypes = [ctypes.c_void_p, i32, i32, i32, ctypes.c_void_p, i64]
     lib.scheinfer_submit.restype = i64
+    lib.scheinfer_submit_routed.argtypes = [ctypes.c_void_p, ctypes.c_void_p, i32, ctypes.c_void_p, i32, i64,
+                                            ctypes.c_void_p, ctypes.c_void_p, i64, i64, i64, i64, i32, i32,
+                                            ctypes.c_void_p, i64]
+    lib.scheinfer_submit_routed.restype = i64
     lib.scheinfer_wait.argtypes = [i64, ctypes.c_void_p]
     lib.scheinfer_wait.restype = i32
     lib.scheinfer_job_path.argtypes = [ctypes.c_void_p, i32]

@@ -278,6 +278,45 @@ def submit_records(records: array, num_jobs: int, activation: str = "silu", sign
     return PendingJobs(ticket, lib, called_s)
 
 
+@dataclass(frozen=True)
+class RoutedGate:
+    """Where a routed job learns its routing (all pinned host addresses): `ids` int64 [num_ids], the
+    choice of each position; `gate` reaches `value` once the ids and activations are there (a GPU
+    stream stores it); `cancel` reaching `value` gives the job up. `out_base`: the outputs' first
+    row, `out_row_bytes` a row (each chosen job's rows follow the previous one's)."""
+
+    ids: int
+    num_ids: int
+    choice_stride: int
+    gate: int
+    cancel: int
+    value: int
+    out_base: int
+    out_row_bytes: int
+    wait_ms: int = 10_000
+
+
+def submit_routed_records(records: array, choice_offsets: array, where: RoutedGate, activation: str = "silu",
+                          signal: int = 0, value: int = 0) -> PendingJobs | None:
+    """Submits a job whose records are chosen on the driver thread once the routing is there: choice
+    c's records are [choice_offsets[c], choice_offsets[c + 1]) of `records`, and position p takes
+    choice p * choice_stride + ids[p] (scheinfer_submit_routed). None when no kernel path is in
+    force (nothing submitted, nothing signalled)."""
+    path, cap, reason = _cached_active()
+    if cap == 0 or activation not in KERNEL_ACTIVATIONS:
+        return None
+    _log_choice(path, reason)
+    lib = _state.built.lib  # type: ignore[union-attr]
+    called_s = time.perf_counter()
+    ticket = lib.scheinfer_submit_routed(records.buffer_info()[0], choice_offsets.buffer_info()[0],
+                                         len(choice_offsets) - 1, where.ids, where.num_ids, where.choice_stride,
+                                         where.gate, where.cancel, where.value, where.out_base, where.out_row_bytes,
+                                         where.wait_ms, cap, num_threads(), signal or None, value)
+    if ticket < 0:
+        raise RuntimeError(f"cpu kernel failed: {lib.scheinfer_last_error().decode()}")
+    return PendingJobs(ticket, lib, called_s)
+
+
 def job_path(job: SliceJob) -> str:
     """The path this job would take now (for tests and benchmarks)."""
     _, cap, _ = _active(requested_path())

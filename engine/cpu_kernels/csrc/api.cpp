@@ -448,6 +448,73 @@ int64_t scheinfer_submit(const int64_t* descs, int num_jobs, int max_path, int n
   }
 }
 
+// As scheinfer_submit, for a job chosen on the driver thread by a routing the GPU writes into
+// pinned memory: the call waits until *gate >= gate_value (a GPU stream stores it once the routing
+// ids and the activations have landed), then, unless *cancel >= gate_value (the submitter gave the
+// job up), runs for each position p < num_ids the descs of choice p * choice_stride + ids[p]
+// (choice c: descs [choice_offsets[c], choice_offsets[c + 1])), their outputs placed one token row
+// block after another from out_base (out_row_bytes a row). The job starts as soon as the routing
+// is there, with no round trip through the submitting thread. Fails after wait_ms without a gate.
+int64_t scheinfer_submit_routed(const int64_t* descs, const int64_t* choice_offsets, int num_choices,
+                                const int64_t* ids, int num_ids, int64_t choice_stride, const int64_t* gate,
+                                const int64_t* cancel, int64_t gate_value, int64_t out_base, int64_t out_row_bytes,
+                                int64_t wait_ms, int max_path, int num_threads, int64_t* signal, int64_t value) {
+  try {
+    const int64_t total = choice_offsets[num_choices];
+    std::vector<int64_t> table(descs, descs + kDescFields * total);
+    std::vector<int64_t> offsets(choice_offsets, choice_offsets + num_choices + 1);
+    const int threads = num_threads < 1 ? 1 : num_threads;
+    return driver_submit([=, table = std::move(table), offsets = std::move(offsets)]() mutable {
+      struct Signal {  // stored however the call ends
+        int64_t* where;
+        int64_t value;
+        ~Signal() {
+          if (where != nullptr) __atomic_store_n(where, value, __ATOMIC_RELEASE);
+        }
+      } done{signal, value};
+      try {
+        const auto deadline = std::chrono::steady_clock::now() + std::chrono::milliseconds(wait_ms);
+        uint32_t spins = 0;
+        while (__atomic_load_n(gate, __ATOMIC_ACQUIRE) < gate_value) {
+          if (__atomic_load_n(cancel, __ATOMIC_ACQUIRE) >= gate_value) return 0;
+          if ((spins & 1023u) == 0 && std::chrono::steady_clock::now() > deadline)
+            throw std::runtime_error("routed CPU job: the routing never came");
+          spin_pause(spins);
+        }
+        if (__atomic_load_n(cancel, __ATOMIC_ACQUIRE) >= gate_value) return 0;
+        driver_restart_clock();  // the job's time starts now, not at the wait
+        std::vector<int64_t> chosen;
+        int64_t row = 0;
+        for (int p = 0; p < num_ids; ++p) {
+          const int64_t c = p * choice_stride + ids[p];
+          if (c < 0 || c >= num_choices) throw std::runtime_error("routed CPU job: routing id out of range");
+          for (int64_t d = offsets[c]; d < offsets[c + 1]; ++d) {
+            const size_t at = chosen.size();
+            chosen.insert(chosen.end(), table.begin() + kDescFields * d, table.begin() + kDescFields * (d + 1));
+            JobDesc desc;
+            std::memcpy(&desc, chosen.data() + at, sizeof(JobDesc));
+            desc.out = out_base + row * out_row_bytes;
+            desc.out_stride = out_row_bytes / static_cast<int64_t>(sizeof(float));
+            std::memcpy(chosen.data() + at, &desc, sizeof(JobDesc));
+            row += desc.num_tokens;
+          }
+        }
+        std::lock_guard<std::mutex> lock(g_call_mutex);
+        std::vector<Job> jobs = parse_jobs(chosen.data(), static_cast<int>(chosen.size() / kDescFields), max_path);
+        if (!jobs.empty()) run_jobs(jobs, threads);
+        return 0;
+      } catch (const std::exception& e) {
+        set_driver_error(e.what());
+        return 1;
+      }
+    });
+  } catch (const std::exception& e) {
+    g_error = e.what();
+    if (signal != nullptr) __atomic_store_n(signal, value, __ATOMIC_RELEASE);  // nobody may wait forever
+    return -1;
+  }
+}
+
 // Waits for a submitted call: 0, or 1 with scheinfer_last_error() set. times_ns (3 int64, may be
 // null): the call's start and end and its submission, steady clock (Python's perf_counter clock).
 int scheinfer_wait(int64_t ticket, int64_t* times_ns) {

@@ -63,6 +63,7 @@ class Driver {
   }
 
   void set_error(const char* text) { running_error_ = text; }
+  void restart_clock() { running_start_ns_ = steady_ns(); }
   const char* last_error() const { return last_error_.c_str(); }
 
  private:
@@ -89,13 +90,14 @@ class Driver {
       Outcome outcome;
       outcome.submit_ns = entry.submit_ns;
       running_error_.clear();
-      outcome.start_ns = steady_ns();
+      running_start_ns_ = steady_ns();
       try {
         outcome.status = entry.call();
       } catch (const std::exception& e) {
         outcome.status = 1;
         running_error_ = e.what();
       }
+      outcome.start_ns = running_start_ns_;
       outcome.end_ns = steady_ns();
       outcome.error = running_error_;
       {
@@ -115,6 +117,7 @@ class Driver {
   alignas(64) std::atomic<int64_t> queued_{0};
   alignas(64) std::atomic<int64_t> done_{0};
   std::string running_error_, last_error_;
+  int64_t running_start_ns_ = 0;  // the running call's start (driver thread only)
   std::thread thread_;
 };
 
@@ -128,6 +131,7 @@ Driver& driver() {
 int64_t driver_submit(std::function<int()> call) { return driver().submit(std::move(call)); }
 int driver_wait(int64_t ticket, int64_t* times_ns) { return driver().wait(ticket, times_ns); }
 void set_driver_error(const char* text) { driver().set_error(text); }
+void driver_restart_clock() { driver().restart_clock(); }
 const char* driver_last_error() { return driver().last_error(); }
 
 }  // namespace scheinfer

@@ -21,6 +21,9 @@ int driver_wait(int64_t ticket, int64_t* times_ns);
 // Sets the error text of the call running now (on the driver thread); driver_last_error() gives
 // the text of the call the last driver_wait returned.
 void set_driver_error(const char* text);
+// Called by the running call (on the driver thread): its start time is now (a call that first
+// waited for its input reports the work's time, not the wait's).
+void driver_restart_clock();
 const char* driver_last_error();
 
 }  // namespace scheinfer
