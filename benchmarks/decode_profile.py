@@ -360,6 +360,8 @@ def variants(llm: LLM, args: argparse.Namespace) -> list[tuple[str, Callable[[],
     # streamed compact pieces decoded by address or through views; their kernel launched past Triton's path
     switch(args.unpack_ab, "unpack by address", executor.ring, "unpack_by_address")
     switch(args.launch_ab, "direct Triton launch", gpu_unpack._launch_unpack, "direct")
+    # one-token layers' CPU jobs started by the GPU's routing, or submitted once the routing is read
+    switch(args.routed_ab, "routed jobs", executor, "use_routed")
     # decode pieces' partials replayed as CUDA graphs, or five eager calls each
     switch(args.partial_graphs_ab, "partial graphs", executor.partial_graphs, "enabled")
     if args.first_copies:  # copies enqueued before the CPU job is prepared
@@ -410,6 +412,8 @@ def main() -> None:
                         help="also trace with the compact decode kernel launched through Triton's path and past it, alternating")
     parser.add_argument("--layer-graphs", action="store_true",
                         help="also time the decode layer graphs' GPU time (everything of a layer but its FFN)")
+    parser.add_argument("--routed-ab", action="store_true",
+                        help="also trace with one-token CPU jobs submitted after the routing and started by the GPU, alternating")
     parser.add_argument("--partial-graphs-ab", action="store_true",
                         help="also trace with decode pieces' partials eager and replayed as graphs, alternating")
     parser.add_argument("--first-copies", default="",

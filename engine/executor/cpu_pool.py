@@ -88,7 +88,7 @@ class _Kernels:
         self._records: dict[tuple[int, int, int, int], bytes] = {}
         self.record_hits = 0
 
-    def _weight_fields(self, piece: UnitSlice) -> WeightFields | None:
+    def weight_fields(self, piece: UnitSlice) -> WeightFields | None:
         key = id(piece)
         if key not in self._weights:  # pieces live as long as the model: their fields do not change
             if piece.compact is not None:
@@ -117,7 +117,7 @@ class _Kernels:
                 self.record_hits += 1
                 records.frombytes(kept)
                 continue
-            weights = self._weight_fields(job.piece)
+            weights = self.weight_fields(job.piece)
             if weights is None or not activations_ready(x):
                 return None
             job_record = record(activation_fields(x), weights, job_out, hidden)
@@ -183,6 +183,15 @@ class CpuPool:
         self._worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="scheinfer-cpu",
                                           initializer=torch.set_num_threads, initargs=(self.num_threads,))
         self.busy_s = 0.0
+
+    @property
+    def activation(self) -> str:
+        return self._kernels.activation
+
+    def weight_fields(self, piece: UnitSlice) -> WeightFields | None:
+        """The piece's weight fields for the C++ kernels' records (kept), or None when they do not
+        read its weights."""
+        return self._kernels.weight_fields(piece)
 
     def submit(self, batch: CpuBatch, inputs_ready: torch.cuda.Event | None,
                timeline: StepTimeline | None = None, signal: tuple[int, int] | None = None) -> CpuResult:

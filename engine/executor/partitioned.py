@@ -30,13 +30,14 @@ from engine.executor.cpu_pool import CpuBatch, CpuJob, CpuPool, CpuResult, _Subm
 from engine.executor.decode_feedback import DecodeFeedback, DecodeMeter
 from engine.executor.lookahead import LOOKAHEAD_PIECES, LookaheadStats, likely_pieces
 from engine.executor.partial_graphs import PartialGraphs
+from engine.executor.routed_job import RoutedJobs, RoutedLayer
 from engine.executor.staging import StagedSlice, StagingRing
 from engine.executor.stream_signal import StreamSignal
 from engine.executor.timeline import BusyMeter, StepTimeline, host_mark
-from engine.executor.token_assignment import DispatchRates, assign
+from engine.executor.token_assignment import Assignment, DispatchRates, assign
 from engine.model.decoder import DecoderModel
 from engine.model.ffn import FFNUnit, UnitSlice
-from engine.model.moe import MoEBlock
+from engine.model.moe import MoEBlock, Routing
 from engine.model.weights import DENSE_MLP, SHARED_EXPERT
 from engine.placement.plan import PartitionPlan, PieceKind
 
@@ -99,6 +100,10 @@ class PartitionedExecutor:
         self._signal_value = 0  # the value the last signalled job stores
         # decode pieces' partials replayed as graphs (`into` given: the decode graphs' static buffers)
         self.partial_graphs = PartialGraphs(accelerator, self._partial)
+        # one-token decode layers' CPU jobs submitted before the routing and started by the GPU
+        self.routed_jobs = RoutedJobs.create(accelerator, cpu_pool) if self.signal is not None else None
+        self.use_routed = True  # False: submitted once the routing is read (A/B in benchmarks)
+        self._routed: RoutedLayer | None = None  # a routed job not consumed yet
 
     def apply_plan(self, plan: PartitionPlan) -> None:
         """Re-labels the host pieces (CG <-> CC) and the dynamic rule for `plan` without moving any
@@ -139,7 +144,13 @@ class PartitionedExecutor:
             offsets.append(offsets[-1] + x.shape[0])
         measured = (self.use_feedback and self.dynamic == "balance"
                     and max(x.shape[0] for _, x in items) <= self.rates.max_bandwidth_bound_tokens)
-        placed = assign(self.dynamic, items, self.rates, self.feedback if measured else None)
+        if self._routed is not None:  # the previous layer's job first: an error leaves this one to flush()
+            self._collect_deferred()
+        routed = self._take_routed(layer, items, into)
+        if routed is not None:
+            placed = routed.assignment([unit for unit, _ in items])
+        else:
+            placed = assign(self.dynamic, items, self.rates, self.feedback if measured else None)
         on_gpu, streamed, on_cpu = placed.on_gpu, placed.streamed, placed.on_cpu
         measured = measured and bool(streamed or on_cpu)  # only under `balance`, so with overlap
 
@@ -158,14 +169,18 @@ class PartitionedExecutor:
             # ring's worth of copies (FIRST_COPIES of them before the job: a staged copy costs the
             # CPU job ~15-50 us of delay). The previous layer's signalled job is collected once
             # this one runs (it is over: this layer's inputs came after it).
-            cpu_inputs = self._ship_cpu_inputs(items, on_cpu, host_x)
-            if FIRST_COPIES > 0:
+            if routed is not None:  # running already (or about to, once the GPU opens its gate)
+                assert self.routed_jobs is not None and host_x is not None
+                cpu_future = self._routed_batch(routed, placed, offsets, host_x)
+                streaming = begin_streaming()
+            elif FIRST_COPIES > 0:
+                cpu_inputs = self._ship_cpu_inputs(items, on_cpu, host_x)
                 self.flush()
                 streaming = begin_streaming(FIRST_COPIES)
                 cpu_future = self._submit_cpu(items, offsets, on_cpu, cpu_inputs)
                 self._fill_ring(streaming)
             else:
-                cpu_future = self._submit_cpu(items, offsets, on_cpu, cpu_inputs)
+                cpu_future = self._submit_cpu(items, offsets, on_cpu, self._ship_cpu_inputs(items, on_cpu, host_x))
                 self.flush()
                 streaming = begin_streaming()
             sums_all = accumulator()
@@ -217,7 +232,13 @@ class PartitionedExecutor:
 
     def flush(self) -> None:
         """Collects the last signalled CPU job (waits for it; raises its error). The model calls it
-        at the end of every forward, so that a failed job never goes unnoticed."""
+        at the end of every forward, so that a failed job never goes unnoticed. A routed job not
+        consumed by then is given up."""
+        if self._routed is not None:
+            self._cancel_routed()
+        self._collect_deferred()
+
+    def _collect_deferred(self) -> None:
         if self._deferred is None:
             return
         future, measured = self._deferred
@@ -225,6 +246,53 @@ class PartitionedExecutor:
         batch = future.result()
         if measured:  # before the next layer enters the meter: its record is still the last
             self._meter.cpu_done(batch.end_s)
+
+    # -- routed jobs (engine/executor/routed_job.py) ------------------------------------------
+
+    def prepare_routed(self, layer: int, ffn: object, routing: Routing) -> None:
+        """Called by the decode graphs once a one-token layer's routing and activations are on their
+        way to the host (copies enqueued on the compute stream): submits the layer's CPU job for
+        every expert each position may route to, started by the GPU once the copies landed."""
+        if self._routed is not None:
+            self._cancel_routed()
+        host = routing.host
+        if (self.routed_jobs is None or not self.use_routed or not self.use_signal or not self.overlap
+                or self.lookahead_pieces > 0 or not self.cpu_pool.use_driver or not isinstance(ffn, MoEBlock)
+                or ffn.shared_expert is not None or host is None or host.ready is None or host.x.shape[0] != 1
+                or host.x.dtype != torch.bfloat16 or self.dynamic not in (None, "balance")):
+            return
+        assert self.signal is not None
+        shift = self.feedback.shift if self.use_feedback and self.dynamic == "balance" else 0
+        signal_value = self.signal.next_value()
+        self._routed = self.routed_jobs.submit(layer, ffn, host, shift, self.accelerator.compute_stream,
+                                               (self.signal.address, signal_value), self.timeline)
+
+    def _take_routed(self, layer: int, items: list[tuple[FFNUnit, torch.Tensor]],
+                     into: torch.Tensor | None) -> RoutedLayer | None:
+        """The routed job prepared for this layer's items, if any (one that does not match is given up)."""
+        routed = self._routed
+        if routed is None:
+            return None
+        if (routed.layer != layer or into is None or len(items) != routed.table.top_k
+                or any(x.shape[0] != 1 or id(unit) not in routed.table.expert_of for unit, x in items)):
+            self._cancel_routed()
+            return None
+        self._routed = None
+        return routed
+
+    def _routed_batch(self, routed: RoutedLayer, placed: Assignment, offsets: list[int], host_x: list[torch.Tensor]) -> _Submitted:
+        """The routed job as this layer's CPU future: its batch's jobs and destination rows filled in."""
+        assert self.routed_jobs is not None
+        self.routed_jobs.fill(routed, placed, host_x)
+        batch = routed.batch
+        batch.dest, batch.dest_device = self._cpu_buffers.destination(tuple(offsets[job.item] for job in batch.jobs))
+        self._signal_value = routed.signal_value
+        return routed.future
+
+    def _cancel_routed(self) -> None:
+        routed, self._routed = self._routed, None
+        assert routed is not None and self.routed_jobs is not None
+        self.routed_jobs.cancel(routed)
 
     def _enter_meter(self, items: list[tuple[FFNUnit, torch.Tensor]], host: list[tuple[int, UnitSlice]]) -> None:
         """Starts measuring a decode layer (before its first copy is enqueued); a host piece's effect

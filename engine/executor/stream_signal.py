@@ -27,6 +27,7 @@ import torch
 logger = logging.getLogger(__name__)
 
 _WAIT_VALUE_GEQ = 0x0  # CU_STREAM_WAIT_VALUE_GEQ: (int64) *addr >= value
+_WRITE_VALUE_DEFAULT = 0x0  # CU_STREAM_WRITE_VALUE_DEFAULT: the earlier work's writes are visible first
 _CUDA_SUCCESS = 0
 
 
@@ -34,11 +35,13 @@ def _driver() -> ctypes.CDLL | None:
     try:
         lib = ctypes.CDLL("libcuda.so.1")
         wait = lib.cuStreamWaitValue64_v2
+        write = lib.cuStreamWriteValue64_v2
         device_pointer = lib.cuMemHostGetDevicePointer_v2
     except (OSError, AttributeError):
         return None
-    wait.argtypes = [ctypes.c_void_p, ctypes.c_uint64, ctypes.c_uint64, ctypes.c_uint]
-    wait.restype = ctypes.c_int
+    for call in (wait, write):
+        call.argtypes = [ctypes.c_void_p, ctypes.c_uint64, ctypes.c_uint64, ctypes.c_uint]
+        call.restype = ctypes.c_int
     device_pointer.argtypes = [ctypes.POINTER(ctypes.c_uint64), ctypes.c_void_p, ctypes.c_uint]
     device_pointer.restype = ctypes.c_int
     return lib
@@ -46,10 +49,13 @@ def _driver() -> ctypes.CDLL | None:
 
 class StreamSignal:
     """One int64 in pinned memory that only grows: `next_value()` names a job's value, the CPU side
-    stores it when the job is over (`address`), `wait(stream, value)` holds the stream until then."""
+    stores it when the job is over (`address`), `wait(stream, value)` holds the stream until then.
+    The other way round, `store(stream, value)` has the stream store a value once the work enqueued
+    before it is done (a CPU job waiting for the GPU's routing, engine/executor/routed_job.py)."""
 
     def __init__(self, lib: ctypes.CDLL, flag: torch.Tensor, device_address: int) -> None:
         self._wait = lib.cuStreamWaitValue64_v2
+        self._write = lib.cuStreamWriteValue64_v2
         self.flag = flag  # kept alive: the CPU side writes, the GPU reads it
         self.address = flag.data_ptr()
         self._device_address = device_address
@@ -78,6 +84,7 @@ class StreamSignal:
             stream = torch.cuda.Stream(device)
             try:
                 signal.wait(stream, 0)
+                signal.store(stream, 0)
                 stream.synchronize()
             except RuntimeError as exc:
                 logger.info("GPU streams wait for the CPU through the host: %s", exc)
@@ -95,3 +102,10 @@ class StreamSignal:
         if status != _CUDA_SUCCESS:
             raise RuntimeError(f"cuStreamWaitValue64 failed (CUDA error {status})")
         self.waits += 1
+
+    def store(self, stream: torch.cuda.Stream, value: int) -> None:
+        """The flag takes `value` once the work enqueued on `stream` before this is done (its memory
+        writes visible first)."""
+        status = self._write(stream.cuda_stream, self._device_address, value, _WRITE_VALUE_DEFAULT)
+        if status != _CUDA_SUCCESS:
+            raise RuntimeError(f"cuStreamWriteValue64 failed (CUDA error {status})")

@@ -58,10 +58,14 @@ class Assignment:
     on_cpu: Placed
 
 
+def _lists(out: Assignment) -> dict:
+    # PieceKind is a StrEnum: its members look up by the pieces' kind strings (no kind: resident)
+    return {PieceKind.GG: out.on_gpu, PieceKind.CG: out.streamed, PieceKind.CC: out.on_cpu, None: out.on_gpu}
+
+
 def _by_plan(items: list[tuple[FFNUnit, torch.Tensor]]) -> Assignment:
     out = Assignment([], [], [])
-    # PieceKind is a StrEnum: its members look up by the pieces' kind strings (no kind: resident)
-    lists = {PieceKind.GG: out.on_gpu, PieceKind.CG: out.streamed, PieceKind.CC: out.on_cpu, None: out.on_gpu}
+    lists = _lists(out)
     for i, (unit, _) in enumerate(items):
         for piece in unit.slices:
             lists[piece.kind].append((i, piece))
@@ -85,24 +89,38 @@ def assign(rule: str | None, items: list[tuple[FFNUnit, torch.Tensor]], rates: D
             _balance(out, {id(p): rates.cpu_s(p, tokens[i]) for i, p in host},
                      {id(p): rates.stream_s(p) for _, p in host})
         elif feedback is not None and feedback.shift:
-            _shift(out, feedback.shift)
+            out = Assignment([], [], [])
+            for i, (unit, _) in enumerate(items):
+                split = decode_split(unit, i, len(items), feedback.shift)
+                out.on_gpu += split.on_gpu
+                out.streamed += split.streamed
+                out.on_cpu += split.on_cpu
         return out
     raise ValueError(f"unknown token-assignment rule {rule!r}")
 
 
-def _shift(out: Assignment, shift: int) -> None:
-    """Moves `shift` host pieces from PCIe to the CPU (negative: the other way), taking each item's
-    last pieces first, items in turn, so that every item keeps its share on both sides."""
+def shift_share(shift: int, position: int, num_items: int) -> int:
+    """How many of a layer's `shift` moved pieces item `position` of `num_items` moves: an equal
+    share, the remainder taken by the last items."""
+    moved = abs(shift)
+    return moved // num_items + (1 if position >= num_items - moved % num_items else 0)
+
+
+def decode_split(unit: FFNUnit, position: int, num_items: int, shift: int) -> Assignment:
+    """What `balance` gives one decode item (index `position` of `num_items`) under the feedback's
+    `shift`: the plan's kinds, then its share of the shift moved from PCIe to the CPU (negative:
+    the other way), its last pieces first. It depends on the item alone, so a CPU job can be
+    prepared for every expert a position may route to before the routing is known."""
+    out = Assignment([], [], [])
+    lists = _lists(out)
+    for piece in unit.slices:
+        lists[piece.kind].append((position, piece))
     source, target = (out.streamed, out.on_cpu) if shift > 0 else (out.on_cpu, out.streamed)
-    rank: dict[int, int] = {}
-    ranked = []
-    for i, piece in source:
-        rank[i] = rank.get(i, 0) + 1
-        ranked.append((rank[i], i, piece))
-    leaving = sorted(ranked, key=lambda t: (t[0] - rank[t[1]], t[1]), reverse=True)[: abs(shift)]
-    moved = {id(piece) for _, _, piece in leaving}
-    target.extend((i, piece) for _, i, piece in leaving)
-    source[:] = [(i, piece) for i, piece in source if id(piece) not in moved]
+    take = min(shift_share(shift, position, num_items), len(source))
+    if take:
+        target.extend(reversed(source[len(source) - take :]))
+        del source[len(source) - take :]
+    return out
 
 
 def _balance(out: Assignment, cpu: dict[int, float], pcie: dict[int, float]) -> None:

@@ -353,6 +353,11 @@ class DecodeGraphs:
                 attend(out.q, out.k, out.v, model.attn_shape, i, batch, cache, out=b.attended, decode=decode)
                 step.post[i]()
             routing = segments.routing_on_host(i) if self.host_routing else out.routing
+            if routing is not None and routing.host is not None and segments.unit_sums is not None:
+                # one token: the executor may start the layer's CPU job from the GPU (routed_job.py)
+                prepare = getattr(model.unit_executor, "prepare_routed", None)
+                if prepare is not None:
+                    prepare(i, layer.ffn, routing)
             if segments.unit_sums is not None:  # the next pre graph combines
                 model.run_ffn_into(i, layer.ffn, out.h, routing, segments.sums_of(i))
             else:

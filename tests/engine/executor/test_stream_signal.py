@@ -110,5 +110,6 @@ def test_a_failed_signalled_job_raises_at_the_end_of_the_forward(tmp_path: Path,
     with pytest.raises(RuntimeError, match="injected"):
         llm.generate(prompt_token_ids=[[5, 9, 13]], params=params)
     assert llm.engine.runner.executor._deferred is None
+    assert llm.engine.runner.executor._routed is None  # a routed job in flight was given up
     monkeypatch.setattr(runner.PendingJobs, "wait", real_wait)
     assert llm.generate(prompt_token_ids=[[5, 9, 13]], params=params)[0].token_ids == expected

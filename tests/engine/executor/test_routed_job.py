@@ -1,0 +1,81 @@
+"""One-token decode layers' CPU jobs submitted before the routing and started by the GPU
+(engine/executor/routed_job.py): each expert's split depends on the expert alone (as `assign`
+gives it), and decoding with routed jobs gives the bits of submitting after the routing."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from engine import LLM
+from engine.executor.accelerator import Accelerator
+from engine.executor.cpu_pool import CpuPool
+from engine.executor.decode_feedback import DecodeFeedback
+from engine.executor.routed_job import RoutedJobs
+from engine.executor.token_assignment import DispatchRates, assign, decode_split, shift_share
+from engine.model.ffn import FFNUnit, UnitSlice
+from tests.engine.executor.test_partition_exactness import write_bf16
+from tests.engine.model.test_decode_graphs import _assert_same
+
+CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (run on the GPU machine)")
+RATES = DispatchRates(cpu_bytes_s=60e9, cpu_flops=2e12, pcie_bytes_s=50e9, cpu_job_overhead_s=0.0)
+
+
+def _unit(kinds: list[str], rows: int = 32, hidden: int = 64) -> FFNUnit:
+    slices = [UnitSlice(i * rows, (i + 1) * rows, torch.zeros(2 * rows, hidden), torch.zeros(hidden, rows), kind)
+              for i, kind in enumerate(kinds)]
+    return FFNUnit(rows * len(kinds), slices)
+
+
+@pytest.mark.parametrize("num_items", [1, 2, 3])
+def test_the_shift_shares_add_up(num_items: int) -> None:
+    for shift in range(-7, 8):
+        shares = [shift_share(shift, p, num_items) for p in range(num_items)]
+        assert sum(shares) == abs(shift) and max(shares) - min(shares) <= 1
+
+
+def test_an_items_decode_split_is_what_assign_gives_it() -> None:
+    """A routed job is built per (position, expert) before the routing is known: the split of an
+    item must not depend on the other items."""
+    units = [_unit(["GG", "CG", "CG", "CC", "CC"]), _unit(["CG", "CC", "CC", "CC"]), _unit(["GG", "CG", "CC"])]
+    for shift in range(-5, 6):
+        for chosen in ([0, 1], [2, 0], [1, 2, 0]):
+            items = [(units[u], torch.zeros(1, 64)) for u in chosen]
+            placed = assign("balance", items, RATES, DecodeFeedback(shift=shift))
+            for i, (unit, _) in enumerate(items):
+                split = decode_split(unit, i, len(items), shift)
+                for mine, everyone in ((split.on_gpu, placed.on_gpu), (split.streamed, placed.streamed),
+                                       (split.on_cpu, placed.on_cpu)):
+                    assert [id(p) for _, p in mine] == [id(p) for j, p in everyone if j == i]
+
+
+def test_no_routed_jobs_without_a_gpu(tiny_checkpoints: dict[str, Path]) -> None:
+    pool = CpuPool(torch.nn.functional.silu, "silu", num_threads=1)
+    try:
+        assert RoutedJobs.create(Accelerator.for_device("cpu"), pool) is None
+    finally:
+        pool.shutdown()
+    llm = LLM(str(tiny_checkpoints["mixtral"]), show_progress=False, policy="manual:cg=0.5")
+    assert llm.engine.runner.executor.routed_jobs is None
+
+
+@pytest.mark.gpu
+@CUDA
+@pytest.mark.parametrize("arch", ["mixtral", "phimoe"])
+def test_routed_jobs_give_the_bits_of_jobs_submitted_after_the_routing(arch: str, tmp_path: Path) -> None:
+    path = write_bf16(tmp_path, arch)
+
+    def engine(routed: bool) -> LLM:
+        llm = LLM(str(path), device="cuda", dtype="bfloat16", show_progress=False, policy="manual:gg=0.25,cg=0.25",
+                  kv_cache_tokens=256, max_num_batched_tokens=64, max_num_seqs=4, host_chunk_rows=8)
+        llm.engine.runner.executor.use_routed = routed
+        return llm
+
+    after, routed = engine(False), engine(True)
+    _assert_same(after, routed)
+    jobs = routed.engine.runner.executor.routed_jobs
+    assert jobs is not None and jobs.submitted > 0 and jobs.cancelled == 0
+    assert after.engine.runner.executor.routed_jobs.submitted == 0
+    assert routed.engine.runner.executor._routed is None
