@@ -422,6 +422,7 @@ def main() -> None:
     parser.add_argument("--kernel-trace", default=None,
                         help="also run torch.profiler over a few decode steps and write its Chrome trace here")
     parser.add_argument("--kernel-steps", type=int, default=3)
+    parser.add_argument("--host-chunk-rows", type=int, default=1024, help="rows of a host piece (the engine's default 1024)")
     parser.add_argument("--no-compact", action="store_true", help="keep host pieces bf16 (default: compact)")
     parser.add_argument("--skip-sdpa", action="store_true")
     parser.add_argument("--skip-cprofile", action="store_true")
@@ -432,7 +433,7 @@ def main() -> None:
     print("\n".join(lines), flush=True)
     llm = LLM(args.model, device="cuda", random_weights=True, gpu_memory_budget=args.budget, policy=args.policy,
               kv_cache_tokens=4096, max_num_seqs=8, cpu_threads=args.cpu_threads, show_progress=False,
-              profile_path=args.profile, compact_host_weights=not args.no_compact)
+              profile_path=args.profile, compact_host_weights=not args.no_compact, host_chunk_rows=args.host_chunk_rows)
     if args.plain_steps:
         lines += plain_decode(llm, args.prompt_len, args.plain_steps)
         print("\n".join(lines), flush=True)

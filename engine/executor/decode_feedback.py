@@ -101,11 +101,14 @@ class DecodeMeter:
         self.feedback = feedback
         self._layers: deque[_Layer] = deque()
 
-    def enter(self, piece_effect_s: float) -> None:
-        """`piece_effect_s`: what moving one host piece of this layer would change, by the profile."""
+    def enter(self, piece_effect_s: float, shift: int | None = None) -> None:
+        """`piece_effect_s`: what moving one host piece of this layer would change, by the profile;
+        `shift`: the one its pieces were assigned with (None: the feedback's now; measurements
+        resolved here may move it, after the layer was assigned)."""
+        shift = self.feedback.shift if shift is None else shift
         self._resolve()
         self._layers.append(_Layer(now_s(), host_mark(self.accelerator, self.accelerator.copy_stream),
-                                   self.feedback.shift, piece_effect_s))
+                                   shift, piece_effect_s))
 
     def copies_enqueued(self) -> None:
         self._layers[-1].end = host_mark(self.accelerator, self.accelerator.copy_stream)

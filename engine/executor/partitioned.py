@@ -149,7 +149,9 @@ class PartitionedExecutor:
         routed = self._take_routed(layer, items, into)
         if routed is not None:
             placed = routed.assignment([unit for unit, _ in items])
+            shift = routed.shift
         else:
+            shift = self.feedback.shift  # what `assign` reads (a measurement resolved later may move it)
             placed = assign(self.dynamic, items, self.rates, self.feedback if measured else None)
         on_gpu, streamed, on_cpu = placed.on_gpu, placed.streamed, placed.on_cpu
         measured = measured and bool(streamed or on_cpu)  # only under `balance`, so with overlap
@@ -161,7 +163,7 @@ class PartitionedExecutor:
 
         def begin_streaming(max_copies: int | None = None) -> _Streaming:
             if measured:  # the decode meter starts before the layer's first copy
-                self._enter_meter(items, streamed or on_cpu)
+                self._enter_meter(items, streamed or on_cpu, shift)
             return self._begin_streaming(streamed, max_copies)
 
         if self.overlap:
@@ -294,11 +296,12 @@ class PartitionedExecutor:
         assert routed is not None and self.routed_jobs is not None
         self.routed_jobs.cancel(routed)
 
-    def _enter_meter(self, items: list[tuple[FFNUnit, torch.Tensor]], host: list[tuple[int, UnitSlice]]) -> None:
+    def _enter_meter(self, items: list[tuple[FFNUnit, torch.Tensor]], host: list[tuple[int, UnitSlice]],
+                     shift: int) -> None:
         """Starts measuring a decode layer (before its first copy is enqueued); a host piece's effect
         by the profile: its CPU work (the job's own overhead is paid once) plus its transfer."""
         item, piece = host[0]
-        self._meter.enter(self.rates.cpu_work_s(piece, items[item][1].shape[0]) + self.rates.stream_s(piece))
+        self._meter.enter(self.rates.cpu_work_s(piece, items[item][1].shape[0]) + self.rates.stream_s(piece), shift)
 
     def _partial(self, x: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor) -> torch.Tensor:
         gate, up = F.linear(x, gate_up).chunk(2, dim=-1)

@@ -60,6 +60,7 @@ class RoutedLayer:
     future: _Submitted
     gate_value: int
     signal_value: int
+    shift: int  # the decode feedback's shift its splits were made with
 
     def assignment(self, units: list) -> Assignment:
         """The layer's pieces for these routed experts (in position order)."""
@@ -111,7 +112,7 @@ class RoutedJobs:
         self.submitted += 1
         batch = CpuBatch([], out, torch.empty(0, dtype=torch.int64), kept=True)
         future = _Submitted(self.cpu_pool, batch, pending, timeline, signalled=True)
-        return RoutedLayer(layer, table, len(ffn.experts), batch, future, gate_value, signal[1])
+        return RoutedLayer(layer, table, len(ffn.experts), batch, future, gate_value, signal[1], shift)
 
     def fill(self, routed: RoutedLayer, assignment: Assignment, host_x: list[torch.Tensor]) -> None:
         """The batch's jobs and output rows as the driver placed them (the routed experts' CPU
