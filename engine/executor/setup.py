@@ -77,6 +77,13 @@ class Partition:
             extra["decode_feedback"] = self.executor.feedback.summary()
         if self.executor.signal is not None:  # decode CPU jobs the GPU stream waits for itself
             extra["cpu_signal"] = {"enabled": self.executor.use_signal, "waits": self.executor.signal.waits}
+        routed = self.executor.routed_jobs
+        if routed is not None:  # one-token decode CPU jobs started by the GPU's routing
+            extra["routed_cpu_jobs"] = {"enabled": self.executor.use_routed, "submitted": routed.submitted,
+                                        "given_up": routed.cancelled}
+        graphs = self.executor.partial_graphs
+        if graphs.enabled:  # decode pieces' partials replayed as CUDA graphs
+            extra["partial_graphs"] = {"graphs": len(graphs), "replays": graphs.replayed}
         if self.executor.ring is not None:  # streamed pieces of the next layer's likely experts copied ahead
             extra["lookahead"] = {**self.executor.lookahead_stats.summary(), "pieces": self.executor.lookahead_pieces}
         return {

@@ -59,6 +59,7 @@ def test_no_routed_jobs_without_a_gpu(tiny_checkpoints: dict[str, Path]) -> None
         pool.shutdown()
     llm = LLM(str(tiny_checkpoints["mixtral"]), show_progress=False, policy="manual:cg=0.5")
     assert llm.engine.runner.executor.routed_jobs is None
+    assert "routed_cpu_jobs" not in llm.engine.plan_info() and "partial_graphs" not in llm.engine.plan_info()
 
 
 @pytest.mark.gpu
@@ -79,3 +80,6 @@ def test_routed_jobs_give_the_bits_of_jobs_submitted_after_the_routing(arch: str
     assert jobs is not None and jobs.submitted > 0 and jobs.cancelled == 0
     assert after.engine.runner.executor.routed_jobs.submitted == 0
     assert routed.engine.runner.executor._routed is None
+    info = routed.engine.plan_info()
+    assert info["routed_cpu_jobs"] == {"enabled": True, "submitted": jobs.submitted, "given_up": 0}
+    assert info["partial_graphs"]["replays"] > 0
