@@ -99,6 +99,9 @@ def serve(
     compact_host_weights: Annotated[bool | None, typer.Option(
         help="Store host weight pieces compact (lossless, 3/4 of the bytes; default: on with AVX512/AMX kernels)",
         show_default=False)] = None,
+    host_chunk_rows: Annotated[int | None, typer.Option(
+        help="Rows of a host weight piece (default 1024; 512 balances decode finer, prefill slower)",
+        show_default=False)] = None,
 ) -> None:
     """Serve the OpenAI-compatible HTTP API."""
     try:
@@ -110,7 +113,8 @@ def serve(
     overrides = {k: v for k, v in {"model": model, "host": host, "port": port, "device": device,
                                    "dtype": dtype, "api_key": api_key, "gpu_memory_budget": gpu_memory_budget,
                                    "policy": policy, "random_weights": random_weights,
-                                   "compact_host_weights": compact_host_weights}.items() if v is not None}
+                                   "compact_host_weights": compact_host_weights,
+                                   "host_chunk_rows": host_chunk_rows}.items() if v is not None}
     run_server(load_settings(config, **overrides))
 
 

@@ -44,6 +44,7 @@ def build_llm_engine(settings: ServerSettings) -> EngineLike:
                "random_weights": settings.random_weights, "max_model_len": settings.max_model_len,
                "kv_cache_tokens": settings.kv_cache_tokens}
     partition = PartitionOptions(settings.policy, settings.gpu_memory_budget, settings.cpu_threads,
+                                 host_chunk_rows=settings.host_chunk_rows,
                                  compact_host_weights=settings.compact_host_weights)
     config = EngineConfig(**{k: v for k, v in options.items() if v is not None}, partition=partition)
     return LLMEngine(config)

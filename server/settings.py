@@ -41,6 +41,9 @@ class ServerSettings(BaseSettings):
     gpu_memory_budget: str | None = Field(None, description='GPU memory the engine may use, e.g. "24GiB"')
     policy: str = Field("auto", description="partition policy: auto, gpu, cpu-experts, stream, fiddler, manual:...")
     cpu_threads: int | None = Field(None, ge=1, description="threads computing CC pieces (default: cores - 1)")
+    host_chunk_rows: int = Field(1024, ge=32, multiple_of=32,
+                                 description="rows of a host weight piece: the CPU/PCIe split moves whole pieces "
+                                             "(512: finer decode balance, slower prefill; benchmarks/README.md)")
     compact_host_weights: bool | None = Field(
         None, description="store host weight pieces compact (lossless, 3/4 of the bytes); default: when the "
                           "CPU kernels decode them in registers (AVX512/AMX)")

@@ -90,6 +90,7 @@ class Partition:
             **extra,
             "policy": self.plan.policy,
             "dynamic": self.plan.dynamic,
+            "host_chunk_rows": self.plan.host_chunk,
             "gpu_memory_budget_bytes": self.budget_bytes,
             "gpu_memory": {"non_ffn_weights": m.non_ffn_weights, "resident_ffn_weights": m.resident_ffn_weights,
                            "staging": m.staging, "kv_cache": m.kv_cache, "activations": m.activations,

@@ -60,3 +60,16 @@ def test_errors(tmp_path: Path) -> None:
         load_settings(typo)
     with pytest.raises(ValidationError):
         load_settings(port=70000)
+
+
+def test_host_chunk_rows_reach_the_engine(tiny_checkpoints: dict[str, Path], monkeypatch: pytest.MonkeyPatch) -> None:
+    from server.app import build_llm_engine
+
+    with pytest.raises(ValidationError):
+        load_settings(host_chunk_rows=100)  # not a multiple of 32
+    monkeypatch.setenv("SCHEINFER_HOST_CHUNK_ROWS", "64")
+    settings = load_settings(model=str(tiny_checkpoints["mixtral"]), device="cpu", policy="manual:cg=0.5")
+    assert settings.host_chunk_rows == 64
+    engine = build_llm_engine(settings)
+    assert engine.config.partition.host_chunk_rows == 64
+    assert engine.plan_info()["host_chunk_rows"] == 64
