@@ -46,7 +46,7 @@ def main() -> None:
         gate_up = torch.randn(2 * rows, hidden, device=dev, dtype=torch.bfloat16) * 0.02
         down = torch.randn(hidden, rows, device=dev, dtype=torch.bfloat16) * 0.02
         partial_into(row, x, gate_up, down)
-        eager = host_us(lambda: partial_into(row, x, gate_up, down), args.calls)
+        eager = host_us(lambda gate_up=gate_up, down=down: partial_into(row, x, gate_up, down), args.calls)
         side = torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())
         graph = torch.cuda.CUDAGraph()

@@ -265,14 +265,21 @@ def submit_records(records: array, num_jobs: int, activation: str = "silu", sign
     to the C++ driver thread; None when no kernel path is in force for them (then nothing is
     signalled). `signal`: the address of an int64 where `value` is stored once the jobs are over,
     done or failed (0: none)."""
+    # the records' address (the C++ side copies them before returning)
+    return _submit(activation, lambda lib, cap: lib.scheinfer_submit(
+        records.buffer_info()[0], num_jobs, cap, num_threads(), signal or None, value))
+
+
+def _submit(activation: str, call: Callable[[ctypes.CDLL, int], int]) -> PendingJobs | None:
+    """`call(lib, path cap)` -> a driver ticket, made when a kernel path is in force for
+    `activation` (else None); a failed submission raises."""
     path, cap, reason = _cached_active()
     if cap == 0 or activation not in KERNEL_ACTIVATIONS:
         return None
     _log_choice(path, reason)
     lib = _state.built.lib  # type: ignore[union-attr]
     called_s = time.perf_counter()
-    # the records' address (the C++ side copies them before returning)
-    ticket = lib.scheinfer_submit(records.buffer_info()[0], num_jobs, cap, num_threads(), signal or None, value)
+    ticket = call(lib, cap)
     if ticket < 0:
         raise RuntimeError(f"cpu kernel failed: {lib.scheinfer_last_error().decode()}")
     return PendingJobs(ticket, lib, called_s)
@@ -302,19 +309,10 @@ def submit_routed_records(records: array, choice_offsets: array, where: RoutedGa
     c's records are [choice_offsets[c], choice_offsets[c + 1]) of `records`, and position p takes
     choice p * choice_stride + ids[p] (scheinfer_submit_routed). None when no kernel path is in
     force (nothing submitted, nothing signalled)."""
-    path, cap, reason = _cached_active()
-    if cap == 0 or activation not in KERNEL_ACTIVATIONS:
-        return None
-    _log_choice(path, reason)
-    lib = _state.built.lib  # type: ignore[union-attr]
-    called_s = time.perf_counter()
-    ticket = lib.scheinfer_submit_routed(records.buffer_info()[0], choice_offsets.buffer_info()[0],
-                                         len(choice_offsets) - 1, where.ids, where.num_ids, where.choice_stride,
-                                         where.gate, where.cancel, where.value, where.out_base, where.out_row_bytes,
-                                         where.wait_ms, cap, num_threads(), signal or None, value)
-    if ticket < 0:
-        raise RuntimeError(f"cpu kernel failed: {lib.scheinfer_last_error().decode()}")
-    return PendingJobs(ticket, lib, called_s)
+    return _submit(activation, lambda lib, cap: lib.scheinfer_submit_routed(
+        records.buffer_info()[0], choice_offsets.buffer_info()[0], len(choice_offsets) - 1, where.ids, where.num_ids,
+        where.choice_stride, where.gate, where.cancel, where.value, where.out_base, where.out_row_bytes, where.wait_ms,
+        cap, num_threads(), signal or None, value))
 
 
 def job_path(job: SliceJob) -> str:

@@ -11,6 +11,7 @@
 #include <chrono>
 #include <cstdlib>
 #include <cstring>
+#include <functional>
 #include <memory>
 #include <mutex>
 #include <stdexcept>
@@ -410,31 +411,27 @@ int scheinfer_run(const int64_t* descs, int num_jobs, int max_path, int num_thre
   }
 }
 
-// As scheinfer_run, without waiting: the call runs on the driver thread (driver.h). Returns a
-// ticket for scheinfer_wait, or -1 with scheinfer_last_error() set (descs are read before return).
-// signal (may be null): once the call is over (done or failed), `value` is stored there (release
-// order, after the outputs): a GPU stream waiting for that value in pinned memory starts on the
-// CPU's outputs without a round trip through the submitting thread.
-int64_t scheinfer_submit(const int64_t* descs, int num_jobs, int max_path, int num_threads, int64_t* signal,
-                         int64_t value) {
+}  // extern "C"
+
+namespace {
+
+void store_signal(int64_t* signal, int64_t value) {
+  if (signal != nullptr) __atomic_store_n(signal, value, __ATOMIC_RELEASE);
+}
+
+// Runs `work` on the driver thread; `value` is stored at `signal` (may be null) however the call
+// ends, and right away when the submission fails (nobody may wait forever). Returns the ticket, or
+// -1 with scheinfer_last_error() set.
+int64_t submit_signalled(int64_t* signal, int64_t value, std::function<void()> work) {
   try {
-    std::vector<Job> jobs;
-    {
-      std::lock_guard<std::mutex> lock(g_call_mutex);  // available_paths() may initialise
-      jobs = parse_jobs(descs, num_jobs, max_path);
-    }
-    const int threads = num_threads < 1 ? 1 : num_threads;
-    return driver_submit([jobs = std::move(jobs), threads, signal, value]() mutable {
-      struct Signal {  // stored however the call ends
+    return driver_submit([signal, value, work = std::move(work)]() {
+      struct StoreOnExit {
         int64_t* where;
         int64_t value;
-        ~Signal() {
-          if (where != nullptr) __atomic_store_n(where, value, __ATOMIC_RELEASE);
-        }
+        ~StoreOnExit() { store_signal(where, value); }
       } done{signal, value};
-      std::lock_guard<std::mutex> lock(g_call_mutex);
       try {
-        if (!jobs.empty()) run_jobs(jobs, threads);
+        work();
         return 0;
       } catch (const std::exception& e) {
         set_driver_error(e.what());
@@ -443,9 +440,40 @@ int64_t scheinfer_submit(const int64_t* descs, int num_jobs, int max_path, int n
     });
   } catch (const std::exception& e) {
     g_error = e.what();
-    if (signal != nullptr) __atomic_store_n(signal, value, __ATOMIC_RELEASE);  // nobody may wait forever
+    store_signal(signal, value);
     return -1;
   }
+}
+
+int64_t failed_submission(const std::exception& e, int64_t* signal, int64_t value) {
+  g_error = e.what();
+  store_signal(signal, value);
+  return -1;
+}
+
+}  // namespace
+
+extern "C" {
+
+// As scheinfer_run, without waiting: the call runs on the driver thread (driver.h). Returns a
+// ticket for scheinfer_wait, or -1 with scheinfer_last_error() set (descs are read before return).
+// signal (may be null): once the call is over (done or failed), `value` is stored there (release
+// order, after the outputs): a GPU stream waiting for that value in pinned memory starts on the
+// CPU's outputs without a round trip through the submitting thread.
+int64_t scheinfer_submit(const int64_t* descs, int num_jobs, int max_path, int num_threads, int64_t* signal,
+                         int64_t value) {
+  std::vector<Job> jobs;
+  try {
+    std::lock_guard<std::mutex> lock(g_call_mutex);  // available_paths() may initialise
+    jobs = parse_jobs(descs, num_jobs, max_path);
+  } catch (const std::exception& e) {
+    return failed_submission(e, signal, value);
+  }
+  const int threads = num_threads < 1 ? 1 : num_threads;
+  return submit_signalled(signal, value, [jobs = std::move(jobs), threads]() mutable {
+    std::lock_guard<std::mutex> lock(g_call_mutex);
+    if (!jobs.empty()) run_jobs(jobs, threads);
+  });
 }
 
 // As scheinfer_submit, for a job chosen on the driver thread by a routing the GPU writes into
@@ -459,60 +487,45 @@ int64_t scheinfer_submit_routed(const int64_t* descs, const int64_t* choice_offs
                                 const int64_t* ids, int num_ids, int64_t choice_stride, const int64_t* gate,
                                 const int64_t* cancel, int64_t gate_value, int64_t out_base, int64_t out_row_bytes,
                                 int64_t wait_ms, int max_path, int num_threads, int64_t* signal, int64_t value) {
+  std::vector<int64_t> table, offsets;
   try {
-    const int64_t total = choice_offsets[num_choices];
-    std::vector<int64_t> table(descs, descs + kDescFields * total);
-    std::vector<int64_t> offsets(choice_offsets, choice_offsets + num_choices + 1);
-    const int threads = num_threads < 1 ? 1 : num_threads;
-    return driver_submit([=, table = std::move(table), offsets = std::move(offsets)]() mutable {
-      struct Signal {  // stored however the call ends
-        int64_t* where;
-        int64_t value;
-        ~Signal() {
-          if (where != nullptr) __atomic_store_n(where, value, __ATOMIC_RELEASE);
-        }
-      } done{signal, value};
-      try {
-        const auto deadline = std::chrono::steady_clock::now() + std::chrono::milliseconds(wait_ms);
-        uint32_t spins = 0;
-        while (__atomic_load_n(gate, __ATOMIC_ACQUIRE) < gate_value) {
-          if (__atomic_load_n(cancel, __ATOMIC_ACQUIRE) >= gate_value) return 0;
-          if ((spins & 1023u) == 0 && std::chrono::steady_clock::now() > deadline)
-            throw std::runtime_error("routed CPU job: the routing never came");
-          spin_pause(spins);
-        }
-        if (__atomic_load_n(cancel, __ATOMIC_ACQUIRE) >= gate_value) return 0;
-        driver_restart_clock();  // the job's time starts now, not at the wait
-        std::vector<int64_t> chosen;
-        int64_t row = 0;
-        for (int p = 0; p < num_ids; ++p) {
-          const int64_t c = p * choice_stride + ids[p];
-          if (c < 0 || c >= num_choices) throw std::runtime_error("routed CPU job: routing id out of range");
-          for (int64_t d = offsets[c]; d < offsets[c + 1]; ++d) {
-            const size_t at = chosen.size();
-            chosen.insert(chosen.end(), table.begin() + kDescFields * d, table.begin() + kDescFields * (d + 1));
-            JobDesc desc;
-            std::memcpy(&desc, chosen.data() + at, sizeof(JobDesc));
-            desc.out = out_base + row * out_row_bytes;
-            desc.out_stride = out_row_bytes / static_cast<int64_t>(sizeof(float));
-            std::memcpy(chosen.data() + at, &desc, sizeof(JobDesc));
-            row += desc.num_tokens;
-          }
-        }
-        std::lock_guard<std::mutex> lock(g_call_mutex);
-        std::vector<Job> jobs = parse_jobs(chosen.data(), static_cast<int>(chosen.size() / kDescFields), max_path);
-        if (!jobs.empty()) run_jobs(jobs, threads);
-        return 0;
-      } catch (const std::exception& e) {
-        set_driver_error(e.what());
-        return 1;
-      }
-    });
+    table.assign(descs, descs + kDescFields * choice_offsets[num_choices]);
+    offsets.assign(choice_offsets, choice_offsets + num_choices + 1);
   } catch (const std::exception& e) {
-    g_error = e.what();
-    if (signal != nullptr) __atomic_store_n(signal, value, __ATOMIC_RELEASE);  // nobody may wait forever
-    return -1;
+    return failed_submission(e, signal, value);
   }
+  const int threads = num_threads < 1 ? 1 : num_threads;
+  return submit_signalled(signal, value, [=, table = std::move(table), offsets = std::move(offsets)]() {
+    const auto deadline = std::chrono::steady_clock::now() + std::chrono::milliseconds(wait_ms);
+    uint32_t spins = 0;
+    while (__atomic_load_n(gate, __ATOMIC_ACQUIRE) < gate_value) {
+      if (__atomic_load_n(cancel, __ATOMIC_ACQUIRE) >= gate_value) return;
+      if ((spins & 1023u) == 0 && std::chrono::steady_clock::now() > deadline)
+        throw std::runtime_error("routed CPU job: the routing never came");
+      spin_pause(spins);
+    }
+    if (__atomic_load_n(cancel, __ATOMIC_ACQUIRE) >= gate_value) return;
+    driver_restart_clock();  // the job's time starts now, not at the wait
+    std::vector<int64_t> chosen;
+    int64_t row = 0;
+    for (int p = 0; p < num_ids; ++p) {
+      const int64_t c = p * choice_stride + ids[p];
+      if (c < 0 || c >= num_choices) throw std::runtime_error("routed CPU job: routing id out of range");
+      for (int64_t d = offsets[c]; d < offsets[c + 1]; ++d) {
+        JobDesc desc;
+        std::memcpy(&desc, table.data() + kDescFields * d, sizeof(JobDesc));
+        desc.out = out_base + row * out_row_bytes;
+        desc.out_stride = out_row_bytes / static_cast<int64_t>(sizeof(float));
+        const size_t at = chosen.size();
+        chosen.resize(at + kDescFields);
+        std::memcpy(chosen.data() + at, &desc, sizeof(JobDesc));
+        row += desc.num_tokens;
+      }
+    }
+    std::lock_guard<std::mutex> lock(g_call_mutex);
+    std::vector<Job> jobs = parse_jobs(chosen.data(), static_cast<int>(chosen.size() / kDescFields), max_path);
+    if (!jobs.empty()) run_jobs(jobs, threads);
+  });
 }
 
 // Waits for a submitted call: 0, or 1 with scheinfer_last_error() set. times_ns (3 int64, may be

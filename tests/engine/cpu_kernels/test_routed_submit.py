@@ -37,6 +37,14 @@ def _table(x: torch.Tensor) -> tuple[list[list[SliceJob]], array, array]:
     return choices, records, offsets
 
 
+def _parts(seed: int):
+    """A table of choices on fresh activations, zero ids and flags (gate, cancel, signal), and a
+    poisoned output buffer."""
+    choices, records, offsets = _table(make_job(1, HIDDEN, 32, seed=seed).x)
+    flags = torch.zeros(3, dtype=torch.int64)
+    return choices, records, offsets, torch.zeros(POSITIONS, dtype=torch.int64), flags, torch.full((16, HIDDEN), float("nan"))
+
+
 def _gate(ids: torch.Tensor, flags: torch.Tensor, out: torch.Tensor, value: int, wait_ms: int = 10_000) -> RoutedGate:
     return RoutedGate(ids.data_ptr(), POSITIONS, EXPERTS, flags[0:1].data_ptr(), flags[1:2].data_ptr(), value,
                       out.data_ptr(), out.stride(0) * out.element_size(), wait_ms)
@@ -44,11 +52,7 @@ def _gate(ids: torch.Tensor, flags: torch.Tensor, out: torch.Tensor, value: int,
 
 @needs_kernels
 def test_a_routed_job_waits_for_its_gate_then_runs_the_chosen_records() -> None:
-    x = make_job(1, HIDDEN, 32, seed=1).x
-    choices, records, offsets = _table(x)
-    ids = torch.zeros(POSITIONS, dtype=torch.int64)
-    flags = torch.zeros(3, dtype=torch.int64)  # gate, cancel, signal
-    out = torch.full((16, HIDDEN), float("nan"))
+    choices, records, offsets, ids, flags, out = _parts(1)
     pending = submit_routed_records(records, offsets, _gate(ids, flags, out, 5), signal=flags[2:3].data_ptr(), value=11)
     assert pending is not None
     time.sleep(0.05)
@@ -69,10 +73,7 @@ def test_a_routed_job_waits_for_its_gate_then_runs_the_chosen_records() -> None:
 
 @needs_kernels
 def test_a_routed_job_given_up_writes_nothing_and_signals() -> None:
-    x = make_job(1, HIDDEN, 32, seed=2).x
-    _, records, offsets = _table(x)
-    ids, flags = torch.zeros(POSITIONS, dtype=torch.int64), torch.zeros(3, dtype=torch.int64)
-    out = torch.full((16, HIDDEN), float("nan"))
+    _, records, offsets, ids, flags, out = _parts(2)
     pending = submit_routed_records(records, offsets, _gate(ids, flags, out, 7), signal=flags[2:3].data_ptr(), value=3)
     assert pending is not None
     flags[1] = 7  # cancelled before its gate
@@ -82,10 +83,7 @@ def test_a_routed_job_given_up_writes_nothing_and_signals() -> None:
 
 @needs_kernels
 def test_a_routed_job_whose_routing_never_comes_fails_and_signals() -> None:
-    x = make_job(1, HIDDEN, 32, seed=3).x
-    _, records, offsets = _table(x)
-    ids, flags = torch.zeros(POSITIONS, dtype=torch.int64), torch.zeros(3, dtype=torch.int64)
-    out = torch.full((16, HIDDEN), float("nan"))
+    _, records, offsets, ids, flags, out = _parts(3)
     pending = submit_routed_records(records, offsets, _gate(ids, flags, out, 9, wait_ms=50),
                                     signal=flags[2:3].data_ptr(), value=4)
     assert pending is not None
@@ -96,10 +94,8 @@ def test_a_routed_job_whose_routing_never_comes_fails_and_signals() -> None:
 
 @needs_kernels
 def test_a_routing_id_out_of_range_fails() -> None:
-    x = make_job(1, HIDDEN, 32, seed=4).x
-    _, records, offsets = _table(x)
-    ids, flags = torch.tensor([0, EXPERTS], dtype=torch.int64), torch.zeros(3, dtype=torch.int64)
-    out = torch.full((16, HIDDEN), float("nan"))
+    _, records, offsets, ids, flags, out = _parts(4)
+    ids[1] = EXPERTS
     flags[0] = 1  # the gate is open already
     pending = submit_routed_records(records, offsets, _gate(ids, flags, out, 1))
     assert pending is not None

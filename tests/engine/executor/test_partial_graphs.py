@@ -10,10 +10,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from engine import LLM
 from engine.executor.accelerator import Accelerator
 from engine.executor.partial_graphs import PartialGraphs
-from tests.engine.executor.test_partition_exactness import write_bf16
+from tests.engine.executor.test_partition_exactness import bf16_gpu_llm, write_bf16
 from tests.engine.model.test_decode_graphs import _assert_same
 
 CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (run on the GPU machine)")
@@ -91,13 +90,8 @@ def test_past_the_limit_new_operands_run_eagerly() -> None:
 def test_decoding_with_partial_graphs_gives_the_eager_bits(arch: str, tmp_path: Path) -> None:
     path = write_bf16(tmp_path, arch)
 
-    def engine(replay: bool) -> LLM:
-        llm = LLM(str(path), device="cuda", dtype="bfloat16", show_progress=False, policy="manual:gg=0.25,cg=0.25",
-                  kv_cache_tokens=256, max_num_batched_tokens=64, max_num_seqs=4, host_chunk_rows=8)
-        llm.engine.runner.executor.partial_graphs.enabled = replay
-        return llm
-
-    eager, replayed = engine(False), engine(True)
+    eager, replayed = bf16_gpu_llm(path), bf16_gpu_llm(path)
+    eager.engine.runner.executor.partial_graphs.enabled = False
     _assert_same(eager, replayed)
     graphs = replayed.engine.runner.executor.partial_graphs
     assert len(graphs) > 0 and graphs.replayed > len(graphs)

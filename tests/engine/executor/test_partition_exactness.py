@@ -175,6 +175,16 @@ def write_bf16(tmp_path: Path, arch: str) -> Path:
     return write_tiny_checkpoint(tmp_path / arch, arch=arch, seed=1, dtype="bfloat16")
 
 
+def bf16_gpu_llm(path: Path, **executor_settings: object) -> LLM:
+    """A bf16 engine on the GPU whose layers have GG, CG and CC pieces (8-row host chunks), with
+    these attributes of its executor set (A/B of one executor setting on the same bits)."""
+    llm = LLM(str(path), device="cuda", dtype="bfloat16", show_progress=False, policy="manual:gg=0.25,cg=0.25",
+              kv_cache_tokens=256, max_num_batched_tokens=64, max_num_seqs=4, host_chunk_rows=8)
+    for name, value in executor_settings.items():
+        setattr(llm.engine.runner.executor, name, value)
+    return llm
+
+
 def gpu_only_plan(path: Path, seed: int) -> PartitionPlan:
     """Random GG/CG splits: every piece is computed by the GPU's own kernels."""
     plan = random_plan(path, seed)

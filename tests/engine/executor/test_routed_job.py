@@ -16,7 +16,7 @@ from engine.executor.decode_feedback import DecodeFeedback
 from engine.executor.routed_job import RoutedJobs
 from engine.executor.token_assignment import DispatchRates, assign, decode_split, shift_share
 from engine.model.ffn import FFNUnit, UnitSlice
-from tests.engine.executor.test_partition_exactness import write_bf16
+from tests.engine.executor.test_partition_exactness import bf16_gpu_llm, write_bf16
 from tests.engine.model.test_decode_graphs import _assert_same
 
 CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (run on the GPU machine)")
@@ -68,13 +68,7 @@ def test_no_routed_jobs_without_a_gpu(tiny_checkpoints: dict[str, Path]) -> None
 def test_routed_jobs_give_the_bits_of_jobs_submitted_after_the_routing(arch: str, tmp_path: Path) -> None:
     path = write_bf16(tmp_path, arch)
 
-    def engine(routed: bool) -> LLM:
-        llm = LLM(str(path), device="cuda", dtype="bfloat16", show_progress=False, policy="manual:gg=0.25,cg=0.25",
-                  kv_cache_tokens=256, max_num_batched_tokens=64, max_num_seqs=4, host_chunk_rows=8)
-        llm.engine.runner.executor.use_routed = routed
-        return llm
-
-    after, routed = engine(False), engine(True)
+    after, routed = bf16_gpu_llm(path, use_routed=False), bf16_gpu_llm(path, use_routed=True)
     _assert_same(after, routed)
     jobs = routed.engine.runner.executor.routed_jobs
     assert jobs is not None and jobs.submitted > 0 and jobs.cancelled == 0

@@ -12,7 +12,7 @@ import torch
 
 from engine import LLM
 from engine.executor.stream_signal import StreamSignal
-from tests.engine.executor.test_partition_exactness import write_bf16
+from tests.engine.executor.test_partition_exactness import bf16_gpu_llm, write_bf16
 from tests.engine.model.test_decode_graphs import _assert_same
 
 CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (run on the GPU machine)")
@@ -67,13 +67,7 @@ def test_a_stream_waits_until_the_value_is_stored() -> None:
 def test_signalled_decode_gives_the_bits_of_host_waits(arch: str, tmp_path: Path) -> None:
     path = write_bf16(tmp_path, arch)
 
-    def engine(use_signal: bool) -> LLM:
-        llm = LLM(str(path), device="cuda", dtype="bfloat16", show_progress=False, policy="manual:gg=0.25,cg=0.25",
-                  kv_cache_tokens=256, max_num_batched_tokens=64, max_num_seqs=4, host_chunk_rows=8)
-        llm.engine.runner.executor.use_signal = use_signal
-        return llm
-
-    waiting, signalled = engine(False), engine(True)
+    waiting, signalled = bf16_gpu_llm(path, use_signal=False), bf16_gpu_llm(path, use_signal=True)
     _assert_same(waiting, signalled)
     executor = signalled.engine.runner.executor
     assert executor.signal is not None and executor.signal.waits > 0
@@ -91,9 +85,7 @@ def test_a_failed_signalled_job_raises_at_the_end_of_the_forward(tmp_path: Path,
     from engine import SamplingParams
     from engine.cpu_kernels import runner
 
-    llm = LLM(str(write_bf16(tmp_path, "mixtral")), device="cuda", dtype="bfloat16", show_progress=False,
-              policy="manual:gg=0.25,cg=0.25", kv_cache_tokens=256, max_num_batched_tokens=64, max_num_seqs=4,
-              host_chunk_rows=8)
+    llm = bf16_gpu_llm(write_bf16(tmp_path, "mixtral"))
     params = SamplingParams(max_tokens=6, temperature=0.0, ignore_eos=True)
     expected = llm.generate(prompt_token_ids=[[5, 9, 13]], params=params)[0].token_ids
     real_wait = runner.PendingJobs.wait
