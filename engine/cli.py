@@ -36,6 +36,8 @@ def generate(
     compact_host_weights: Annotated[bool | None, typer.Option(
         help="Store host weight pieces compact (lossless, 3/4 of the bytes; default: on with AVX512/AMX kernels)",
         show_default=False)] = None,
+    host_chunk_rows: Annotated[int, typer.Option(
+        min=32, help="Rows of a host weight piece (512 balances decode finer, prefill slower)")] = 1024,
     trace: Annotated[str | None, typer.Option(help="Write a Chrome trace of CPU/PCIe/GPU activity to this file")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object per prompt")] = False,
 ) -> None:
@@ -51,7 +53,7 @@ def generate(
                                 seed=seed)
         llm = LLM(model, device=device, dtype=dtype, random_weights=random_weights,
                   gpu_memory_budget=gpu_memory_budget, policy=policy, compact_host_weights=compact_host_weights,
-                  trace=trace is not None)
+                  host_chunk_rows=host_chunk_rows, trace=trace is not None)
         start_s = time.perf_counter()
         if prompt_token_ids is not None:
             ids = [int(t) for t in prompt_token_ids.split(",") if t.strip()]

@@ -63,6 +63,19 @@ def test_cli_generate_prints_json(tiny_checkpoints: dict[str, Path]) -> None:
     assert len(json.loads(line)["token_ids"]) <= 5
 
 
+def test_cli_generate_takes_host_chunk_rows(tiny_checkpoints: dict[str, Path]) -> None:
+    args = ["generate", "--model", str(tiny_checkpoints["mixtral"]), "--prompt-token-ids", "5,9,13", "--max-tokens", "3",
+            "--policy", "manual:cg=0.5", "--json"]
+    outputs = []
+    for rows in ("32", "64"):
+        result = CliRunner().invoke(app, [*args, "--host-chunk-rows", rows])
+        assert result.exit_code == 0, result.output
+        outputs.append(json.loads(next(x for x in result.stdout.splitlines() if x.startswith("{")))["token_ids"])
+    assert outputs[0] == outputs[1]  # pieces of another size: the same greedy tokens (fp32, one device)
+    result = CliRunner().invoke(app, [*args, "--host-chunk-rows", "8"])
+    assert result.exit_code != 0
+
+
 def test_cli_reports_a_missing_model_without_traceback(tmp_path: Path) -> None:
     result = CliRunner().invoke(app, ["generate", "--model", str(tmp_path / "nope"), "--prompt", "x"])
     assert result.exit_code == 2
