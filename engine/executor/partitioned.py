@@ -124,6 +124,8 @@ class PartitionedExecutor:
         self.dynamic = plan.dynamic
         self.overlap = plan.dynamic != "fiddler"
         self.feedback.reset()
+        if self.routed_jobs is not None:  # their per-expert splits follow the pieces' kinds
+            self.routed_jobs.clear()
 
     # -- one layer ---------------------------------------------------------------------------
 

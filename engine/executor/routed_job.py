@@ -81,7 +81,7 @@ class RoutedJobs:
         self.accelerator = accelerator
         self.cpu_pool = cpu_pool
         self.gate = gate
-        self.cancel_flag = torch.zeros(1, dtype=torch.int64, pin_memory=True)
+        self.cancel_flag = torch.zeros(1, dtype=torch.int64, pin_memory=accelerator.is_cuda)
         self._out: torch.Tensor | None = None
         self._tables: dict[tuple[int, int, int], _Table | None] = {}
         self.submitted = 0  # routed jobs submitted, and of those given up (tests, benchmarks)
@@ -126,6 +126,10 @@ class RoutedJobs:
         self.cancel_flag[0] = routed.gate_value
         self.cancelled += 1
         routed.future.result()
+
+    def clear(self) -> None:
+        """Drops the kept tables (the pieces' kinds changed: a new plan)."""
+        self._tables.clear()
 
     def _output(self, rows: int, hidden: int) -> torch.Tensor:
         if self._out is None or self._out.shape[0] < rows or self._out.shape[1] != hidden:

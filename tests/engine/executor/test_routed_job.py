@@ -77,3 +77,25 @@ def test_routed_jobs_give_the_bits_of_jobs_submitted_after_the_routing(arch: str
     info = routed.engine.plan_info()
     assert info["routed_cpu_jobs"] == {"enabled": True, "submitted": jobs.submitted, "given_up": 0}
     assert info["partial_graphs"]["replays"] > 0
+
+
+def test_routed_tables_follow_the_pieces_kinds_after_clear(tiny_checkpoints: dict[str, Path]) -> None:
+    """A routed job's table is kept per (layer, shift, activations); a new plan relabels pieces
+    (the executor's apply_plan clears the tables), and the next table follows the new kinds."""
+    llm = LLM(str(tiny_checkpoints["mixtral"]), dtype="bfloat16", show_progress=False,
+              policy="manual:gg=0.25,cg=0.25", host_chunk_rows=8)
+    ffn = llm.engine.runner.model.layers[0].ffn
+    pool = llm.engine.runner.executor.cpu_pool
+    jobs = RoutedJobs(Accelerator.for_device("cpu"), pool, gate=None)  # type: ignore[arg-type]
+    x = torch.zeros(1, ffn.experts[0].slices[0].gate_up.shape[1], dtype=torch.bfloat16)
+    before = jobs._table(0, ffn, x, 0)
+    assert before is not None and before.max_rows > 0
+    cpu_before = sum(len(split.on_cpu) for split in before.splits)
+    for expert in ffn.experts:
+        for piece in expert.slices:
+            if piece.kind == "CC":
+                piece.kind = "CG"
+    assert jobs._table(0, ffn, x, 0) is before  # kept until cleared
+    jobs.clear()
+    after = jobs._table(0, ffn, x, 0)
+    assert after is not None and cpu_before > 0 and sum(len(split.on_cpu) for split in after.splits) == 0
