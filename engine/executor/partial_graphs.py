@@ -49,9 +49,6 @@ class PartialGraphs:
     def __len__(self) -> int:
         return len(self._replays)
 
-    def clear(self) -> None:
-        self._replays.clear()
-
     def add_partial(self, sums_row: torch.Tensor, x: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor) -> None:
         if not self.enabled:
             sums_row += self.partial(x, gate_up, down)
