@@ -30,7 +30,6 @@ import torch.nn.functional as F
 
 from engine import LLM, SamplingParams
 from engine.executor.lookahead import LOOKAHEAD_PIECES
-from engine.executor.partitioned import PREFILL_GROUP_ROWS
 from engine.executor.timeline import TraceRecorder
 from engine.placement.memory import bytes_per_row
 
@@ -97,7 +96,6 @@ def run_policy(llm: LLM, prompts: list[list[int]], new_tokens: int, traced_token
     llm.generate(prompt_token_ids=[prompts[0][:32]], params=warm)
     by_prompt = {}
     engine.runner.executor.lookahead_stats.reset()
-    grouped_before = engine.runner.executor.grouped_pieces
     for prompt in prompts:
         prefill_s, decode_s = _timed_generation(engine, prompt, new_tokens)
         decode = statistics.median(decode_s[1:] or decode_s)  # the first decode step warms the decode path
@@ -116,9 +114,7 @@ def run_policy(llm: LLM, prompts: list[list[int]], new_tokens: int, traced_token
             "decode_gpu_busy": trace["gpu_busy"], "decode_overlap": trace["overlap"],
             "decode_feedback": engine.runner.executor.feedback.summary(),
             "lookahead": {**engine.runner.executor.lookahead_stats.summary(),
-                          "pieces": engine.runner.executor.lookahead_pieces},
-            "prefill_groups": {"group_rows": engine.runner.executor.group_rows,
-                               "grouped_pieces": engine.runner.executor.grouped_pieces - grouped_before}}
+                          "pieces": engine.runner.executor.lookahead_pieces}}
 
 
 def _cg_share(llm: LLM) -> float:
@@ -175,8 +171,7 @@ def main() -> None:
     parser.add_argument("--policies", default="cpu-experts,stream,fiddler",
                         help="'adaptive' re-applies the build plan when --build-policy is adaptive; "
                              "'adaptive@torch' (or another kernel path) re-profiles the CPU on that path and re-plans; "
-                             "a '#N' suffix runs the CPU kernels with N threads; a '%%N' suffix (before '^') groups "
-                             "prefill's streamed pieces up to N rows (0: each alone); a '~eager' suffix decodes "
+                             "a '#N' suffix runs the CPU kernels with N threads; a '~eager' suffix decodes "
                              "without the per-layer CUDA graphs; a last '^N' suffix copies N pieces of the "
                              "next layer's likely experts ahead (0: no look-ahead)")
     parser.add_argument("--build-policy", default="manual:cg=0",
@@ -233,9 +228,6 @@ def main() -> None:
         if pieces != llm.engine.runner.executor.lookahead_pieces and graphs is not None:
             graphs.reset()  # the graphs compute the guesses only when look-ahead is on
         llm.engine.runner.executor.lookahead_pieces = pieces
-        # adaptive%0: prefill computes streamed pieces alone, not in groups of up to N rows
-        core, _, group = core.partition("%")
-        llm.engine.runner.executor.group_rows = int(group) if group else PREFILL_GROUP_ROWS
         # adaptive~eager: decode without the per-layer CUDA graphs (engine/model/decode_graphs.py)
         llm.engine.runner.model.decode_graphs = None if core.endswith("~eager") else graphs
         spec, _, threads = core.removesuffix("~eager").partition("#")  # stream#12: the CPU kernels' pool at 12 threads

@@ -46,7 +46,6 @@ MAX_CPU_ROWS_PER_COPY = 1024  # rows of CPU partial outputs moved to the GPU per
 # first (session 11, Phi-3.5-MoE 24 GiB: the job starts 0.14 instead of 0.25 ms after the
 # executor is entered; the copies still end before it)
 FIRST_COPIES = 0
-PREFILL_GROUP_ROWS = 1024  # rows of a group of streamed pieces computed as one in prefill
 
 
 @dataclass
@@ -105,11 +104,6 @@ class PartitionedExecutor:
         self.routed_jobs = RoutedJobs.create(accelerator, cpu_pool) if self.signal is not None else None
         self.use_routed = True  # False: submitted once the routing is read (A/B in benchmarks)
         self._routed: RoutedLayer | None = None  # a routed job not consumed yet
-        # prefill (more tokens than bandwidth-bound ones): adjacent streamed pieces of a unit are
-        # computed as one piece of up to this many rows (0: each alone), so that pieces cut finely
-        # for decode's CPU/PCIe balance do not multiply prefill's per-piece work
-        self.group_rows = PREFILL_GROUP_ROWS
-        self.grouped_pieces = 0  # streamed pieces computed within a group (tests and benchmarks)
 
     def apply_plan(self, plan: PartitionPlan) -> None:
         """Re-labels the host pieces (CG <-> CC) and the dynamic rule for `plan` without moving any
@@ -163,9 +157,6 @@ class PartitionedExecutor:
             placed = assign(self.dynamic, items, self.rates, self.feedback if measured else None)
         on_gpu, streamed, on_cpu = placed.on_gpu, placed.streamed, placed.on_cpu
         measured = measured and bool(streamed or on_cpu)  # only under `balance`, so with overlap
-        # prefill's streamed pieces in groups (decode's are few and cheap to launch: graphs)
-        prefill = max(x.shape[0] for _, x in items) > self.rates.max_bandwidth_bound_tokens
-        group_rows = self.group_rows if into is None and prefill else 0
 
         def accumulator() -> torch.Tensor:
             if into is not None:
@@ -210,7 +201,7 @@ class PartitionedExecutor:
         start = host_mark(acc, acc.compute_stream)
         for i, piece in on_gpu:
             add_partial(sums[i], items[i][1], piece.gate_up, piece.down)
-        self._finish_streaming(streaming, items, sums, add_partial, group_rows)
+        self._finish_streaming(streaming, items, sums, add_partial)
         if measured and streamed:
             self._meter.copies_enqueued()
         end = host_mark(acc, acc.compute_stream)
@@ -421,47 +412,22 @@ class PartitionedExecutor:
         state.staged.append(self.ring.stage(state.queue.popleft()[1], self.timeline))
 
     def _finish_streaming(self, state: _Streaming, items, sums: list[torch.Tensor],
-                          add_partial: Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], None],
-                          group_rows: int = 0) -> None:
-        """Computes each streamed piece (or group of adjacent pieces: `group_rows`) once its copies
-        landed; a released slot takes the next copy."""
+                          add_partial: Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], None]) -> None:
+        """Computes each streamed piece once its copy landed; a released slot takes the next copy."""
         acc = self.accelerator
-        assert self.ring is not None or not state.pending
         while state.pending:
-            count = self._group_size(state, group_rows)
-            item = state.pending[0][0]
-            pieces = [state.pending.popleft()[1] for _ in range(count)]
-            slots = [state.staged.popleft() for _ in range(count)]
-            for slot in slots:
-                acc.wait(acc.compute_stream, slot.ready)
+            i, _ = state.pending.popleft()
+            slot = state.staged.popleft()
+            acc.wait(acc.compute_stream, slot.ready)
             start = host_mark(acc, acc.compute_stream) if self.timeline is not None else None
-            if count == 1:
-                self.ring.unpack(slots[0])
-                gate_up, down = slots[0].gate_up, slots[0].down
-            else:
-                gate_up, down = self.ring.unpack_group(slots, [piece.size for piece in pieces])
-                self.grouped_pieces += count
-            add_partial(sums[item], items[item][1], gate_up, down)
+            assert self.ring is not None
+            self.ring.unpack(slot)
+            add_partial(sums[i], items[i][1], slot.gate_up, slot.down)
             if self.timeline is not None:  # traced steps: each streamed piece's compute (not a resource)
-                self.timeline.gpu_interval("gpu_piece", start, host_mark(acc, acc.compute_stream),
-                                           f"slot {slots[0].slot}" + (f" +{count - 1}" if count > 1 else ""))
-            for slot in slots:
-                self.ring.release(slot)
-                if state.queue:
-                    self._stage_next(state)
-
-    @staticmethod
-    def _group_size(state: _Streaming, group_rows: int) -> int:
-        """How many pending (staged) pieces from the front form one group: adjacent rows of one
-        item, at most `group_rows` rows together (1: the first alone)."""
-        item, first = state.pending[0]
-        rows, count = first.size, 1
-        while (count < len(state.pending) and state.pending[count][0] == item
-               and state.pending[count][1].start == state.pending[count - 1][1].end
-               and rows + state.pending[count][1].size <= group_rows):
-            rows += state.pending[count][1].size
-            count += 1
-        return count
+                self.timeline.gpu_interval("gpu_piece", start, host_mark(acc, acc.compute_stream), f"slot {slot.slot}")
+            self.ring.release(slot)
+            if state.queue:
+                self._stage_next(state)
 
     def _drop_prefetched(self) -> None:
         """Prefetched slots that were not used (a plan change) are released in order."""

@@ -3,11 +3,6 @@
 The copy stream fills a slot (after the compute stream released it), records `ready`; the compute
 stream waits `ready`, computes, and releases the slot. Enqueue order matters: a slot is released
 (its event recorded) before the copy that reuses it is enqueued.
-
-Prefill computes adjacent streamed pieces of a unit as one piece (`unpack_group`): each piece is
-decoded (compact) or copied (bf16) from its slot into one group buffer, laid out as one piece of all
-their rows. The compute stream runs in order, so one buffer serves every group: a group's decode
-waits for the previous group's matmuls that read it.
 """
 
 from __future__ import annotations
@@ -17,7 +12,7 @@ from dataclasses import dataclass
 import torch
 
 from engine.executor.accelerator import Accelerator
-from engine.executor.gpu_unpack import GroupPlace, fast_path, unpack_at, unpack_piece
+from engine.executor.gpu_unpack import fast_path, unpack_at, unpack_piece
 from engine.executor.timeline import BusyMeter, Mark, StepTimeline, host_mark
 from engine.model.compact_weights import CompactPiece
 from engine.model.ffn import UnitSlice
@@ -51,7 +46,6 @@ class StagingRing:
         self._ready_events = [torch.cuda.Event() if cuda else None for _ in range(num_slots)]
         self._free_events = [torch.cuda.Event() if cuda else None for _ in range(num_slots)]
         self._view_cache: dict[tuple[int, torch.Size, torch.Size], tuple[torch.Tensor, torch.Tensor]] = {}
-        self._group_buffer: torch.Tensor | None = None  # allocated by the first group (prefill)
         # slots decoded by address (gpu_unpack.unpack_at) where Triton runs; False: by tensor views (A/B)
         self.unpack_by_address = cuda and fast_path()
         # (byte buffer, bf16 buffer) addresses of each slot that has a byte buffer (none: no compact pieces)
@@ -63,8 +57,7 @@ class StagingRing:
 
     @property
     def num_bytes(self) -> int:
-        group = self._group_buffer.nbytes if self._group_buffer is not None else 0
-        return sum(b.nbytes for b in self.buffers) + sum(b.nbytes for b in self.compact_buffers) + group
+        return sum(b.nbytes for b in self.buffers) + sum(b.nbytes for b in self.compact_buffers)
 
     def begin_burst(self) -> None:
         """Marks the start of a layer's copies on the copy stream (for the busy meter)."""
@@ -119,31 +112,6 @@ class StagingRing:
         else:
             region = self.compact_buffers[staged.slot][: staged.compact.region.numel()]
             unpack_piece(region, staged.compact, self.buffers[staged.slot])
-
-    def unpack_group(self, staged: list[StagedSlice], rows: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
-        """The (gate_up, down) of pieces of adjacent rows (`rows` each, in order) as one piece: each
-        decoded or copied from its slot into the group buffer, on the current (compute) stream after
-        their copies landed. The views hold until the next group."""
-        total = sum(rows)
-        gate_up = staged[0].gate_up
-        hidden, numel = gate_up.shape[1], 3 * total * gate_up.shape[1]
-        if self._group_buffer is None or self._group_buffer.numel() < numel:
-            self._group_buffer = torch.empty(numel, dtype=gate_up.dtype, device=gate_up.device)
-        out = self._group_buffer[:numel]
-        group_gate_up, group_down = out[: 2 * total * hidden].view(2 * total, hidden), out[2 * total * hidden :].view(hidden, total)
-        offset = 0
-        for piece, n in zip(staged, rows, strict=True):
-            place = GroupPlace(offset, total)
-            if piece.compact is not None and self.unpack_by_address:
-                unpack_at(self._addresses[piece.slot][0], piece.compact, out.data_ptr(), place)
-            elif piece.compact is not None:
-                unpack_piece(self.compact_buffers[piece.slot][: piece.compact.region.numel()], piece.compact, out, place)
-            else:
-                group_gate_up[offset : offset + n].copy_(piece.gate_up[:n])
-                group_gate_up[total + offset : total + offset + n].copy_(piece.gate_up[n:])
-                group_down[:, offset : offset + n].copy_(piece.down)
-            offset += n
-        return group_gate_up, group_down
 
     def _views(self, slot: int, gate_up_shape: torch.Size, down_shape: torch.Size) -> tuple[torch.Tensor, torch.Tensor]:
         """The slot's gate_up and down views for pieces of these shapes (pieces share a few shapes)."""

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from engine.executor.gpu_unpack import GroupPlace, unpack_at, unpack_piece
+from engine.executor.gpu_unpack import unpack_at, unpack_piece
 from engine.model.compact_weights import (
     ESCAPE,
     choose_base,
@@ -134,42 +134,3 @@ def test_gpu_decoder_is_bit_exact() -> None:
         unpack_at(slot.data_ptr(), piece, by_address.data_ptr())
         assert piece.num_exceptions > 0 and same_bits(by_address.cpu(), expected)
     assert gpu_unpack._launch_unpack.direct_calls >= direct_before + 2
-
-
-def _grouped(device: str, by_address: bool = False) -> None:
-    """Three adjacent pieces of one unit (rows 32, 64, 32 of 128), each decoded into its place of
-    the group's layout, give the bits of the unit's [gate; up] and down as one piece."""
-    hidden, rows = 96, [32, 64, 32]
-    total = sum(rows)
-    gate, up = awkward_matrix(total, hidden, seed=5), awkward_matrix(total, hidden, seed=6)
-    down = awkward_matrix(hidden, total, seed=7, std=0.3)
-    out = torch.full((3 * total * hidden + 5,), 7.0, dtype=torch.bfloat16, device=device)
-    offset = 0
-    for n in rows:
-        piece_gate_up = torch.cat((gate[offset : offset + n], up[offset : offset + n]))
-        piece_down = down[:, offset : offset + n].contiguous()
-        region = torch.empty(max_region_bytes(3 * n * hidden), dtype=torch.uint8)
-        piece = cpu_compact.compact_piece(piece_gate_up, piece_down, region)
-        assert piece is not None and piece.num_exceptions > 0
-        staged = piece.region.to(device)
-        if by_address:
-            unpack_at(staged.data_ptr(), piece, out.data_ptr(), GroupPlace(offset, total))
-        else:
-            unpack_piece(staged, piece, out, GroupPlace(offset, total))
-        offset += n
-    expected = torch.cat((gate.reshape(-1), up.reshape(-1), down.reshape(-1)))
-    assert same_bits(out[: expected.numel()].cpu(), expected)
-    assert same_bits(out[expected.numel():].cpu(), torch.full((5,), 7.0, dtype=torch.bfloat16))
-
-
-@needs_native
-def test_pieces_decode_into_their_group_as_one_wide_piece() -> None:
-    _grouped("cpu")
-
-
-@pytest.mark.gpu
-@needs_native
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (run on the GPU machine)")
-def test_gpu_decoder_places_pieces_in_their_group_bit_exactly() -> None:
-    _grouped("cuda")
-    _grouped("cuda", by_address=True)
