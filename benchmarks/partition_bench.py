@@ -106,15 +106,29 @@ def run_policy(llm: LLM, prompts: list[list[int]], new_tokens: int, traced_token
     llm.generate(prompt_token_ids=[prompts[0][:64]], params=SamplingParams(max_tokens=traced_tokens, ignore_eos=True))
     decode_steps = [s for s in engine.runner.trace.steps if s.kind == "decode"]
     trace = TraceRecorder(decode_steps).summary()
+    engine.runner.trace = TraceRecorder()  # and the first prompt's prefill, traced
+    llm.generate(prompt_token_ids=[prompts[0]], params=SamplingParams(max_tokens=1, ignore_eos=True))
+    prefill_trace = _prefill_anatomy([s for s in engine.runner.trace.steps if s.kind == "prefill"])
     engine.runner.trace = None
     first = by_prompt[str(len(prompts[0]))]
     return {**{k: first[k] for k in ("prefill_s", "prefill_tok_s", "decode_s_per_token", "decode_tok_s")},
             "by_prompt": by_prompt, "cg_share": _cg_share(llm),
             "decode_cpu_busy": trace["cpu_busy"], "decode_pcie_busy": trace["pcie_busy"],
             "decode_gpu_busy": trace["gpu_busy"], "decode_overlap": trace["overlap"],
-            "decode_feedback": engine.runner.executor.feedback.summary(),
+            "decode_feedback": engine.runner.executor.feedback.summary(), "prefill_traced": prefill_trace,
             "lookahead": {**engine.runner.executor.lookahead_stats.summary(),
                           "pieces": engine.runner.executor.lookahead_pieces}}
+
+
+def _prefill_anatomy(steps: list) -> dict[str, float]:
+    """Busy fractions of a traced prefill (each resource, and the host thread inside the executor),
+    its traced seconds, and the streamed pieces and CPU jobs it ran."""
+    out = TraceRecorder(steps).summary()
+    total = out["seconds"] or 1.0
+    out["host_busy"] = sum(s.busy_s("host") for s in steps) / total
+    out["streamed_pieces"] = sum(1 for s in steps for i in s.intervals if i.resource == "pcie")
+    out["cpu_jobs"] = sum(1 for s in steps for i in s.intervals if i.resource == "cpu")
+    return out
 
 
 def _cg_share(llm: LLM) -> float:
