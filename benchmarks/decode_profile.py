@@ -362,6 +362,8 @@ def variants(llm: LLM, args: argparse.Namespace) -> list[tuple[str, Callable[[],
     switch(args.launch_ab, "direct Triton launch", gpu_unpack._launch_unpack, "direct")
     # one-token layers' CPU jobs started by the GPU's routing, or submitted once the routing is read
     switch(args.routed_ab, "routed jobs", executor, "use_routed")
+    # routed layers' first streamed copies enqueued by the driver thread at the gate, or by this thread
+    switch(args.gate_copies_ab, "gate copies", executor, "use_gate_copies")
     # decode pieces' partials replayed as CUDA graphs, or five eager calls each
     switch(args.partial_graphs_ab, "partial graphs", executor.partial_graphs, "enabled")
     if args.first_copies:  # copies enqueued before the CPU job is prepared
@@ -414,6 +416,8 @@ def main() -> None:
                         help="also time the decode layer graphs' GPU time (everything of a layer but its FFN)")
     parser.add_argument("--routed-ab", action="store_true",
                         help="also trace with one-token CPU jobs submitted after the routing and started by the GPU, alternating")
+    parser.add_argument("--gate-copies-ab", action="store_true",
+                        help="also trace with routed layers' streamed copies enqueued by the driving thread and at the gate, alternating")
     parser.add_argument("--partial-graphs-ab", action="store_true",
                         help="also trace with decode pieces' partials eager and replayed as graphs, alternating")
     parser.add_argument("--first-copies", default="",

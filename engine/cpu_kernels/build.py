@@ -24,7 +24,7 @@ logger = logging.getLogger(__name__)
 
 CSRC_DIR = Path(__file__).parent / "csrc"
 SOURCES = ("api.cpp", "driver.cpp", "thread_pool.cpp", "kernels_avx2.cpp", "kernels_avx512.cpp", "kernels_amx.cpp", "compact.cpp")
-HEADERS = ("driver.h", "slice_ffn.h", "thread_pool.h", "vec_math.h")
+HEADERS = ("driver.h", "gate_copies.h", "slice_ffn.h", "thread_pool.h", "vec_math.h")
 CFLAGS = ("-O3", "-march=native", "-fno-math-errno", "-fno-trapping-math", "-pthread", "-Wno-uninitialized",
           "-Wno-maybe-uninitialized")
 STALE_LOCK_S = 600.0  # a build lock older than this was left by a killed build
@@ -75,7 +75,7 @@ def _declare(lib: ctypes.CDLL) -> None:
     lib.scheinfer_submit.restype = i64
     lib.scheinfer_submit_routed.argtypes = [ctypes.c_void_p, ctypes.c_void_p, i32, ctypes.c_void_p, i32, i64,
                                             ctypes.c_void_p, ctypes.c_void_p, i64, i64, i64, i64, i32, i32,
-                                            ctypes.c_void_p, i64]
+                                            ctypes.c_void_p, i64, ctypes.c_void_p]
     lib.scheinfer_submit_routed.restype = i64
     lib.scheinfer_wait.argtypes = [i64, ctypes.c_void_p]
     lib.scheinfer_wait.restype = i32

@@ -304,15 +304,16 @@ class RoutedGate:
 
 
 def submit_routed_records(records: array, choice_offsets: array, where: RoutedGate, activation: str = "silu",
-                          signal: int = 0, value: int = 0) -> PendingJobs | None:
+                          signal: int = 0, value: int = 0, copies: array | None = None) -> PendingJobs | None:
     """Submits a job whose records are chosen on the driver thread once the routing is there: choice
     c's records are [choice_offsets[c], choice_offsets[c + 1]) of `records`, and position p takes
-    choice p * choice_stride + ids[p] (scheinfer_submit_routed). None when no kernel path is in
-    force (nothing submitted, nothing signalled)."""
+    choice p * choice_stride + ids[p] (scheinfer_submit_routed). `copies`: a plan of streamed
+    pieces' copies the same routing picks, enqueued first (engine/executor/gate_copies.py). None
+    when no kernel path is in force (nothing submitted, nothing signalled)."""
     return _submit(activation, lambda lib, cap: lib.scheinfer_submit_routed(
         records.buffer_info()[0], choice_offsets.buffer_info()[0], len(choice_offsets) - 1, where.ids, where.num_ids,
         where.choice_stride, where.gate, where.cancel, where.value, where.out_base, where.out_row_bytes, where.wait_ms,
-        cap, num_threads(), signal or None, value))
+        cap, num_threads(), signal or None, value, copies.buffer_info()[0] if copies is not None else None))
 
 
 def job_path(job: SliceJob) -> str:

@@ -88,6 +88,7 @@ class _Layer:
     piece_effect_s: float
     end: Mark = None  # the copy stream after the layer's last copy (None: no copies)
     cpu_end_s: float | None = None  # the CPU job's end (None: no CPU job)
+    gated: bool = False  # entered at the GPU's gate: the CPU job's start is the entry time
 
 
 class DecodeMeter:
@@ -101,20 +102,25 @@ class DecodeMeter:
         self.feedback = feedback
         self._layers: deque[_Layer] = deque()
 
-    def enter(self, piece_effect_s: float, shift: int | None = None) -> None:
+    def enter(self, piece_effect_s: float, shift: int | None = None, gate: Mark = None) -> None:
         """`piece_effect_s`: what moving one host piece of this layer would change, by the profile;
         `shift`: the one its pieces were assigned with (None: the feedback's now; measurements
-        resolved here may move it, after the layer was assigned)."""
+        resolved here may move it, after the layer was assigned). `gate`: a mark recorded on the
+        copy stream at the GPU's gate (copies enqueued from there: gate_copies.py); the layer's
+        CPU side then counts from its job's start, which is the gate too."""
         shift = self.feedback.shift if shift is None else shift
         self._resolve()
-        self._layers.append(_Layer(now_s(), host_mark(self.accelerator, self.accelerator.copy_stream),
-                                   shift, piece_effect_s))
+        entry = gate if gate is not None else host_mark(self.accelerator, self.accelerator.copy_stream)
+        self._layers.append(_Layer(now_s(), entry, shift, piece_effect_s, gated=gate is not None))
 
     def copies_enqueued(self) -> None:
         self._layers[-1].end = host_mark(self.accelerator, self.accelerator.copy_stream)
 
-    def cpu_done(self, end_s: float) -> None:
-        self._layers[-1].cpu_end_s = end_s
+    def cpu_done(self, end_s: float, start_s: float | None = None) -> None:
+        layer = self._layers[-1]
+        layer.cpu_end_s = end_s
+        if layer.gated and start_s:
+            layer.entered_s = start_s
 
     def _resolve(self) -> None:
         while self._layers:

@@ -28,6 +28,7 @@ from engine.executor.accelerator import Accelerator, now_s
 from engine.executor.cpu_batches import MAX_KEPT_ROWS, DecodeCpuBuffers
 from engine.executor.cpu_pool import CpuBatch, CpuJob, CpuPool, CpuResult, _Submitted
 from engine.executor.decode_feedback import DecodeFeedback, DecodeMeter
+from engine.executor.gate_copies import GateCopies
 from engine.executor.lookahead import LOOKAHEAD_PIECES, LookaheadStats, likely_pieces
 from engine.executor.partial_graphs import PartialGraphs
 from engine.executor.routed_job import RoutedJobs, RoutedLayer
@@ -104,6 +105,9 @@ class PartitionedExecutor:
         self.routed_jobs = RoutedJobs.create(accelerator, cpu_pool) if self.signal is not None else None
         self.use_routed = True  # False: submitted once the routing is read (A/B in benchmarks)
         self._routed: RoutedLayer | None = None  # a routed job not consumed yet
+        # routed jobs also enqueue their layer's first streamed copies at the gate (gate_copies.py)
+        self.use_gate_copies = True  # False: the driving thread enqueues them all (A/B in benchmarks)
+        self._gate_copies: GateCopies | None = None  # made for the ring in use at the first routed job
 
     def apply_plan(self, plan: PartitionPlan) -> None:
         """Re-labels the host pieces (CG <-> CC) and the dynamic rule for `plan` without moving any
@@ -163,10 +167,17 @@ class PartitionedExecutor:
                 return into
             return torch.zeros((offsets[-1], items[0][1].shape[1]), dtype=torch.float32, device=items[0][1].device)
 
-        def begin_streaming(max_copies: int | None = None) -> _Streaming:
-            if measured:  # the decode meter starts before the layer's first copy
-                self._enter_meter(items, streamed or on_cpu, shift)
-            return self._begin_streaming(streamed, max_copies)
+        def begin_streaming(max_copies: int | None = None, adopted: list[StagedSlice] | None = None) -> _Streaming:
+            # the decode meter starts before the layer's first copy (copies from the gate: at the
+            # gate, the mark the driver recorded first)
+            gate = routed.copies.starts if routed is not None and routed.copies is not None else None
+            if measured:
+                self._enter_meter(items, streamed or on_cpu, shift, gate[0] if gate is not None else None)
+            elif gate is not None:
+                self.accelerator.release(gate[0])
+            if gate is not None and self.ring is not None:
+                self.ring.begin_burst(gate[1])
+            return self._begin_streaming(streamed, max_copies, adopted or [])
 
         if self.overlap:
             # The CPU's activations leave first (when not on the host yet), then the CPU job and a
@@ -175,8 +186,9 @@ class PartitionedExecutor:
             # this one runs (it is over: this layer's inputs came after it).
             if routed is not None:  # running already (or about to, once the GPU opens its gate)
                 assert self.routed_jobs is not None and host_x is not None
+                adopted = self._adopt_gate_copies(routed, streamed)  # first: ours follow them
                 cpu_future = self._routed_batch(routed, placed, offsets, host_x)
-                streaming = begin_streaming()
+                streaming = begin_streaming(adopted=adopted)
             elif FIRST_COPIES > 0:
                 cpu_inputs = self._ship_cpu_inputs(items, on_cpu, host_x)
                 self.flush()
@@ -249,7 +261,7 @@ class PartitionedExecutor:
         self._deferred = None
         batch = future.result()
         if measured:  # before the next layer enters the meter: its record is still the last
-            self._meter.cpu_done(batch.end_s)
+            self._meter.cpu_done(batch.end_s, batch.start_s)
 
     # -- routed jobs (engine/executor/routed_job.py) ------------------------------------------
 
@@ -269,7 +281,25 @@ class PartitionedExecutor:
         shift = self.feedback.shift if self.use_feedback and self.dynamic == "balance" else 0
         signal_value = self.signal.next_value()
         self._routed = self.routed_jobs.submit(layer, ffn, host, shift, self.accelerator.compute_stream,
-                                               (self.signal.address, signal_value), self.timeline)
+                                               (self.signal.address, signal_value), self.timeline,
+                                               self._gate_copier())
+
+    def _gate_copier(self) -> GateCopies | None:
+        """The gate copies for the ring in use, when they can fill its next slots (none prefetched)."""
+        if not self.use_gate_copies or self.ring is None or self._prefetched:
+            return None
+        if self._gate_copies is None or self._gate_copies.ring is not self.ring:
+            self._gate_copies = GateCopies.create(self.accelerator, self.ring)
+            if self._gate_copies is None:
+                self.use_gate_copies = False  # logged once: the driving thread copies
+        return self._gate_copies
+
+    def _adopt_gate_copies(self, routed: RoutedLayer, streamed: list[tuple[int, UnitSlice]]) -> list[StagedSlice] | None:
+        """The streamed pieces the routed job copied at the gate, as staged (None: it copied none)."""
+        if routed.copies is None:
+            return None
+        assert self._gate_copies is not None
+        return self._gate_copies.adopt(routed.copies, streamed)
 
     def _take_routed(self, layer: int, items: list[tuple[FFNUnit, torch.Tensor]],
                      into: torch.Tensor | None) -> RoutedLayer | None:
@@ -297,13 +327,17 @@ class PartitionedExecutor:
         routed, self._routed = self._routed, None
         assert routed is not None and self.routed_jobs is not None
         self.routed_jobs.cancel(routed)
+        if routed.copies is not None and self._gate_copies is not None:
+            self._gate_copies.discard(routed.copies)
 
     def _enter_meter(self, items: list[tuple[FFNUnit, torch.Tensor]], host: list[tuple[int, UnitSlice]],
-                     shift: int) -> None:
-        """Starts measuring a decode layer (before its first copy is enqueued); a host piece's effect
-        by the profile: its CPU work (the job's own overhead is paid once) plus its transfer."""
+                     shift: int, gate: torch.cuda.Event | None = None) -> None:
+        """Starts measuring a decode layer (before its first copy is enqueued; `gate`: the mark the
+        driver recorded at the gate, before copies it enqueued); a host piece's effect by the
+        profile: its CPU work (the job's own overhead is paid once) plus its transfer."""
         item, piece = host[0]
-        self._meter.enter(self.rates.cpu_work_s(piece, items[item][1].shape[0]) + self.rates.stream_s(piece), shift)
+        self._meter.enter(self.rates.cpu_work_s(piece, items[item][1].shape[0]) + self.rates.stream_s(piece), shift,
+                          gate)
 
     def _partial(self, x: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor) -> torch.Tensor:
         gate, up = F.linear(x, gate_up).chunk(2, dim=-1)
@@ -370,9 +404,15 @@ class PartitionedExecutor:
             sums_all.index_add_(0, dest, batch.out[rows].to(device, non_blocking=True))
         self._cpu_buffers.consumed(batch)
 
-    def _begin_streaming(self, streamed: list[tuple[int, UnitSlice]], max_copies: int | None = None) -> _Streaming:
-        """Enqueues the first copies (prefetched ones first): up to `max_copies`, else a ring's worth."""
+    def _begin_streaming(self, streamed: list[tuple[int, UnitSlice]], max_copies: int | None = None,
+                         adopted: list[StagedSlice] | None = None) -> _Streaming:
+        """Enqueues the first copies (prefetched ones first): up to `max_copies`, else a ring's worth.
+        `adopted`: the first streamed pieces, staged already (copies from the gate)."""
         state = _Streaming(deque(), deque(), deque())
+        if adopted:
+            state.staged.extend(adopted)
+            state.pending.extend(streamed[: len(adopted)])
+            streamed = streamed[len(adopted) :]
         if not streamed:
             self._drop_prefetched()
             return state

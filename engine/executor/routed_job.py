@@ -28,6 +28,7 @@ from engine.cpu_kernels.runner import RoutedGate, submit_routed_records
 from engine.cpu_kernels.slice_job import activation_fields, activations_ready, record
 from engine.executor.accelerator import Accelerator
 from engine.executor.cpu_pool import CpuBatch, CpuJob, CpuPool, _Submitted
+from engine.executor.gate_copies import GateCopies, GatePlan, choice_entries
 from engine.executor.stream_signal import StreamSignal
 from engine.executor.timeline import StepTimeline
 from engine.executor.token_assignment import Assignment, decode_split
@@ -47,6 +48,7 @@ class _Table:
     expert_of: dict[int, int]  # id(expert unit) -> its index
     max_rows: int  # the most CPU pieces any routing gives the job
     top_k: int
+    copies: tuple[array, array] | None  # each choice's streamed pieces' copies (gate_copies.py)
 
 
 @dataclass
@@ -61,6 +63,7 @@ class RoutedLayer:
     gate_value: int
     signal_value: int
     shift: int  # the decode feedback's shift its splits were made with
+    copies: GatePlan | None = None  # its streamed pieces' copies, enqueued at the gate
 
     def assignment(self, units: list) -> Assignment:
         """The layer's pieces for these routed experts (in position order)."""
@@ -93,9 +96,11 @@ class RoutedJobs:
         return cls(accelerator, cpu_pool, gate) if gate is not None else None
 
     def submit(self, layer: int, ffn: MoEBlock, host: HostRouting, shift: int, stream: torch.cuda.Stream,
-               signal: tuple[int, int], timeline: StepTimeline | None) -> RoutedLayer | None:
+               signal: tuple[int, int], timeline: StepTimeline | None,
+               gate_copies: GateCopies | None = None) -> RoutedLayer | None:
         """The layer's routed job, its gate stored on `stream` after the routing's copies (enqueued
-        there already); None when its pieces or activations do not suit the kernels."""
+        there already); None when its pieces or activations do not suit the kernels. With
+        `gate_copies`, the job enqueues the routed experts' streamed copies first."""
         x = host.x[0:1]
         table = self._table(layer, ffn, x, shift)
         if table is None or table.max_rows == 0:
@@ -105,14 +110,20 @@ class RoutedJobs:
         gate_value = self.gate.next_value()
         where = RoutedGate(host.expert_ids.data_ptr(), top_k, len(ffn.experts), self.gate.address,
                            self.cancel_flag.data_ptr(), gate_value, out.data_ptr(), out.stride(0) * out.element_size())
-        pending = submit_routed_records(table.records, table.offsets, where, self.cpu_pool.activation, *signal)
+        copies = None
+        if gate_copies is not None and table.copies is not None and len(table.copies[1]):
+            copies = gate_copies.plan(*table.copies, gate_value)
+        pending = submit_routed_records(table.records, table.offsets, where, self.cpu_pool.activation, *signal,
+                                        copies=copies.plan if copies is not None else None)
         if pending is None:
+            if copies is not None:
+                gate_copies.discard(copies)  # type: ignore[union-attr]
             return None
         self.gate.store(stream, gate_value)  # after the routing's copies: the job may start
         self.submitted += 1
         batch = CpuBatch([], out, torch.empty(0, dtype=torch.int64), kept=True)
         future = _Submitted(self.cpu_pool, batch, pending, timeline, signalled=True)
-        return RoutedLayer(layer, table, len(ffn.experts), batch, future, gate_value, signal[1], shift)
+        return RoutedLayer(layer, table, len(ffn.experts), batch, future, gate_value, signal[1], shift, copies)
 
     def fill(self, routed: RoutedLayer, assignment: Assignment, host_x: list[torch.Tensor]) -> None:
         """The batch's jobs and output rows as the driver placed them (the routed experts' CPU
@@ -163,4 +174,5 @@ class RoutedJobs:
                 splits.append(split)
                 offsets.append(offsets[-1] + len(split.on_cpu))
         most = sum(max(len(splits[p * len(experts) + e].on_cpu) for e in range(len(experts))) for p in range(top_k))
-        return _Table(splits, records, offsets, {id(unit): e for e, unit in enumerate(experts)}, most, top_k)
+        copies = choice_entries([[piece for _, piece in split.streamed] for split in splits])
+        return _Table(splits, records, offsets, {id(unit): e for e, unit in enumerate(experts)}, most, top_k, copies)

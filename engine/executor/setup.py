@@ -81,6 +81,9 @@ class Partition:
         if routed is not None:  # one-token decode CPU jobs started by the GPU's routing
             extra["routed_cpu_jobs"] = {"enabled": self.executor.use_routed, "submitted": routed.submitted,
                                         "given_up": routed.cancelled}
+            copier = self.executor._gate_copies  # their streamed pieces' copies enqueued at the gate
+            extra["gate_copies"] = {"enabled": self.executor.use_gate_copies,
+                                    "adopted": copier.adopted if copier is not None else 0}
         graphs = self.executor.partial_graphs
         if graphs.enabled:  # decode pieces' partials replayed as CUDA graphs
             extra["partial_graphs"] = {"graphs": len(graphs), "replays": graphs.replayed}

@@ -59,10 +59,11 @@ class StagingRing:
     def num_bytes(self) -> int:
         return sum(b.nbytes for b in self.buffers) + sum(b.nbytes for b in self.compact_buffers)
 
-    def begin_burst(self) -> None:
-        """Marks the start of a layer's copies on the copy stream (for the busy meter)."""
+    def begin_burst(self, start: Mark = None) -> None:
+        """Marks the start of a layer's copies on the copy stream (for the busy meter); `start`: a
+        mark recorded there already (before copies enqueued elsewhere: gate_copies.py)."""
         if self._burst_start is None:
-            self._burst_start = host_mark(self.accelerator, self.accelerator.copy_stream)
+            self._burst_start = start if start is not None else host_mark(self.accelerator, self.accelerator.copy_stream)
 
     def end_burst(self) -> None:
         if self._burst_start is not None:
@@ -100,6 +101,32 @@ class StagingRing:
                 timeline.gpu_interval("pcie", start, host_mark(acc, acc.copy_stream))
         self.bytes_streamed += piece.num_bytes
         return StagedSlice(gate_up, down, ready, slot, piece.compact)
+
+    @property
+    def next_slot(self) -> int:
+        return self._next
+
+    def create_events(self, stream: torch.cuda.Stream) -> None:
+        """Records every slot's events once (CUDA creates an event at its first record), so that
+        their handles exist for copies enqueued outside torch (gate_copies.py)."""
+        for event in (*self._ready_events, *self._free_events):
+            if event is not None:
+                event.record(stream)
+
+    def slot_handles(self) -> list[tuple[int, int, int, int]]:
+        """Each slot's (compact region buffer, bf16 buffer, free event, ready event) addresses and
+        handles (0 for no region buffer)."""
+        return [(self.compact_buffers[k].data_ptr() if self.compact_buffers else 0, self.buffers[k].data_ptr(),
+                 self._free_events[k].cuda_event, self._ready_events[k].cuda_event)  # type: ignore[union-attr]
+                for k in range(self.num_slots)]
+
+    def adopt(self, piece: UnitSlice, slot: int) -> StagedSlice:
+        """`piece` staged in `slot` by a copy enqueued outside the ring (gate_copies.py: after a wait
+        for the slot's free event, then its ready event recorded); the ring's next slot follows."""
+        gate_up, down = self._views(slot, piece.gate_up.shape, piece.down.shape)
+        self._next = (slot + 1) % self.num_slots
+        self.bytes_streamed += piece.num_bytes
+        return StagedSlice(gate_up, down, self._ready_events[slot], slot, piece.compact)
 
     def unpack(self, staged: StagedSlice) -> None:
         """Decodes a compact piece's slot into its bf16 views, on the current (compute) stream, after

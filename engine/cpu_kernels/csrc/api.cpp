@@ -19,6 +19,7 @@
 #include <vector>
 
 #include "driver.h"
+#include "gate_copies.h"
 #include "slice_ffn.h"
 #include "thread_pool.h"
 
@@ -483,19 +484,24 @@ int64_t scheinfer_submit(const int64_t* descs, int num_jobs, int max_path, int n
 // (choice c: descs [choice_offsets[c], choice_offsets[c + 1])), their outputs placed one token row
 // block after another from out_base (out_row_bytes a row). The job starts as soon as the routing
 // is there, with no round trip through the submitting thread. Fails after wait_ms without a gate.
+// copies (may be null): a plan of the streamed pieces' copies the same routing picks, enqueued
+// first once the gate opens (gate_copies.h).
 int64_t scheinfer_submit_routed(const int64_t* descs, const int64_t* choice_offsets, int num_choices,
                                 const int64_t* ids, int num_ids, int64_t choice_stride, const int64_t* gate,
                                 const int64_t* cancel, int64_t gate_value, int64_t out_base, int64_t out_row_bytes,
-                                int64_t wait_ms, int max_path, int num_threads, int64_t* signal, int64_t value) {
-  std::vector<int64_t> table, offsets;
+                                int64_t wait_ms, int max_path, int num_threads, int64_t* signal, int64_t value,
+                                const int64_t* copies) {
+  std::vector<int64_t> table, offsets, copy_plan;
   try {
     table.assign(descs, descs + kDescFields * choice_offsets[num_choices]);
     offsets.assign(choice_offsets, choice_offsets + num_choices + 1);
+    if (copies != nullptr) copy_plan.assign(copies, copies + gate_copies::plan_length(copies));
   } catch (const std::exception& e) {
     return failed_submission(e, signal, value);
   }
   const int threads = num_threads < 1 ? 1 : num_threads;
-  return submit_signalled(signal, value, [=, table = std::move(table), offsets = std::move(offsets)]() {
+  return submit_signalled(signal, value, [=, table = std::move(table), offsets = std::move(offsets),
+                                          copy_plan = std::move(copy_plan)]() {
     const auto deadline = std::chrono::steady_clock::now() + std::chrono::milliseconds(wait_ms);
     uint32_t spins = 0;
     while (__atomic_load_n(gate, __ATOMIC_ACQUIRE) < gate_value) {
@@ -506,6 +512,7 @@ int64_t scheinfer_submit_routed(const int64_t* descs, const int64_t* choice_offs
     }
     if (__atomic_load_n(cancel, __ATOMIC_ACQUIRE) >= gate_value) return;
     driver_restart_clock();  // the job's time starts now, not at the wait
+    if (!copy_plan.empty()) gate_copies::issue(copy_plan, ids, num_ids, choice_stride, gate_value);
     std::vector<int64_t> chosen;
     int64_t row = 0;
     for (int p = 0; p < num_ids; ++p) {

@@ -13,6 +13,7 @@ from engine import LLM
 from engine.executor.accelerator import Accelerator
 from engine.executor.cpu_pool import CpuPool
 from engine.executor.decode_feedback import DecodeFeedback
+from engine.executor.gate_copies import choice_entries, piece_entry
 from engine.executor.routed_job import RoutedJobs
 from engine.executor.token_assignment import DispatchRates, assign, decode_split, shift_share
 from engine.model.ffn import FFNUnit, UnitSlice
@@ -77,6 +78,41 @@ def test_routed_jobs_give_the_bits_of_jobs_submitted_after_the_routing(arch: str
     info = routed.engine.plan_info()
     assert info["routed_cpu_jobs"] == {"enabled": True, "submitted": jobs.submitted, "given_up": 0}
     assert info["partial_graphs"]["replays"] > 0
+
+
+@pytest.mark.gpu
+@CUDA
+@pytest.mark.parametrize("arch", ["mixtral", "phimoe"])
+def test_copies_from_the_gate_give_the_bits_of_copies_from_the_driving_thread(arch: str, tmp_path: Path) -> None:
+    path = write_bf16(tmp_path, arch)
+    thread, gate = bf16_gpu_llm(path, use_gate_copies=False), bf16_gpu_llm(path, use_gate_copies=True)
+    _assert_same(thread, gate)
+    copier = gate.engine.runner.executor._gate_copies
+    assert copier is not None and copier.adopted > 0
+    assert thread.engine.runner.executor._gate_copies is None
+    assert gate.engine.plan_info()["gate_copies"] == {"enabled": True, "adopted": copier.adopted}
+    assert gate.engine.runner.executor.routed_jobs.cancelled == 0
+    # the decode feedback measured the gated layers (their CPU side from the job's start)
+    assert gate.engine.runner.executor.feedback.layers > 0
+
+
+def test_gate_copy_entries_follow_each_choices_streamed_pieces() -> None:
+    rows, hidden = 32, 64
+    storages = [torch.zeros(3 * rows * hidden) for _ in range(4)]  # gate_up then down, adjacent: one copy
+    pieces = [UnitSlice(i * rows, (i + 1) * rows, s[: 2 * rows * hidden].view(2 * rows, hidden),
+                        s[2 * rows * hidden :].view(hidden, rows), kind)
+              for i, (s, kind) in enumerate(zip(storages, ["GG", "CG", "CG", "CC"], strict=True))]
+    unit = FFNUnit(4 * rows, pieces)
+    entries = choice_entries([[p for _, p in decode_split(unit, 0, 1, shift).streamed] for shift in (0, 1, -1)])
+    assert entries is not None
+    offsets, flat = entries
+    assert list(offsets) == [0, 2, 3, 6]  # shift 1 moves the last streamed piece to the CPU, -1 the CC one to PCIe
+    expected = [pieces[1], pieces[2], pieces[1], pieces[1], pieces[2], pieces[3]]
+    assert [tuple(flat[3 * k : 3 * k + 3]) for k in range(6)] == [piece_entry(p) for p in expected]
+    assert all(tuple(flat[3 * k : 3 * k + 3]) == (p.gate_up.data_ptr(), 3 * rows * hidden * 4, 1)
+               for k, p in enumerate(expected))
+    apart = UnitSlice(0, rows, torch.zeros(2 * rows, hidden), torch.zeros(hidden, rows), "CG")
+    assert apart.packed is None and choice_entries([[apart]]) is None
 
 
 def test_routed_tables_follow_the_pieces_kinds_after_clear(tiny_checkpoints: dict[str, Path]) -> None:
