@@ -92,8 +92,6 @@ def test_copies_from_the_gate_give_the_bits_of_copies_from_the_driving_thread(ar
     assert thread.engine.runner.executor._gate_copies is None
     assert gate.engine.plan_info()["gate_copies"] == {"enabled": True, "adopted": copier.adopted}
     assert gate.engine.runner.executor.routed_jobs.cancelled == 0
-    # the decode feedback measured the gated layers (their CPU side from the job's start)
-    assert gate.engine.runner.executor.feedback.layers > 0
 
 
 def test_gate_copy_entries_follow_each_choices_streamed_pieces() -> None:
