@@ -113,3 +113,25 @@ def test_reset_returns_to_the_plans_split() -> None:
     _measure(feedback, lambda shift: 3.3e-3 - shift * EFFECT_S)
     feedback.reset()
     assert feedback == DecodeFeedback()
+
+
+def test_a_gated_layer_counts_both_sides_from_the_gate() -> None:
+    """Copies enqueued at the GPU's gate (gate_copies.py): the meter's copy side starts at the gate
+    mark and its CPU side at the job's start (the gate too), not at the executor's entry."""
+    from engine.executor.accelerator import Accelerator
+    from engine.executor.decode_feedback import DecodeMeter
+
+    recorded: list[tuple[int, float, float]] = []
+
+    class Recording(DecodeFeedback):
+        def add(self, shift: int, imbalance_s: float, piece_effect_s: float) -> None:
+            recorded.append((shift, imbalance_s, piece_effect_s))
+
+    meter = DecodeMeter(Accelerator.for_device("cpu"), Recording())
+    meter.enter(EFFECT_S, shift=2, gate=10.0)  # the gate's mark: host time 10.0 on a CPU "device"
+    meter._layers[-1].end = 10.004  # the copies ended 4 ms after the gate
+    meter.cpu_done(end_s=10.003, start_s=10.0)  # the CPU job ran from the gate for 3 ms
+    meter.enter(EFFECT_S)  # the next layer resolves this one
+    assert len(recorded) == 1
+    shift, imbalance_s, effect_s = recorded[0]
+    assert shift == 2 and effect_s == EFFECT_S and abs(imbalance_s - 0.001) < 1e-9
