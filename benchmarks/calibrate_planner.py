@@ -1,13 +1,16 @@
-"""Fits the planner's three serial overheads (per layer, per layer with CPU work, per piece) to a
-partition_bench.py result, and shows the model's error on every point before and after.
+"""Fits the planner's three serial overheads (per layer, per layer with CPU work, per piece) to one
+or more partition_bench.py results, and shows the model's error on every point before and after.
 
-    python benchmarks/calibrate_planner.py benchmarks/results/RESULT.json \\
+    python benchmarks/calibrate_planner.py benchmarks/results/RESULT.json [MORE.json ...] \\
         --profile configs/hardware/h100-16core.json [--write]
 
-The plans of the fixed policies and of the sweep are rebuilt from their names with the request the
-benchmark used (budget, 4096-token KV cache, 2048 batched tokens, 8 sequences); the adaptive point
-is left out (its plan came from the machine's own profile, not stored). `--write` saves the fitted
-overheads into the profile file. See docs/PLANNER.md, "Calibrating".
+Each result's plans are rebuilt with the request its benchmark used (budget, KV cache, batched
+tokens, 8 sequences, its host chunk rows): fixed policies and the sweep from their names, the
+adaptive plan from the machine profile the run stored (`profile`, with `--build-policy adaptive`;
+kept only when it gives the run's CG share). A result's points are predicted with its own machine's
+rates where it stored them (its overheads replaced by the fitted ones), so runs of several models
+and machines fit together. `--write` saves the fitted overheads into the profile file. See
+docs/PLANNER.md, "Calibrating".
 """
 
 from __future__ import annotations
@@ -25,58 +28,87 @@ from engine.placement.planner import (
     MeasuredStep,
     build_plan_request,
     calibrate_overheads,
+    make_adaptive_plan,
     predict,
 )
 from engine.placement.policies import make_plan
 
 
-def measured_points(result: dict, request, skip: tuple[str, ...] = ()) -> list[tuple[str, MeasuredStep]]:
+def _cg_share(plan) -> float:
+    rows = plan.rows_by_kind()
+    host = rows["CG"] + rows["CC"]
+    return rows["CG"] / host if host else 0.0
+
+
+def measured_points(result: dict, skip: tuple[str, ...] = ()) -> list[tuple[str, MeasuredStep]]:
+    """The result's points, each with its model, request and (where stored) machine rates."""
+    config, _ = resolve_model_config(result["model"])
+    longest = max(result.get("prompt_lens", [512]))
+    # the run's own storage: a bf16 run (--no-compact) planned as compact would skew the fit
+    request = build_plan_request(config, parse_bytes(result["budget"]), kv_cache_tokens=max(4096, 2 * longest),
+                                 max_num_batched_tokens=max(2048, longest), max_num_seqs=8,
+                                 host_chunk_rows=result.get("host_chunk_rows", 1024),
+                                 compact_host=bool(result.get("compact")))
+    rates = HardwareProfile.from_json(json.dumps(result["profile"])) if result.get("profile") else None
+    adaptive = make_adaptive_plan(request, rates)[0] if rates is not None else None
     entries = {**result["policies"], **result.get("sweep", {})}
+    prompt = str(result.get("prompt_lens", [512])[0])
     points = []
     for name, entry in entries.items():
-        if name.startswith(("adaptive", "best ")) or name in skip:
+        if name.startswith("best ") or name in skip:
             continue
-        plan, _ = make_plan(name, request)
-        prompt = str(result.get("prompt_lens", [512])[0])
+        if name.startswith("adaptive"):
+            if adaptive is None or name.partition(" ")[0] != "adaptive":
+                continue  # no stored profile, or another kernel path / suffix: its plan is not rebuilt here
+            if abs(_cg_share(adaptive) - entry.get("cg_share", -1.0)) > 1e-3:
+                print(f"  {result['model']} {name}: the rebuilt adaptive plan differs from the run's (left out)")
+                continue
+            plan = adaptive
+        else:
+            plan, _ = make_plan(name, request)
         prefill_s = entry["by_prompt"][prompt]["prefill_s"] if "by_prompt" in entry else entry["prefill_s"]
-        points.append((name, MeasuredStep(plan, decode_s=entry["decode_s_per_token"], prefill_s=prefill_s,
-                                          prompt_len=int(prompt))))
+        points.append((f"{result['model']} {name}", MeasuredStep(
+            plan, decode_s=entry["decode_s_per_token"], prefill_s=prefill_s, prompt_len=int(prompt),
+            config=config, request=request, rates=rates)))
     return points
 
 
-def errors(points: list[tuple[str, MeasuredStep]], config, profile: HardwareProfile, request) -> list[str]:
+def errors(points: list[tuple[str, MeasuredStep]], profile: HardwareProfile) -> list[str]:
+    """Predicted over measured for every point, with `profile`'s overheads (on the point's rates)."""
     lines = []
+    overheads = {f: getattr(profile, f) for f in OVERHEAD_FIELDS}
     for name, point in points:
-        p = predict(point.plan, config, profile, request)
-        lines.append(f"  {name:22} decode measured/predicted {point.decode_s and p.decode_step_s / point.decode_s:5.2f}"
+        assert point.config is not None and point.request is not None
+        rates = replace(point.rates, **overheads) if point.rates is not None else profile
+        p = predict(point.plan, point.config, rates, point.request)
+        lines.append(f"  {name:34} decode predicted/measured {point.decode_s and p.decode_step_s / point.decode_s:5.2f}"
                      f"   prefill-{point.prompt_len} {p.prefill_s(point.prompt_len) / point.prefill_s:5.2f}")
     return lines
 
 
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("result")
+    parser.add_argument("results", nargs="+")
     parser.add_argument("--profile", default="configs/hardware/h100-16core.json")
     parser.add_argument("--write", action="store_true")
-    parser.add_argument("--skip", default="", help="policies of the result to leave out (comma list), e.g. ones "
+    parser.add_argument("--skip", default="", help="policies of the results to leave out (comma list), e.g. ones "
                                                   "measured before a change of their rule")
     args = parser.parse_args()
-    result = json.loads(Path(args.result).read_text())
-    config, _ = resolve_model_config(result["model"])
-    longest = max(result.get("prompt_lens", [512]))
-    # the run's own storage: a bf16 run (--no-compact) planned as compact would skew the fit
-    request = build_plan_request(config, parse_bytes(result["budget"]), kv_cache_tokens=max(4096, 2 * longest),
-                                 max_num_batched_tokens=max(2048, longest), max_num_seqs=8,
-                                 compact_host=bool(result.get("compact")))
     profile = HardwareProfile.from_file(args.profile)
-    points = measured_points(result, request, tuple(filter(None, args.skip.split(","))))
+    skip = tuple(filter(None, args.skip.split(",")))
+    points = [point for path in args.results for point in measured_points(json.loads(Path(path).read_text()), skip)]
+    if not points:
+        raise SystemExit("no point to fit")
     print("before:", {f: getattr(profile, f) for f in OVERHEAD_FIELDS})
-    print("\n".join(errors(points, config, profile, request)))
-    fitted = calibrate_overheads(profile, config, request, [p for _, p in points])
+    print("\n".join(errors(points, profile)))
+    first = points[0][1]
+    assert first.config is not None and first.request is not None
+    fitted = calibrate_overheads(profile, first.config, first.request, [p for _, p in points])
     print("after:", {f: round(getattr(fitted, f), 7) for f in OVERHEAD_FIELDS})
-    print("\n".join(errors(points, config, fitted, request)))
+    print("\n".join(errors(points, fitted)))
     if args.write:
-        source = f"overheads calibrated on {Path(args.result).name} with benchmarks/calibrate_planner.py"
+        names = ", ".join(Path(path).name for path in args.results)
+        source = f"overheads calibrated on {names} with benchmarks/calibrate_planner.py"
         replace(fitted, notes={**fitted.notes, "calibration": source}).save(args.profile)
         print(f"wrote {args.profile}")
 

@@ -243,12 +243,17 @@ OVERHEAD_FIELDS = ("layer_overhead_s", "cpu_layer_overhead_s", "piece_overhead_s
 @dataclass(frozen=True)
 class MeasuredStep:
     """One measured point of a benchmark of the whole engine: a plan, and its decode step time
-    (batch 1) or its prefill time for `prompt_len` tokens."""
+    (batch 1) or its prefill time for `prompt_len` tokens. `config`, `request`, `rates`: the point's
+    own model, plan request and machine (its measured profile: rates only, the overheads are what
+    a calibration fits), where points of several runs are fitted together (None: the fit's)."""
 
     plan: PartitionPlan
     decode_s: float | None = None
     prefill_s: float | None = None
     prompt_len: int = 512
+    config: ModelConfig | None = None
+    request: PlanRequest | None = None
+    rates: HardwareProfile | None = None
 
 
 def calibrate_overheads(profile: HardwareProfile, config: ModelConfig, request: PlanRequest,
@@ -256,22 +261,23 @@ def calibrate_overheads(profile: HardwareProfile, config: ModelConfig, request: 
     """`profile` with its three overheads (per layer, per layer with CPU work, per piece) fitted to
     the measured points: non-negative least squares on relative errors. The overheads are serial
     and additive in the cost model, so each one's effect on a prediction is linear."""
-    base = replace(profile, **dict.fromkeys(OVERHEAD_FIELDS, 0.0))
+    zeros = dict.fromkeys(OVERHEAD_FIELDS, 0.0)
     rows: list[list[float]] = []
     targets: list[float] = []
     for point in points:
+        base = replace(point.rates or profile, **zeros)
         for measured, phase in ((point.decode_s, "decode"), (point.prefill_s, "prefill")):
             if measured is None:
                 continue
 
             def predicted(p: HardwareProfile, phase=phase, point=point) -> float:
-                prediction = predict(point.plan, config, p, request, workload)
+                prediction = predict(point.plan, point.config or config, p, point.request or request, workload)
                 return prediction.decode_step_s if phase == "decode" else prediction.prefill_s(point.prompt_len)
 
             zero = predicted(base)
             rows.append([(predicted(replace(base, **{f: 1.0})) - zero) / measured for f in OVERHEAD_FIELDS])
             targets.append((measured - zero) / measured)
-    return replace(base, **dict(zip(OVERHEAD_FIELDS, _nnls(rows, targets), strict=True)))
+    return replace(profile, **dict(zip(OVERHEAD_FIELDS, _nnls(rows, targets), strict=True)))
 
 
 def _nnls(rows: list[list[float]], targets: list[float]) -> list[float]:

@@ -116,6 +116,28 @@ def test_calibration_recovers_known_overheads() -> None:
     assert fitted.piece_overhead_s == pytest.approx(5e-5, rel=1e-3)
 
 
+def test_calibration_fits_runs_of_several_models_and_machines_together() -> None:
+    """Each point predicted on its own model, request and machine rates: the overheads they share
+    come back however the runs differ (calibrate_planner.py with several results)."""
+    from engine.placement.planner import MeasuredStep, calibrate_overheads
+
+    phi, _ = resolve_model_config("phi-3.5-moe")
+    overheads = {"layer_overhead_s": 2e-4, "cpu_layer_overhead_s": 3e-4, "piece_overhead_s": 2e-5}
+    runs = [(MIXTRAL, synthetic_profile(pcie_bytes_s=40e9)), (phi, synthetic_profile(cpu_bytes_s=90e9))]
+    points = []
+    for config, rates in runs:
+        request = build_plan_request(config, 24 * GIB, kv_cache_tokens=4096, max_num_seqs=8, host_chunk_rows=512)
+        for policy in ("cpu-experts", "stream", "manual:cg=0.4"):
+            plan, _ = make_plan(policy, request)
+            p = predict(plan, config, replace(rates, **overheads), request)
+            points.append(MeasuredStep(plan, p.decode_step_s, p.prefill_s(512), config=config, request=request,
+                                       rates=rates))
+    fitted = calibrate_overheads(synthetic_profile(), MIXTRAL, points[0].request, points)
+    for field, value in overheads.items():
+        assert getattr(fitted, field) == pytest.approx(value, rel=1e-3)
+    assert fitted.pcie_h2d_bytes_s == synthetic_profile().pcie_h2d_bytes_s  # the rates stay the profile's
+
+
 def test_dispatch_rates_from_a_profile() -> None:
     from engine.placement.planner import dispatch_rates
 
