@@ -109,6 +109,24 @@ def live_server(settings: ServerSettings, engine: AsyncEngine | None = None,
         sock.close()
 
 
+class PacedEngine:
+    """The real LLMEngine whose steps take at least `step_s` (timing tests that must not depend on
+    how fast the machine decodes)."""
+
+    def __init__(self, inner: Any, step_s: float) -> None:
+        self.inner = inner
+        self.step_s = step_s
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.inner, name)
+
+    def step(self) -> Any:
+        start = time.perf_counter()
+        out = self.inner.step()
+        time.sleep(max(0.0, self.step_s - (time.perf_counter() - start)))
+        return out
+
+
 class GatedEngine:
     """The real LLMEngine whose steps wait for `gate` (to hold requests in the queue)."""
 

@@ -22,7 +22,7 @@ from engine.async_engine import (
 )
 from engine.llm_engine import LLMEngine
 from engine.sampling_params import SamplingParams
-from tests.server.live_server import GatedEngine, build_engine
+from tests.server.live_server import GatedEngine, PacedEngine, build_engine
 
 
 @pytest.fixture
@@ -208,7 +208,9 @@ def test_step_exception_fails_requests_and_loop_survives(llm: LLMEngine) -> None
 
 
 def test_drain_waits_then_aborts_the_rest(llm: LLMEngine) -> None:
-    engine = AsyncEngine(llm)
+    # 5 ms a step at least: the long request (240 steps) outlasts the 0.3 s drain on any machine,
+    # the short one (3 steps) ends well within it
+    engine = AsyncEngine(PacedEngine(llm, 0.005))
     engine.start()
 
     async def main() -> tuple[Any, Any, bool]:
