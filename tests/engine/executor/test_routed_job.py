@@ -63,14 +63,19 @@ def test_no_routed_jobs_without_a_gpu(tiny_checkpoints: dict[str, Path]) -> None
     assert "routed_cpu_jobs" not in llm.engine.plan_info() and "partial_graphs" not in llm.engine.plan_info()
 
 
+def _same_bits_either_way(tmp_path: Path, arch: str, setting: str) -> tuple[LLM, LLM]:
+    """Engines with the executor's boolean `setting` off and on, once they decoded the same bits."""
+    path = write_bf16(tmp_path, arch)
+    off, on = bf16_gpu_llm(path, **{setting: False}), bf16_gpu_llm(path, **{setting: True})
+    _assert_same(off, on)
+    return off, on
+
+
 @pytest.mark.gpu
 @CUDA
 @pytest.mark.parametrize("arch", ["mixtral", "phimoe"])
 def test_routed_jobs_give_the_bits_of_jobs_submitted_after_the_routing(arch: str, tmp_path: Path) -> None:
-    path = write_bf16(tmp_path, arch)
-
-    after, routed = bf16_gpu_llm(path, use_routed=False), bf16_gpu_llm(path, use_routed=True)
-    _assert_same(after, routed)
+    after, routed = _same_bits_either_way(tmp_path, arch, "use_routed")
     jobs = routed.engine.runner.executor.routed_jobs
     assert jobs is not None and jobs.submitted > 0 and jobs.cancelled == 0
     assert after.engine.runner.executor.routed_jobs.submitted == 0
@@ -84,9 +89,7 @@ def test_routed_jobs_give_the_bits_of_jobs_submitted_after_the_routing(arch: str
 @CUDA
 @pytest.mark.parametrize("arch", ["mixtral", "phimoe"])
 def test_copies_from_the_gate_give_the_bits_of_copies_from_the_driving_thread(arch: str, tmp_path: Path) -> None:
-    path = write_bf16(tmp_path, arch)
-    thread, gate = bf16_gpu_llm(path, use_gate_copies=False), bf16_gpu_llm(path, use_gate_copies=True)
-    _assert_same(thread, gate)
+    thread, gate = _same_bits_either_way(tmp_path, arch, "use_gate_copies")
     copier = gate.engine.runner.executor._gate_copies
     assert copier is not None and copier.adopted > 0
     assert thread.engine.runner.executor._gate_copies is None
