@@ -15,6 +15,7 @@ import statistics
 import time
 from collections.abc import Callable
 from contextlib import nullcontext
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -22,6 +23,50 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from engine import LLM, SamplingParams
 from engine.model.factory import resolve_model_config
+
+
+@dataclass(frozen=True)
+class BooleanSwitch:
+    """An engine setting traced off, on, off, on with `--FLAG-ab`: `attribute` of the object at
+    `owner` (a path from the engine's executor, the decode graphs or the compact decode launcher)."""
+
+    flag: str
+    label: str
+    owner: str
+    attribute: str
+    help: str  # "also trace with ..., alternating"
+
+
+BOOLEAN_SWITCHES = (
+    BooleanSwitch("one-graph", "one graph per layer", "graphs", "one_graph_layers",
+                  "attention between two graphs per layer and inside one"),
+    BooleanSwitch("host-routing", "host routing", "graphs", "host_routing",
+                  "routing ids read by a kernel + sync, and copied to the host"),
+    BooleanSwitch("driver", "C++ driver", "executor.cpu_pool", "use_driver",
+                  "CPU jobs on the Python worker and on the C++ driver"),
+    BooleanSwitch("feedback", "decode feedback", "executor", "use_feedback",
+                  "decode steps on the plan's kinds and balanced by measured rates"),
+    BooleanSwitch("signal", "stream signal", "executor", "use_signal",
+                  "the GPU stream waiting for decode CPU jobs off and on"),
+    BooleanSwitch("unpack", "unpack by address", "executor.ring", "unpack_by_address",
+                  "streamed compact pieces decoded through tensor views and by address"),
+    BooleanSwitch("launch", "direct Triton launch", "launcher", "direct",
+                  "the compact decode kernel launched through Triton's path and past it"),
+    BooleanSwitch("routed", "routed jobs", "executor", "use_routed",
+                  "one-token CPU jobs submitted after the routing and started by the GPU"),
+    BooleanSwitch("gate-copies", "gate copies", "executor", "use_gate_copies",
+                  "routed layers' streamed copies enqueued by the driving thread and at the gate"),
+    BooleanSwitch("partial-graphs", "partial graphs", "executor.partial_graphs", "enabled",
+                  "decode pieces' partials eager and replayed as graphs"),
+)
+
+
+def _owner(roots: dict[str, object], path: str) -> object | None:
+    first, *rest = path.split(".")
+    owner = roots[first]
+    for name in rest:
+        owner = getattr(owner, name, None) if owner is not None else None
+    return owner
 
 BACKENDS = {"default": None, "flash": SDPBackend.FLASH_ATTENTION, "efficient": SDPBackend.EFFICIENT_ATTENTION,
             "cudnn": SDPBackend.CUDNN_ATTENTION, "math": SDPBackend.MATH}
@@ -347,25 +392,10 @@ def variants(llm: LLM, args: argparse.Namespace) -> list[tuple[str, Callable[[],
                 lambda v: setattr(owner, attribute, v), getattr(owner, attribute))
 
     executor = llm.engine.runner.executor
-    graphs_now = model.decode_graphs
-    # attention inside the layer's graph, or eager; routing ids and activations copied to the host
-    switch(args.one_graph_ab, "one graph per layer", graphs_now, "one_graph_layers")
-    switch(args.host_routing_ab, "host routing", graphs_now, "host_routing")
-    # CPU jobs on the kernels' C++ driver thread, or on the pool's Python worker
-    switch(args.driver_ab, "C++ driver", executor.cpu_pool, "use_driver")
-    # decode steps balanced by measured CPU/PCIe rates, or the plan's kinds
-    switch(args.feedback_ab, "decode feedback", executor, "use_feedback")
-    # decode CPU jobs waited for by the GPU stream, or by the driving thread
-    switch(args.signal_ab, "stream signal", executor, "use_signal")
-    # streamed compact pieces decoded by address or through views; their kernel launched past Triton's path
-    switch(args.unpack_ab, "unpack by address", executor.ring, "unpack_by_address")
-    switch(args.launch_ab, "direct Triton launch", gpu_unpack._launch_unpack, "direct")
-    # one-token layers' CPU jobs started by the GPU's routing, or submitted once the routing is read
-    switch(args.routed_ab, "routed jobs", executor, "use_routed")
-    # routed layers' first streamed copies enqueued by the driver thread at the gate, or by this thread
-    switch(args.gate_copies_ab, "gate copies", executor, "use_gate_copies")
-    # decode pieces' partials replayed as CUDA graphs, or five eager calls each
-    switch(args.partial_graphs_ab, "partial graphs", executor.partial_graphs, "enabled")
+    roots = {"executor": executor, "graphs": model.decode_graphs, "launcher": gpu_unpack._launch_unpack}
+    for setting in BOOLEAN_SWITCHES:
+        switch(getattr(args, setting.flag.replace("-", "_") + "_ab"), setting.label, _owner(roots, setting.owner),
+               setting.attribute)
     if args.first_copies:  # copies enqueued before the CPU job is prepared
         add([int(v) for v in args.first_copies.split(",")] * 2, lambda v: f"first copies {v}",
             lambda v: setattr(partitioned, "FIRST_COPIES", v), partitioned.FIRST_COPIES)
@@ -393,33 +423,15 @@ def main() -> None:
     parser.add_argument("--switch-interval", default="",
                         help="also trace with these Python GIL switch intervals in seconds (comma list)")
     parser.add_argument("--graphs-ab", action="store_true", help="also trace without and with decode graphs, alternating")
-    parser.add_argument("--one-graph-ab", action="store_true",
-                        help="also trace with attention between two graphs per layer and inside one, alternating")
+    for setting in BOOLEAN_SWITCHES:
+        parser.add_argument(f"--{setting.flag}-ab", action="store_true", help=f"also trace with {setting.help}, alternating")
     parser.add_argument("--profile", default=None, help="hardware profile to plan with (default: measure this machine)")
-    parser.add_argument("--host-routing-ab", action="store_true",
-                        help="also trace with routing ids read by a kernel + sync, and copied to the host, alternating")
-    parser.add_argument("--driver-ab", action="store_true",
-                        help="also trace with CPU jobs on the Python worker and on the C++ driver, alternating")
     parser.add_argument("--plain-steps", type=int, default=0,
                         help="first time this many untraced decode steps (median ms and tok/s)")
     parser.add_argument("--prologue-parts", action="store_true",
                         help="first time each part of the executor's prologue (untraced decode steps)")
-    parser.add_argument("--feedback-ab", action="store_true",
-                        help="also trace with decode steps on the plan's kinds and balanced by measured rates, alternating")
-    parser.add_argument("--signal-ab", action="store_true",
-                        help="also trace with the GPU stream waiting for decode CPU jobs off and on, alternating")
-    parser.add_argument("--unpack-ab", action="store_true",
-                        help="also trace with streamed compact pieces decoded through tensor views and by address, alternating")
-    parser.add_argument("--launch-ab", action="store_true",
-                        help="also trace with the compact decode kernel launched through Triton's path and past it, alternating")
     parser.add_argument("--layer-graphs", action="store_true",
                         help="also time the decode layer graphs' GPU time (everything of a layer but its FFN)")
-    parser.add_argument("--routed-ab", action="store_true",
-                        help="also trace with one-token CPU jobs submitted after the routing and started by the GPU, alternating")
-    parser.add_argument("--gate-copies-ab", action="store_true",
-                        help="also trace with routed layers' streamed copies enqueued by the driving thread and at the gate, alternating")
-    parser.add_argument("--partial-graphs-ab", action="store_true",
-                        help="also trace with decode pieces' partials eager and replayed as graphs, alternating")
     parser.add_argument("--first-copies", default="",
                         help="also trace with these counts of copies enqueued before the CPU job (comma list, "
                              "each twice, alternating; 0 = the CPU job first)")
