@@ -24,6 +24,7 @@ import argparse
 import json
 import statistics
 import time
+from dataclasses import replace
 
 import torch
 import torch.nn.functional as F
@@ -185,7 +186,8 @@ def main() -> None:
     parser.add_argument("--policies", default="cpu-experts,stream,fiddler",
                         help="'adaptive' re-applies the build plan when --build-policy is adaptive; "
                              "'adaptive@torch' (or another kernel path) re-profiles the CPU on that path and re-plans; "
-                             "a '#N' suffix runs the CPU kernels with N threads; a '~eager' suffix decodes "
+                             "a '#N' suffix runs the CPU kernels with N threads; a '%%N' suffix (after the others, before '^') has "
+                             "prefill's balance count N us of host work a streamed piece; a '~eager' suffix decodes "
                              "without the per-layer CUDA graphs; a last '^N' suffix copies N pieces of the "
                              "next layer's likely experts ahead (0: no look-ahead)")
     parser.add_argument("--build-policy", default="manual:cg=0",
@@ -242,6 +244,8 @@ def main() -> None:
         if pieces != llm.engine.runner.executor.lookahead_pieces and graphs is not None:
             graphs.reset()  # the graphs compute the guesses only when look-ahead is on
         llm.engine.runner.executor.lookahead_pieces = pieces
+        # adaptive%150: prefill's balance counts 150 us of the driving thread's work a streamed piece
+        core, _, stream_host_us = core.partition("%")
         # adaptive~eager: decode without the per-layer CUDA graphs (engine/model/decode_graphs.py)
         llm.engine.runner.model.decode_graphs = None if core.endswith("~eager") else graphs
         spec, _, threads = core.removesuffix("~eager").partition("#")  # stream#12: the CPU kernels' pool at 12 threads
@@ -258,6 +262,8 @@ def main() -> None:
             partition.replan(build_profile)
         else:
             partition.repartition(build_plan if base == "adaptive" else base)
+        executor = llm.engine.runner.executor
+        executor.rates = replace(executor.rates, stream_host_s=float(stream_host_us or 0) * 1e-6)
         name = policy if policy not in result["policies"] else f"{policy} (again)"  # a policy may run twice
         result["policies"][name] = run_policy(llm, prompts, args.new_tokens)
         if base == "adaptive":

@@ -47,6 +47,21 @@ def test_balance_moves_work_to_the_cpu_when_streaming_is_the_bottleneck() -> Non
     assert out.on_cpu, "some streamed pieces should move to the CPU"
 
 
+def test_prefill_counts_the_driving_threads_work_for_each_streamed_piece() -> None:
+    """Small pieces stream no faster than the driving thread handles them: with that work counted
+    (stream_host_s), prefill streams fewer pieces; decode is not affected."""
+    from dataclasses import replace
+
+    kinds = ["GG", "CG", "CG", "CC", "CC", "CC"]
+    piece = _unit(kinds).slices[1]
+    host = replace(RATES, stream_host_s=4 * RATES.stream_s(piece))
+    assert host.prefill_stream_s(piece) == 4 * RATES.stream_s(piece) and host.stream_s(piece) == RATES.stream_s(piece)
+    plain, counted = assign("balance", _items(512, kinds), RATES), assign("balance", _items(512, kinds), host)
+    assert len(counted.streamed) < len(plain.streamed)
+    assert len(counted.on_cpu) + len(counted.streamed) == 10
+    assert len(assign("balance", _items(1, kinds), host).streamed) == 4  # decode: the plan's split
+
+
 def test_fiddler_sends_few_tokens_to_the_cpu_and_many_to_the_gpu() -> None:
     few = assign("fiddler", _items(1, ["CC", "CC", "CG"]), RATES)
     assert len(few.on_cpu) == 6 and not few.streamed
