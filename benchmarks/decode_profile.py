@@ -402,6 +402,9 @@ def variants(llm: LLM, args: argparse.Namespace) -> list[tuple[str, Callable[[],
     if args.switch_interval:
         add([float(v) for v in args.switch_interval.split(",")], lambda v: f"GIL switch interval {v} s",
             sys.setswitchinterval, sys.getswitchinterval())
+    if args.copies_in_job_ab:  # routed jobs' gate copies before the CPU job, or from its thread 0
+        add([0, 1, 0, 1], lambda v: f"copies_in_job={v}", lambda v: set_tuning("copies_in_job", v),
+            get_tuning("copies_in_job"))
     if args.spin_us:
         add([int(v) for v in args.spin_us.split(",")], lambda v: f"spin_us={v}",
             lambda v: set_tuning("spin_us", v), get_tuning("spin_us"))
@@ -420,6 +423,9 @@ def main() -> None:
     parser.add_argument("--trace", default=None, help="write a Chrome trace of the traced decode steps here")
     parser.add_argument("--cpu-threads", type=int, default=None, help="CPU kernel threads (default: the engine's)")
     parser.add_argument("--spin-us", default="", help="also trace with these CPU-kernel worker spin times (comma list)")
+    parser.add_argument("--copies-in-job-ab", action="store_true",
+                        help="also trace with routed jobs' gate copies enqueued before the CPU job and by its "
+                             "thread 0 after the pack phase, alternating")
     parser.add_argument("--switch-interval", default="",
                         help="also trace with these Python GIL switch intervals in seconds (comma list)")
     parser.add_argument("--graphs-ab", action="store_true", help="also trace without and with decode graphs, alternating")

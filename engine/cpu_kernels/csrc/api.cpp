@@ -106,6 +106,7 @@ const TuningKnob kKnobs[] = {
     {"amx_prefetch", &Tuning::amx_prefetch, flag},
     {"amx_items_per_thread", &Tuning::amx_items_per_thread, at_least_one},
     {"spin_us", &Tuning::spin_us, non_negative},
+    {"copies_in_job", &Tuning::copies_in_job, flag},
 };
 
 const TuningKnob* find_knob(const char* key) {
@@ -256,7 +257,9 @@ void drain(const std::vector<Item>& items, std::atomic<int64_t>& next, F&& body)
   }
 }
 
-void run_jobs(std::vector<Job>& jobs, int num_threads) {
+// first (may be empty): run by thread 0 once the pack phase is over, while the others start phase 1
+// (it must not throw).
+void run_jobs(std::vector<Job>& jobs, int num_threads, const std::function<void()>& first = {}) {
   ensure_pool(num_threads);
   char* base = scratch(plan_scratch(jobs));
   for (Job& j : jobs) {
@@ -288,6 +291,7 @@ void run_jobs(std::vector<Job>& jobs, int num_threads) {
         g_pool->barrier();
       }
       if (tid == 0) marks[1] = now_ns();
+      if (tid == 0 && first) first();
       drain(p1, next1, [&](const Item& it) {
         if (jobs[it.job].compact && jobs[it.job].path == kPathAvx512)
           return avx512_phase1_compact(jobs[it.job], it.begin, it.end, ts);
@@ -512,7 +516,8 @@ int64_t scheinfer_submit_routed(const int64_t* descs, const int64_t* choice_offs
     }
     if (__atomic_load_n(cancel, __ATOMIC_ACQUIRE) >= gate_value) return;
     driver_restart_clock();  // the job's time starts now, not at the wait
-    if (!copy_plan.empty()) gate_copies::issue(copy_plan, ids, num_ids, choice_stride, gate_value);
+    const bool copies_in_job = !copy_plan.empty() && tuning().copies_in_job != 0;
+    if (!copy_plan.empty() && !copies_in_job) gate_copies::issue(copy_plan, ids, num_ids, choice_stride, gate_value);
     std::vector<int64_t> chosen;
     int64_t row = 0;
     for (int p = 0; p < num_ids; ++p) {
@@ -531,7 +536,20 @@ int64_t scheinfer_submit_routed(const int64_t* descs, const int64_t* choice_offs
     }
     std::lock_guard<std::mutex> lock(g_call_mutex);
     std::vector<Job> jobs = parse_jobs(chosen.data(), static_cast<int>(chosen.size() / kDescFields), max_path);
-    if (!jobs.empty()) run_jobs(jobs, threads);
+    std::string copy_error;
+    std::function<void()> copies;
+    if (copies_in_job) {
+      copies = [&]() {
+        try {
+          gate_copies::issue(copy_plan, ids, num_ids, choice_stride, gate_value);
+        } catch (const std::exception& e) {
+          copy_error = e.what();
+        }
+      };
+      if (jobs.empty()) copies();
+    }
+    if (!jobs.empty()) run_jobs(jobs, threads, copies);
+    if (!copy_error.empty()) throw std::runtime_error(copy_error);
   });
 }
 

@@ -87,6 +87,8 @@ struct Tuning {
   int64_t amx_k_block = 256;       // amx K blocking (multiple of 32)
   int64_t amx_items_per_thread = 8;  // amx items shrink until each thread gets about this many per phase
   int64_t spin_us = 4000;          // idle workers spin this long before sleeping
+  int64_t copies_in_job = 0;       // routed jobs' gate copies: 1 enqueued by thread 0 once the job's
+                                   // pack phase is over (the others compute), 0 before the job
 };
 Tuning& tuning();
 

@@ -88,8 +88,19 @@ def test_routed_jobs_give_the_bits_of_jobs_submitted_after_the_routing(arch: str
 @pytest.mark.gpu
 @CUDA
 @pytest.mark.parametrize("arch", ["mixtral", "phimoe"])
-def test_copies_from_the_gate_give_the_bits_of_copies_from_the_driving_thread(arch: str, tmp_path: Path) -> None:
-    thread, gate = _same_bits_either_way(tmp_path, arch, "use_gate_copies")
+@pytest.mark.parametrize("in_job", [0, 1])
+def test_copies_from_the_gate_give_the_bits_of_copies_from_the_driving_thread(arch: str, in_job: int,
+                                                                            tmp_path: Path) -> None:
+    """in_job: the driver enqueues the copies before the CPU job (0) or from its thread 0 once the
+    job's pack phase is over (1: the kernels' `copies_in_job` knob)."""
+    from engine.cpu_kernels.runner import get_tuning, set_tuning
+
+    before = get_tuning("copies_in_job")
+    set_tuning("copies_in_job", in_job)
+    try:
+        thread, gate = _same_bits_either_way(tmp_path, arch, "use_gate_copies")
+    finally:
+        set_tuning("copies_in_job", before)
     copier = gate.engine.runner.executor._gate_copies
     assert copier is not None and copier.adopted > 0
     assert thread.engine.runner.executor._gate_copies is None
