@@ -7,7 +7,8 @@ or more partition_bench.py results, and shows the model's error on every point b
 Each result's plans are rebuilt with the request its benchmark used (budget, KV cache, batched
 tokens, 8 sequences, its host chunk rows): fixed policies and the sweep from their names, the
 adaptive plan from the machine profile the run stored (`profile`, with `--build-policy adaptive`;
-kept only when it gives the run's CG share). A result's points are predicted with its own machine's
+kept only when it gives the run's CG share; its PCIe reading alone raised to the one beside the CPU
+where that is higher, as the profiler now does). A result's points are predicted with its own machine's
 rates where it stored them (its overheads replaced by the fitted ones), so runs of several models
 and machines fit together. `--write` saves the fitted overheads into the profile file. See
 docs/PLANNER.md, "Calibrating".
@@ -34,6 +35,14 @@ from engine.placement.planner import (
 from engine.placement.policies import make_plan
 
 
+def _consistent(profile: HardwareProfile) -> HardwareProfile:
+    """A stored profile read as the profiler now reads it: PCIe alone no slower than beside the CPU
+    (profiler.measure_profile; older profiles could hold a disturbed reading alone)."""
+    if profile.pcie_h2d_bytes_s and profile.pcie_with_cpu_bytes_s:
+        return replace(profile, pcie_h2d_bytes_s=max(profile.pcie_h2d_bytes_s, profile.pcie_with_cpu_bytes_s))
+    return profile
+
+
 def _cg_share(plan) -> float:
     rows = plan.rows_by_kind()
     host = rows["CG"] + rows["CC"]
@@ -49,8 +58,9 @@ def measured_points(result: dict, skip: tuple[str, ...] = ()) -> list[tuple[str,
                                  max_num_batched_tokens=max(2048, longest), max_num_seqs=8,
                                  host_chunk_rows=result.get("host_chunk_rows", 1024),
                                  compact_host=bool(result.get("compact")))
-    rates = HardwareProfile.from_json(json.dumps(result["profile"])) if result.get("profile") else None
-    adaptive = make_adaptive_plan(request, rates)[0] if rates is not None else None
+    stored = HardwareProfile.from_json(json.dumps(result["profile"])) if result.get("profile") else None
+    adaptive = make_adaptive_plan(request, stored)[0] if stored is not None else None  # the plan as run
+    rates = _consistent(stored) if stored is not None else None
     entries = {**result["policies"], **result.get("sweep", {})}
     prompt = str(result.get("prompt_lens", [512])[0])
     points = []
