@@ -11,6 +11,9 @@ The driving thread only waits for the CPU at the end of the layer, where its res
 in decode not even there where streams can wait on the CPU kernels (stream_signal.py): the copy
 and the sum are enqueued behind a stream wait for the job's end, and the job is collected at the
 next layer (or `flush`).
+One-token decode layers start both sides from the GPU: their CPU job and their first streamed
+copies are enqueued by the kernels' driver thread the moment the routing lands (routed_job.py,
+gate_copies.py); this thread adopts those copies and does the rest.
 Which host pieces go to the CPU or over PCIe in a step is token assignment's choice.
 Pieces of the next layer that will surely be needed (dense MLP, shared expert) are prefetched.
 """
