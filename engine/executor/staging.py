@@ -107,10 +107,12 @@ class StagingRing:
         return self._next
 
     def create_events(self, stream: torch.cuda.Stream) -> None:
-        """Records every slot's events once (CUDA creates an event at its first record), so that
-        their handles exist for copies enqueued outside torch (gate_copies.py)."""
+        """Records on `stream` the slots' events never recorded yet (CUDA creates an event at its
+        first record), so that every handle exists for copies enqueued outside torch
+        (gate_copies.py). A recorded one keeps its record: a free event may still stand for
+        compute that reads its slot."""
         for event in (*self._ready_events, *self._free_events):
-            if event is not None:
+            if event is not None and not event.cuda_event:
                 event.record(stream)
 
     def slot_handles(self) -> list[tuple[int, int, int, int]]:
