@@ -83,6 +83,9 @@ class GateCopies:
         self._context = context
         self.done = torch.zeros(1, dtype=torch.int64, pin_memory=True)
         self.adopted = 0  # copies adopted from the driver thread (tests, benchmarks)
+        # the ring's slots as the plan lists them: fixed for the ring (its buffers and events are
+        # made once, the events' handles exist: `create` recorded them), so built once, not per layer
+        self._slots = array("q", [field for slot in ring.slot_handles() for field in slot])
 
     @classmethod
     def create(cls, accelerator: Accelerator, ring: StagingRing | None) -> GateCopies | None:
@@ -115,8 +118,7 @@ class GateCopies:
                 starts[1].cuda_event, self.done.data_ptr(), ring.num_slots, first, ring.num_slots, len(offsets) - 1]
         assert len(head) == HEAD_FIELDS
         plan = array("q", head)
-        for slot in ring.slot_handles():
-            plan.extend(slot)
+        plan.extend(self._slots)
         plan.extend(offsets)
         plan.extend(entries)
         return GatePlan(plan, first, ring.num_slots, gate_value, starts)
