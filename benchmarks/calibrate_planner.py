@@ -1,5 +1,5 @@
-"""Fits the planner's three serial overheads (per layer, per layer with CPU work, per piece) to one
-or more partition_bench.py results, and shows the model's error on every point before and after.
+"""Fits the planner's three serial overheads (per layer, per layer with CPU work, per piece) and the
+driving thread's work per streamed prefill piece to one or more partition_bench.py results, and shows the model's error on every point before and after.
 
     python benchmarks/calibrate_planner.py benchmarks/results/RESULT.json [MORE.json ...] \\
         --profile configs/hardware/h100-16core.json [--write]
@@ -22,10 +22,9 @@ from dataclasses import replace
 from pathlib import Path
 
 from engine.model.factory import resolve_model_config
-from engine.placement.hardware import HardwareProfile
+from engine.placement.hardware import HardwareProfile, calibration_of
 from engine.placement.memory import parse_bytes
 from engine.placement.planner import (
-    OVERHEAD_FIELDS,
     MeasuredStep,
     build_plan_request,
     calibrate_overheads,
@@ -86,7 +85,7 @@ def measured_points(result: dict, skip: tuple[str, ...] = ()) -> list[tuple[str,
 def errors(points: list[tuple[str, MeasuredStep]], profile: HardwareProfile) -> list[str]:
     """Predicted over measured for every point, with `profile`'s overheads (on the point's rates)."""
     lines = []
-    overheads = {f: getattr(profile, f) for f in OVERHEAD_FIELDS}
+    overheads = calibration_of(profile)
     for name, point in points:
         assert point.config is not None and point.request is not None
         rates = replace(point.rates, **overheads) if point.rates is not None else profile
@@ -109,12 +108,12 @@ def main() -> None:
     points = [point for path in args.results for point in measured_points(json.loads(Path(path).read_text()), skip)]
     if not points:
         raise SystemExit("no point to fit")
-    print("before:", {f: getattr(profile, f) for f in OVERHEAD_FIELDS})
+    print("before:", calibration_of(profile))
     print("\n".join(errors(points, profile)))
     first = points[0][1]
     assert first.config is not None and first.request is not None
     fitted = calibrate_overheads(profile, first.config, first.request, [p for _, p in points])
-    print("after:", {f: round(getattr(fitted, f), 7) for f in OVERHEAD_FIELDS})
+    print("after:", {f: round(v, 7) for f, v in calibration_of(fitted).items()})
     print("\n".join(errors(points, fitted)))
     if args.write:
         names = ", ".join(Path(path).name for path in args.results)

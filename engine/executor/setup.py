@@ -130,7 +130,7 @@ class Partition:
             raise ValueError(f"the new profile changes the resident rows of {len(moved)} units "
                              "(rebuild the engine to plan with it)")
         self.repartition(plan)
-        self.executor.rates = DispatchRates(**dispatch_rates(profile))
+        self.executor.rates = DispatchRates(**dispatch_rates(profile, self.compaction is not None))
         self.profile = profile
         return plan
 
@@ -186,7 +186,7 @@ def build_partitioned(model: str, model_config: ModelConfig, device: str, dtype:
 
             profile = engine_profile(model_config, options.host_chunk_rows, profile_path=options.profile_path)
             plan, memory = make_adaptive_plan(request, profile)
-            rates = DispatchRates(**dispatch_rates(profile))
+            rates = DispatchRates(**dispatch_rates(profile, compact_host))
             logger.info("adaptive plan from the profile %s", profile.fingerprint)
         else:
             plan, memory = make_plan(policy, request)

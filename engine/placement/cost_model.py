@@ -6,6 +6,8 @@ Per layer, the FFN's three resources work at once, so
     cpu_s   = CC bytes of the used units x CPU seconds per byte at their token count
               + one CPU job round trip (activations out, partial sums back)
     pcie_s  = CG bytes / pinned bandwidth + one latency per streamed chunk
+              (in prefill, no less than the driving thread's work for the streamed pieces:
+              profile.stream_host_s each, a resource beside PCIe and the GPU)
     gpu_s   = (GG + CG) bytes x GPU seconds per byte at their token count
     sync_s  = one routing sync per MoE layer
     overhead_s = calibrated serial time: per layer, per layer with CPU work, per piece used
@@ -86,6 +88,7 @@ class LayerTime:
     cpu_shared_s: float = 0.0  # the same CPU work while PCIe streams (0: not slowed)
     pcie_shared_s: float = 0.0  # the same streaming while the CPU works
     serial_s: float = 0.0  # work that does not overlap (Fiddler's CPU phase)
+    thread_s: float = 0.0  # the driving thread's work for streamed pieces (prefill)
 
     @property
     def host_s(self) -> float:
@@ -100,7 +103,7 @@ class LayerTime:
 
     @property
     def total_s(self) -> float:
-        return self.serial_s + max(self.host_s, self.gpu_s) + self.sync_s
+        return self.serial_s + max(self.host_s, self.gpu_s, self.thread_s) + self.sync_s
 
 
 @dataclass(frozen=True)
@@ -112,6 +115,7 @@ class _HostPiece:
     gpu_s: float
     kind: PieceKind
     cpu_shared_s: float  # cpu_s while PCIe streams
+    host_s: float = 0.0  # the driving thread's work when streamed (prefill)
 
 
 class CostModel:
@@ -130,7 +134,12 @@ class CostModel:
         self.host_row_bytes = self.row_bytes * host_bytes_ratio  # what CPU and PCIe read of a host row
         self._popularity = _check_popularity(config, expert_popularity)
         # Without a GPU the engine's "device" is the CPU itself: copies at DRAM speed, CPU compute.
-        self.cpu_table = profile.cpu_ffn
+        # Compact host rows run at the CPU's compact rate per bf16 byte where the profile has it
+        # (in prefill the decode into scratch costs more than the bytes saved); else as their bytes
+        # at the bf16 rate. `cpu_row_bytes`: the bytes of a host row that `cpu_table` rates.
+        compact_table = profile.cpu_ffn_compact if host_bytes_ratio < 1 else None
+        self.cpu_table = compact_table or profile.cpu_ffn
+        self.cpu_row_bytes = self.row_bytes if compact_table is not None else self.host_row_bytes
         self.gpu_table: LinearTimeTable = profile.gpu_ffn or profile.cpu_ffn
         self.pcie_bytes_s = profile.pcie_h2d_bytes_s or profile.dram_read_bytes_s
         self.pcie_latency_s = profile.pcie_latency_s or 0.0
@@ -139,8 +148,10 @@ class CostModel:
         self.attention_bytes = ((q + 2 * kv) * h + h * q) * itemsize
         self.lm_head_bytes = c.vocab_size * h * itemsize
         self._rates: dict[tuple[int, int, float], tuple[float, float, float, float, float]] = {}
-        # while both read host memory: the CPU no faster than this, PCIe slowed by this factor
-        self.cpu_shared_spb = 1 / profile.cpu_with_pcie_bytes_s if profile.cpu_with_pcie_bytes_s else 0.0
+        # while both read host memory: the CPU no faster than this (per byte it reads, so per byte
+        # of `cpu_row_bytes` scaled by what it reads of them), PCIe slowed by this factor
+        self.cpu_shared_spb = (self.host_row_bytes / self.cpu_row_bytes / profile.cpu_with_pcie_bytes_s
+                               if profile.cpu_with_pcie_bytes_s else 0.0)
         self.pcie_shared_factor = (profile.pcie_h2d_bytes_s / profile.pcie_with_cpu_bytes_s
                                    if profile.pcie_h2d_bytes_s and profile.pcie_with_cpu_bytes_s else 1.0)
         self.units_by_layer: dict[int, list[tuple[int, int]]] = {}
@@ -182,25 +193,32 @@ class CostModel:
     # -- one layer -------------------------------------------------------------------------
 
     def _host_pieces(self, layer: int, splits: list[tuple[int, UnitSplit]], num_tokens: float,
-                     overheads: bool = True) -> tuple[list[_HostPiece], float]:
-        """Expected host pieces of a layer's units, and the expected GPU time of its GG rows."""
+                     overheads: bool = True, prefill: bool = False) -> tuple[list[_HostPiece], float]:
+        """Expected host pieces of a layer's units, and the expected GPU time of its GG rows.
+        Without `overheads` (the floor): no latencies, no GPU time, and the CPU at its bf16 rate
+        on the bytes it reads, as the floor has always been taken."""
         pieces: list[_HostPiece] = []
         gg_s = 0.0
         latency = self.pcie_latency_s if overheads else 0.0
+        stream_host_s = self.profile.stream_host_s if overheads and prefill else 0.0
         for unit, split in splits:
-            active, _, cpu_spb, cpu_shared_spb, gpu_spb = self.unit_rates(layer, unit, num_tokens)
+            active, tokens, cpu_spb, cpu_shared_spb, gpu_spb = self.unit_rates(layer, unit, num_tokens)
             if active <= 0:
                 continue
-            gpu_spb = gpu_spb if overheads else 0.0
+            cpu_row_bytes = self.cpu_row_bytes
+            if not overheads:
+                gpu_spb, cpu_row_bytes = 0.0, self.host_row_bytes
+                cpu_spb = cpu_shared_spb = self.profile.cpu_ffn.s_per_byte_at(tokens)
             gg_s += active * split.gg * self.row_bytes * gpu_spb
             for begin, end, kind in split.ranges(self.host_chunk_rows):
                 if kind is PieceKind.GG:
                     continue
                 num_bytes = (end - begin) * self.host_row_bytes
-                pieces.append(_HostPiece(active * num_bytes * cpu_spb,
+                cpu_bytes = (end - begin) * cpu_row_bytes
+                pieces.append(_HostPiece(active * cpu_bytes * cpu_spb,
                                          active * (num_bytes / self.pcie_bytes_s + latency),
                                          active * (end - begin) * self.row_bytes * gpu_spb, kind,
-                                         active * num_bytes * cpu_shared_spb))
+                                         active * cpu_bytes * cpu_shared_spb, active * stream_host_s))
         return pieces, gg_s
 
     def _serial_s(self, layer: int, splits: list[tuple[int, UnitSplit]], num_tokens: float, cpu_work: bool) -> float:
@@ -221,42 +239,47 @@ class CostModel:
         return (self.profile.cpu_job_latency_s or self.profile.sync_s) if cpu_work else 0.0
 
     def layer_time(self, layer: int, splits: list[tuple[int, UnitSplit]], num_tokens: float,
-                   mode: HostMode = HostMode.STATIC) -> LayerTime:
-        """Expected time of one layer's FFN in a step of `num_tokens` tokens."""
+                   mode: HostMode = HostMode.STATIC, prefill: bool = False) -> LayerTime:
+        """Expected time of one layer's FFN in a step of `num_tokens` tokens (`prefill`: a
+        prompt's step, whose streamed pieces the driving thread launches one by one)."""
         if mode is HostMode.STATIC:
-            return self._static_layer_time(layer, splits, num_tokens)
-        pieces, gg_s = self._host_pieces(layer, splits, num_tokens)
+            return self._static_layer_time(layer, splits, num_tokens, prefill)
+        pieces, gg_s = self._host_pieces(layer, splits, num_tokens, prefill=prefill)
         if mode is HostMode.ASSIGN:
             latency = self._cpu_latency_s(True)
-            cpu_s, pcie_s, gpu_s = balance(pieces, gg_s, latency)
+            cpu_s, pcie_s, gpu_s, thread_s = balance(pieces, gg_s, latency)
             cpu_alone = sum(p.cpu_s for p in pieces)
             cpu_factor = sum(p.cpu_shared_s for p in pieces) / cpu_alone if cpu_alone > 0 else 1.0
             return LayerTime(cpu_s, pcie_s, gpu_s, self._serial_s(layer, splits, num_tokens, cpu_s > 0),
-                             cpu_s * cpu_factor, pcie_s * self.pcie_shared_factor)
+                             cpu_s * cpu_factor, pcie_s * self.pcie_shared_factor, thread_s=thread_s)
         on_cpu = [p for p in pieces if p.cpu_s <= p.pcie_s]
         streamed = [p for p in pieces if p.cpu_s > p.pcie_s]
         cpu_s = sum(p.cpu_s for p in on_cpu) + self._cpu_latency_s(bool(on_cpu))
         return LayerTime(0.0, sum(p.pcie_s for p in streamed), gg_s + sum(p.gpu_s for p in streamed),
-                         self._serial_s(layer, splits, num_tokens, bool(on_cpu)), serial_s=cpu_s)
+                         self._serial_s(layer, splits, num_tokens, bool(on_cpu)), serial_s=cpu_s,
+                         thread_s=sum(p.host_s for p in streamed))
 
-    def _static_layer_time(self, layer: int, splits: list[tuple[int, UnitSplit]], num_tokens: float) -> LayerTime:
+    def _static_layer_time(self, layer: int, splits: list[tuple[int, UnitSplit]], num_tokens: float,
+                           prefill: bool = False) -> LayerTime:
         """The plan's own kinds, without building pieces (the planner calls this many times)."""
-        cpu_s = cpu_shared_s = pcie_s = gpu_s = 0.0
+        cpu_s = cpu_shared_s = pcie_s = gpu_s = thread_s = 0.0
+        stream_host_s = self.profile.stream_host_s if prefill else 0.0
         chunk = self.host_chunk_rows
-        row_bytes, host_row_bytes = self.row_bytes, self.host_row_bytes
+        row_bytes, host_row_bytes, cpu_row_bytes = self.row_bytes, self.host_row_bytes, self.cpu_row_bytes
         for unit, split in splits:
             active, _, cpu_spb, cpu_shared_spb, gpu_spb = self.unit_rates(layer, unit, num_tokens)
             if active <= 0:
                 continue
             num_cg_chunks = -(-split.cg // chunk) if chunk else int(split.cg > 0)
-            cpu_s += active * split.cc * host_row_bytes * cpu_spb
-            cpu_shared_s += active * split.cc * host_row_bytes * cpu_shared_spb
+            cpu_s += active * split.cc * cpu_row_bytes * cpu_spb
+            cpu_shared_s += active * split.cc * cpu_row_bytes * cpu_shared_spb
             pcie_s += active * (split.cg * host_row_bytes / self.pcie_bytes_s + num_cg_chunks * self.pcie_latency_s)
+            thread_s += active * num_cg_chunks * stream_host_s
             gpu_s += active * (split.gg + split.cg) * row_bytes * gpu_spb
         has_cc = any(split.cc for _, split in splits)
         latency = self._cpu_latency_s(has_cc)
         return LayerTime(cpu_s + latency, pcie_s, gpu_s, self._serial_s(layer, splits, num_tokens, has_cc),
-                         cpu_shared_s + latency, pcie_s * self.pcie_shared_factor)
+                         cpu_shared_s + latency, pcie_s * self.pcie_shared_factor, thread_s=thread_s)
 
     def layer_floor_s(self, layer: int, splits: list[tuple[int, UnitSplit]], num_tokens: float,
                       decode: bool) -> float:
@@ -271,7 +294,7 @@ class CostModel:
             floor_s = 0.0
             for unit, s in splits:
                 active, tokens = self.unit_rates(layer, unit, num_tokens)[:2]
-                cpu = max(self.profile.dram_read_bytes_s, self.cpu_table.bytes_s(tokens))
+                cpu = max(self.profile.dram_read_bytes_s, self.profile.cpu_ffn.bytes_s(tokens))
                 # a disturbed shared reading below one side alone bounds nothing: that side can run alone
                 together = min(cpu + pcie, max(shared, cpu, pcie))
                 floor_s += active * (s.cg + s.cc) * self.host_row_bytes / together
@@ -279,7 +302,7 @@ class CostModel:
         pieces, _ = self._host_pieces(layer, splits, num_tokens, overheads=False)
         if self.profile.pcie_h2d_bytes_s is None:
             return sum(p.cpu_s for p in pieces)
-        cpu_s, pcie_s, _ = balance(pieces, 0.0, 0.0)
+        cpu_s, pcie_s, _, _ = balance(pieces, 0.0, 0.0)
         return max(cpu_s, pcie_s)
 
     # -- whole steps -----------------------------------------------------------------------
@@ -289,10 +312,11 @@ class CostModel:
                 for layer, units in self.units_by_layer.items()}
 
     def step_s(self, plan: PartitionPlan, num_tokens: int, num_seqs: int = 1,
-               mode: HostMode = HostMode.STATIC) -> float:
+               mode: HostMode = HostMode.STATIC, prefill: bool = False) -> float:
         """Predicted time of one step of `num_tokens` tokens from `num_seqs` sequences."""
         per_layer = self.layer_splits(plan)
-        ffn_s = sum(self.layer_time(layer, splits, num_tokens, mode).total_s for layer, splits in per_layer.items())
+        ffn_s = sum(self.layer_time(layer, splits, num_tokens, mode, prefill).total_s
+                    for layer, splits in per_layer.items())
         return ffn_s + self.non_ffn_s(num_tokens, num_seqs)
 
     def non_ffn_s(self, num_tokens: int, num_seqs: int) -> float:
@@ -313,31 +337,35 @@ def prefill_chunks(prompt_len: int, chunk_tokens: int | None) -> list[int]:
     return [min(chunk, prompt_len - start) for start in range(0, prompt_len, chunk)]
 
 
-def balance(pieces: list[_HostPiece], gg_s: float, cpu_latency_s: float) -> tuple[float, float, float]:
-    """(cpu_s, pcie_s, gpu_s) when each piece's work goes to the CPU or is streamed, a piece
-    possibly split, so that the CPU and the streaming side (PCIe, or GPU compute if slower)
-    finish together. Pieces cheapest on the CPU relative to streaming go to the CPU first; the
-    CPU, once used, costs `cpu_latency_s` more."""
+def balance(pieces: list[_HostPiece], gg_s: float, cpu_latency_s: float) -> tuple[float, float, float, float]:
+    """(cpu_s, pcie_s, gpu_s, thread_s) when each piece's work goes to the CPU or is streamed, a
+    piece possibly split, so that the CPU and the streaming side (PCIe, GPU compute or the driving
+    thread's launches, whichever is slowest) finish together. Pieces cheapest on the CPU relative
+    to streaming go to the CPU first; the CPU, once used, costs `cpu_latency_s` more; a split piece
+    is still launched whole by the driving thread."""
     if not pieces:
-        return 0.0, 0.0, gg_s
-    order = sorted(pieces, key=lambda p: p.cpu_s / max(p.pcie_s, 1e-30))
-    cpu, pcie, gpu = cpu_latency_s, sum(p.pcie_s for p in order), gg_s + sum(p.gpu_s for p in order)
-    if cpu >= max(pcie, gpu):
-        return 0.0, pcie, gpu  # the CPU's latency alone is longer than streaming everything
+        return 0.0, 0.0, gg_s, 0.0
+    order = sorted(pieces, key=lambda p: p.cpu_s / max(p.pcie_s, p.host_s, 1e-30))
+    cpu, pcie = cpu_latency_s, sum(p.pcie_s for p in order)
+    gpu, thread = gg_s + sum(p.gpu_s for p in order), sum(p.host_s for p in order)
+    if cpu >= max(pcie, gpu, thread):
+        return 0.0, pcie, gpu, thread  # the CPU's latency alone is longer than streaming everything
     for piece in order:
-        after = (cpu + piece.cpu_s, pcie - piece.pcie_s, gpu - piece.gpu_s)
-        if after[0] >= max(after[1], after[2]):
+        after = (cpu + piece.cpu_s, pcie - piece.pcie_s, gpu - piece.gpu_s, thread - piece.host_s)
+        if after[0] >= max(after[1:]):
             # the crossing is inside this piece: give the CPU the share `a` that evens the sides
             lo, hi = 0.0, 1.0
             for _ in range(40):
                 a = (lo + hi) / 2
-                if cpu + a * piece.cpu_s >= max(pcie - a * piece.pcie_s, gpu - a * piece.gpu_s):
+                if cpu + a * piece.cpu_s >= max(pcie - a * piece.pcie_s, gpu - a * piece.gpu_s, thread):
                     hi = a
                 else:
                     lo = a
-            return cpu + hi * piece.cpu_s, pcie - hi * piece.pcie_s, gpu - hi * piece.gpu_s
-        cpu, pcie, gpu = after
-    return cpu, pcie, gpu
+            if cpu + hi * piece.cpu_s >= after[0]:
+                return after  # the thread's launch of the piece outlasts the CPU: the CPU takes it all
+            return cpu + hi * piece.cpu_s, pcie - hi * piece.pcie_s, gpu - hi * piece.gpu_s, thread
+        cpu, pcie, gpu, thread = after
+    return cpu, pcie, gpu, thread
 
 
 def _check_popularity(config: ModelConfig, popularity: tuple[tuple[float, ...], ...] | None):
@@ -395,7 +423,7 @@ class Prediction:
     def prefill_s(self, prompt_len: int, mode: HostMode | None = None) -> float:
         """Seconds to prefill one prompt of `prompt_len` tokens (`mode`: how host pieces are run)."""
         mode = mode or self.prefill_mode
-        return sum(self.model.step_s(self.plan, n, 1, mode)
+        return sum(self.model.step_s(self.plan, n, 1, mode, prefill=True)
                    for n in prefill_chunks(prompt_len, self.prefill_chunk_tokens))
 
     def floor_prefill_s(self, prompt_len: int) -> float:

@@ -105,6 +105,10 @@ class HardwareProfile:
     pcie_h2d_bytes_s: float | None = None  # pinned host -> device
     pcie_latency_s: float | None = None  # fixed cost of one host -> device copy
     gpu_ffn: LinearTimeTable | None = None
+    # CC slices stored compact (engine/model/compact_weights.py) through the same CPU path, in
+    # seconds per bf16 byte of the same weights (None: not measured; then compact is costed as its
+    # bytes at `cpu_ffn`'s rate). In prefill the kernels decode compact rows into scratch first.
+    cpu_ffn_compact: LinearTimeTable | None = None
     gpu_total_bytes: int | None = None
     gpu_free_bytes: int | None = None  # free when profiled (nothing of the engine allocated yet)
     cpu_with_pcie_bytes_s: float | None = None  # CPU FFN rate at 1 token while PCIe streams
@@ -116,6 +120,10 @@ class HardwareProfile:
     layer_overhead_s: float = 0.0
     cpu_layer_overhead_s: float = 0.0
     piece_overhead_s: float = 0.0
+    # Calibrated too: the driving thread's work for one piece streamed in a prefill step (its copy,
+    # unpack and partial launched eagerly), which PCIe and the GPU cannot hide once the pieces are
+    # small (0: not counted). A resource beside PCIe and GPU compute, not serial time.
+    stream_host_s: float = 0.0
     slice_hidden: int = 4096  # shape of the measured CPU slices: [hidden] x [rows] (x3 matrices)
     slice_rows: int = 1024
     dtype: str = "bfloat16"
@@ -142,7 +150,7 @@ class HardwareProfile:
     def from_json(cls, text: str) -> HardwareProfile:
         raw = json.loads(text)
         raw["fingerprint"] = Fingerprint(**raw["fingerprint"])
-        for key in ("cpu_ffn", "gpu_ffn"):
+        for key in ("cpu_ffn", "gpu_ffn", "cpu_ffn_compact"):
             if raw.get(key) is not None:
                 table = raw[key]
                 raw[key] = LinearTimeTable(tuple(table["num_tokens"]), tuple(table["s_per_byte"]))
@@ -166,6 +174,8 @@ class HardwareProfile:
         lines = [f"machine: {fp.cpu_model} ({fp.num_cpu_cores} CPUs), GPU {fp.gpu_name}, torch {fp.torch_version}",
                  f"CPU FFN path {self.cpu_path}, {self.cpu_threads} threads; DRAM read {self.dram_read_bytes_s / 1e9:.1f} GB/s"]
         lines.append("CPU FFN  " + _table_text(self.cpu_ffn))
+        if self.cpu_ffn_compact is not None:
+            lines.append("CPU FFN, compact (per bf16 byte)  " + _table_text(self.cpu_ffn_compact))
         if self.gpu_ffn is not None:
             lines.append("GPU FFN  " + _table_text(self.gpu_ffn))
         if self.pcie_h2d_bytes_s is not None:
@@ -178,10 +188,19 @@ class HardwareProfile:
             lines.append(f"GPU memory {(self.gpu_free_bytes or 0) / 2**30:.1f} GiB free of {self.gpu_total_bytes / 2**30:.1f} GiB")
         lines.append(f"CPU job round trip {1e6 * self.cpu_job_latency_s:.0f} us; calibrated overheads: per layer "
                      f"{1e3 * self.layer_overhead_s:.2f} ms, +{1e3 * self.cpu_layer_overhead_s:.2f} ms with CPU work, "
-                     f"per piece {1e6 * self.piece_overhead_s:.0f} us")
+                     f"per piece {1e6 * self.piece_overhead_s:.0f} us, "
+                     f"per streamed prefill piece {1e6 * self.stream_host_s:.0f} us (driving thread)")
         lines.append(f"sync {1e6 * self.sync_s:.1f} us; created {self.created} ({self.measure_s:.1f} s of measuring)"
                      + (f"; source: {self.source}" if self.source else ""))
         return "\n".join(lines)
+
+
+# The fields a calibration against benchmarks of the whole engine sets (not measured by the profiler).
+CALIBRATED_FIELDS = ("layer_overhead_s", "cpu_layer_overhead_s", "piece_overhead_s", "stream_host_s")
+
+
+def calibration_of(profile: HardwareProfile) -> dict[str, float]:
+    return {name: getattr(profile, name) for name in CALIBRATED_FIELDS}
 
 
 def _table_text(table: LinearTimeTable) -> str:

@@ -103,11 +103,13 @@ def predict(plan: PartitionPlan, config: ModelConfig, profile: HardwareProfile, 
     return predict_plan(plan, config, profile, request.itemsize, workload, token_assignment)
 
 
-def dispatch_rates(profile: HardwareProfile) -> dict[str, float]:
+def dispatch_rates(profile: HardwareProfile, compact_host: bool = False) -> dict[str, float]:
     """Keyword arguments of the executor's DispatchRates (engine/executor/token_assignment.py)
-    from a profile: the CPU's decode bandwidth and prefill flop rate, pinned PCIe, job overhead."""
+    from a profile: the CPU's decode bandwidth and prefill flop rate (`compact_host`: of compact
+    host pieces, where measured), pinned PCIe, job overhead."""
     cpu = profile.cpu_ffn
-    rates = {"cpu_bytes_s": cpu.bytes_s(1), "cpu_flops": cpu.flops(cpu.num_tokens[-1], 2)}
+    prefill_table = (profile.cpu_ffn_compact if compact_host else None) or cpu
+    rates = {"cpu_bytes_s": cpu.bytes_s(1), "cpu_flops": prefill_table.flops(prefill_table.num_tokens[-1], 2)}
     if profile.pcie_h2d_bytes_s:
         rates["pcie_bytes_s"] = profile.pcie_h2d_bytes_s
     if profile.cpu_job_latency_s:
@@ -206,7 +208,7 @@ def _request_s(model: CostModel, splits_by_layer: dict[int, list[tuple[int, Unit
     total = workload.new_tokens * decode_s
     if not workload.token_assignment:
         for num_tokens in prefill_chunks(workload.prompt_len, workload.prefill_chunk_tokens):
-            total += batch * sum(model.layer_time(layer, splits, num_tokens, HostMode.STATIC).total_s
+            total += batch * sum(model.layer_time(layer, splits, num_tokens, HostMode.STATIC, prefill=True).total_s
                                  for layer, splits in splits_by_layer.items())
     return total
 
@@ -256,16 +258,38 @@ class MeasuredStep:
     rates: HardwareProfile | None = None
 
 
+STREAM_HOST_GRID_S = tuple(i * 25e-6 for i in range(17))  # 0 .. 0.4 ms
+
+
 def calibrate_overheads(profile: HardwareProfile, config: ModelConfig, request: PlanRequest,
-                        points: list[MeasuredStep], workload: WorkloadMix | None = None) -> HardwareProfile:
-    """`profile` with its three overheads (per layer, per layer with CPU work, per piece) fitted to
-    the measured points: non-negative least squares on relative errors. The overheads are serial
-    and additive in the cost model, so each one's effect on a prediction is linear."""
+                        points: list[MeasuredStep], workload: WorkloadMix | None = None,
+                        stream_host_grid_s: tuple[float, ...] = STREAM_HOST_GRID_S) -> HardwareProfile:
+    """`profile` with its three serial overheads (per layer, per layer with CPU work, per piece)
+    and the driving thread's work per streamed prefill piece fitted to the measured points. The
+    serial overheads are additive in the cost model, so each one's effect on a prediction is
+    linear: non-negative least squares on relative errors, for each candidate of the thread's
+    work (a resource, not additive: tried on a grid), keeping the candidate that fits best."""
+    best: tuple[float, HardwareProfile] | None = None
+    for stream_host_s in stream_host_grid_s:
+        rows, targets = _overhead_rows(profile, config, request, points, workload, stream_host_s)
+        coefficients, error = _nnls(rows, targets)
+        if best is None or error < best[0] - 1e-12:
+            best = (error, replace(profile, stream_host_s=stream_host_s,
+                                   **dict(zip(OVERHEAD_FIELDS, coefficients, strict=True))))
+    assert best is not None, "an empty grid"
+    return best[1]
+
+
+def _overhead_rows(profile: HardwareProfile, config: ModelConfig, request: PlanRequest,
+                   points: list[MeasuredStep], workload: WorkloadMix | None,
+                   stream_host_s: float) -> tuple[list[list[float]], list[float]]:
+    """Per measured phase: each overhead's effect on the prediction over the measured time, and
+    the measured time not predicted without overheads, over the measured time."""
     zeros = dict.fromkeys(OVERHEAD_FIELDS, 0.0)
     rows: list[list[float]] = []
     targets: list[float] = []
     for point in points:
-        base = replace(point.rates or profile, **zeros)
+        base = replace(point.rates or profile, **zeros, stream_host_s=stream_host_s)
         for measured, phase in ((point.decode_s, "decode"), (point.prefill_s, "prefill")):
             if measured is None:
                 continue
@@ -277,11 +301,12 @@ def calibrate_overheads(profile: HardwareProfile, config: ModelConfig, request: 
             zero = predicted(base)
             rows.append([(predicted(replace(base, **{f: 1.0})) - zero) / measured for f in OVERHEAD_FIELDS])
             targets.append((measured - zero) / measured)
-    return replace(profile, **dict(zip(OVERHEAD_FIELDS, _nnls(rows, targets), strict=True)))
+    return rows, targets
 
 
-def _nnls(rows: list[list[float]], targets: list[float]) -> list[float]:
-    """Least squares with every coefficient >= 0, by trying each set of free coefficients (3 here)."""
+def _nnls(rows: list[list[float]], targets: list[float]) -> tuple[list[float], float]:
+    """Least squares with every coefficient >= 0, by trying each set of free coefficients (3 here):
+    the coefficients and their sum of squared residuals."""
     import numpy as np
 
     a, b = np.asarray(rows, dtype=float), np.asarray(targets, dtype=float)
@@ -296,4 +321,4 @@ def _nnls(rows: list[list[float]], targets: list[float]) -> list[float]:
             err = float(np.sum((a @ np.asarray(full) - b) ** 2))
             if err < best_err:
                 best, best_err = full, err
-    return best
+    return best, best_err

@@ -32,6 +32,7 @@ from engine.placement.hardware import (
     HardwareProfile,
     LinearTimeTable,
     cached_profile_path,
+    calibration_of,
     current_fingerprint,
     load_cached,
 )
@@ -140,6 +141,7 @@ class CpuSlices:
             raise ValueError(f"CPU buffer of {buffer.nbytes} bytes holds fewer than {sizes.slices_per_call} slices")
         self.slices = [(buffer[i * numel: i * numel + 2 * n * h].view(2 * n, h),
                         buffer[i * numel + 2 * n * h: (i + 1) * numel].view(h, n)) for i in range(count)]
+        self.regions = [buffer[i * numel: (i + 1) * numel].view(torch.uint8) for i in range(count)]  # each slice's bytes
         self.per_call = sizes.slices_per_call
         self.num_calls = count // self.per_call
 
@@ -154,6 +156,51 @@ class CpuSlices:
             with torch.inference_mode():
                 self._run([(x, gate_up, down, out) for (gate_up, down), out in zip(group, outs, strict=True)])
             return len(group) * self.slice_bytes
+
+        return call
+
+
+def compact_slices(slices: CpuSlices) -> CompactCpuSlices | None:
+    """The slices re-encoded compact in their own memory (their bf16 weights are gone after), run
+    through the C++ kernels; None where those cannot run compact jobs (no library, torch path)."""
+    from engine.cpu_kernels import compact
+
+    if slices.path == "torch" or not compact.available():
+        return None
+    pieces = []
+    for (gate_up, down), region in zip(slices.slices, slices.regions, strict=True):
+        piece = compact.compact_piece(gate_up, down, region, slices.num_threads)
+        if piece is None:
+            return None
+        pieces.append(piece)
+    return CompactCpuSlices(slices, pieces)
+
+
+class CompactCpuSlices:
+    """CpuSlices stored compact: calls read the compact bytes but report the bf16 bytes of the same
+    weights, so a table of them is in seconds per bf16 byte, comparable with the bf16 one."""
+
+    def __init__(self, slices: CpuSlices, pieces: list) -> None:
+        self.slices, self.pieces = slices, pieces
+        self.num_calls = slices.num_calls
+
+    def caller(self, num_tokens: int) -> Callable[[int], int]:
+        from engine.cpu_kernels import SliceJob, run_slice_jobs
+
+        s = self.slices
+        x = torch.randn(num_tokens, s.hidden).to(torch.bfloat16)
+        outs = [torch.empty(num_tokens, s.hidden, dtype=torch.float32) for _ in range(s.per_call)]
+        shapes = [(torch.empty(g.shape, dtype=g.dtype, device="meta"), torch.empty(d.shape, dtype=d.dtype, device="meta"))
+                  for g, d in s.slices[: 1]] * s.per_call
+
+        def call(i: int) -> int:
+            first = (i % s.num_calls) * s.per_call
+            group = self.pieces[first: first + s.per_call]
+            jobs = [SliceJob(x, gu, dn, out, piece)
+                    for (gu, dn), out, piece in zip(shapes, outs, group, strict=True)]
+            with torch.inference_mode():
+                run_slice_jobs(jobs, "silu", check=False)
+            return len(group) * s.slice_bytes
 
         return call
 
@@ -175,7 +222,7 @@ def _reading_s_per_byte(call: Callable[[int], int], sizes: ProfileSizes) -> floa
     return statistics.median(readings)
 
 
-def measure_cpu_ffn(sizes: ProfileSizes, slices: CpuSlices, bar: tqdm) -> LinearTimeTable:
+def measure_cpu_ffn(sizes: ProfileSizes, slices: CpuSlices | CompactCpuSlices, bar: tqdm) -> LinearTimeTable:
     """CPU slice time vs tokens, rotating over the slices call after call.
 
     One untimed pass over the whole buffer comes first (kernel threads started, pages mapped: a
@@ -381,7 +428,7 @@ def measure_profile(sizes: ProfileSizes | None = None, progress: bool = True, so
     start_s = time.perf_counter()
     fingerprint = current_fingerprint()
     has_gpu = torch.cuda.is_available()
-    steps = len(sizes.cpu_tokens) + 2 + (len(sizes.gpu_tokens) + 3 if has_gpu else 0)
+    steps = 2 * len(sizes.cpu_tokens) + 2 + (len(sizes.gpu_tokens) + 3 if has_gpu else 0)
     gpu: dict = {}
     with tqdm(total=steps, desc="profiling", unit="reading", disable=not progress, leave=False) as bar:
         if has_gpu:
@@ -408,11 +455,13 @@ def measure_profile(sizes: ProfileSizes | None = None, progress: bool = True, so
                 sync_s += measure_gpu_sync_s()
                 bar.update(1)
                 torch.cuda.empty_cache()
+            compact = compact_slices(slices)  # last: it overwrites the bf16 slices
+            cpu_ffn_compact = measure_cpu_ffn(sizes, compact, bar) if compact is not None else None
         slices_path, slices_threads = slices.path, slices.num_threads
-        del slices, buffer
+        del slices, buffer, compact
     return HardwareProfile(
-        fingerprint=fingerprint, cpu_ffn=cpu_ffn, cpu_threads=slices_threads, cpu_path=slices_path,
-        dram_read_bytes_s=dram_bytes_s, sync_s=sync_s, cpu_job_latency_s=job_s, slice_hidden=sizes.hidden,
+        fingerprint=fingerprint, cpu_ffn=cpu_ffn, cpu_ffn_compact=cpu_ffn_compact, cpu_threads=slices_threads,
+        cpu_path=slices_path, dram_read_bytes_s=dram_bytes_s, sync_s=sync_s, cpu_job_latency_s=job_s, slice_hidden=sizes.hidden,
         slice_rows=sizes.slice_rows,
         created=time.strftime("%Y-%m-%dT%H:%M:%S"), measure_s=time.perf_counter() - start_s,
         source=source or "measured by engine.placement.profiler", **gpu)
@@ -432,7 +481,9 @@ def remeasure_cpu(profile: HardwareProfile, sizes: ProfileSizes, source: str) ->
         if has_gpu:
             cpu_with_pcie, pcie_with_cpu = measure_cpu_with_pcie(replace(sizes, pcie_bytes=32 * MIB), slices)
             gpu = {"cpu_with_pcie_bytes_s": cpu_with_pcie, "pcie_with_cpu_bytes_s": pcie_with_cpu}
-    return replace(profile, cpu_ffn=cpu_ffn, cpu_threads=slices.num_threads, cpu_path=slices.path,
+        compact = compact_slices(slices)
+        cpu_ffn_compact = measure_cpu_ffn(sizes, compact, tqdm(disable=True)) if compact is not None else None
+    return replace(profile, cpu_ffn=cpu_ffn, cpu_ffn_compact=cpu_ffn_compact, cpu_threads=slices.num_threads, cpu_path=slices.path,
                    cpu_job_latency_s=job_s, source=source, created=time.strftime("%Y-%m-%dT%H:%M:%S"), **gpu)
 
 
@@ -461,10 +512,9 @@ def with_committed_calibration(profile: HardwareProfile, directory: Path = HARDW
             committed = HardwareProfile.from_file(path)
         except (OSError, ValueError, TypeError, KeyError):
             continue
-        calibrated = (committed.layer_overhead_s, committed.cpu_layer_overhead_s, committed.piece_overhead_s)
-        if committed.fingerprint == profile.fingerprint and any(calibrated):
-            return replace(profile, layer_overhead_s=calibrated[0], cpu_layer_overhead_s=calibrated[1],
-                           piece_overhead_s=calibrated[2],
+        calibrated = calibration_of(committed)
+        if committed.fingerprint == profile.fingerprint and any(calibrated.values()):
+            return replace(profile, **calibrated,
                            notes={**profile.notes, "calibration": f"overheads from configs/hardware/{path.name}"})
     return profile
 
