@@ -8,7 +8,8 @@ Each result's plans are rebuilt with the request its benchmark used (budget, KV 
 tokens, 8 sequences, its host chunk rows): fixed policies and the sweep from their names, the
 adaptive plan from the machine profile the run stored (`profile`, with `--build-policy adaptive`;
 kept only when it gives the run's CG share; its PCIe reading alone raised to the one beside the CPU
-where that is higher, as the profiler now does). A result's points are predicted with its own machine's
+where that is higher, as the profiler now does; a compact CPU table from the --profile's compact / bf16
+ratio where it has none). A result's points are predicted with its own machine's
 rates where it stored them (its overheads replaced by the fitted ones), so runs of several models
 and machines fit together. `--write` saves the fitted overheads into the profile file. See
 docs/PLANNER.md, "Calibrating".
@@ -22,7 +23,7 @@ from dataclasses import replace
 from pathlib import Path
 
 from engine.model.factory import resolve_model_config
-from engine.placement.hardware import HardwareProfile, calibration_of
+from engine.placement.hardware import HardwareProfile, LinearTimeTable, calibration_of
 from engine.placement.memory import parse_bytes
 from engine.placement.planner import (
     MeasuredStep,
@@ -34,11 +35,26 @@ from engine.placement.planner import (
 from engine.placement.policies import make_plan
 
 
-def _consistent(profile: HardwareProfile) -> HardwareProfile:
+def compact_table_like(profile: HardwareProfile, reference: HardwareProfile) -> LinearTimeTable | None:
+    """A compact CPU table for a profile measured before the profiler read one: its own bf16 table
+    times the reference's compact / bf16 ratio at each of the reference's token counts (None when
+    the reference has no compact table)."""
+    ref = reference.cpu_ffn_compact
+    if ref is None:
+        return None
+    return LinearTimeTable(ref.num_tokens, tuple(
+        profile.cpu_ffn.s_per_byte_at(n) * ref.s_per_byte_at(n) / reference.cpu_ffn.s_per_byte_at(n)
+        for n in ref.num_tokens))
+
+
+def _consistent(profile: HardwareProfile, reference: HardwareProfile) -> HardwareProfile:
     """A stored profile read as the profiler now reads it: PCIe alone no slower than beside the CPU
-    (profiler.measure_profile; older profiles could hold a disturbed reading alone)."""
+    (profiler.measure_profile; older profiles could hold a disturbed reading alone), and a compact
+    CPU table (`compact_table_like` the reference's) where it has none."""
     if profile.pcie_h2d_bytes_s and profile.pcie_with_cpu_bytes_s:
-        return replace(profile, pcie_h2d_bytes_s=max(profile.pcie_h2d_bytes_s, profile.pcie_with_cpu_bytes_s))
+        profile = replace(profile, pcie_h2d_bytes_s=max(profile.pcie_h2d_bytes_s, profile.pcie_with_cpu_bytes_s))
+    if profile.cpu_ffn_compact is None:
+        profile = replace(profile, cpu_ffn_compact=compact_table_like(profile, reference))
     return profile
 
 
@@ -48,7 +64,7 @@ def _cg_share(plan) -> float:
     return rows["CG"] / host if host else 0.0
 
 
-def measured_points(result: dict, skip: tuple[str, ...] = ()) -> list[tuple[str, MeasuredStep]]:
+def measured_points(result: dict, reference: HardwareProfile, skip: tuple[str, ...] = ()) -> list[tuple[str, MeasuredStep]]:
     """The result's points, each with its model, request and (where stored) machine rates."""
     config, _ = resolve_model_config(result["model"])
     longest = max(result.get("prompt_lens", [512]))
@@ -59,7 +75,7 @@ def measured_points(result: dict, skip: tuple[str, ...] = ()) -> list[tuple[str,
                                  compact_host=bool(result.get("compact")))
     stored = HardwareProfile.from_json(json.dumps(result["profile"])) if result.get("profile") else None
     adaptive = make_adaptive_plan(request, stored)[0] if stored is not None else None  # the plan as run
-    rates = _consistent(stored) if stored is not None else None
+    rates = _consistent(stored, reference) if stored is not None else None
     entries = {**result["policies"], **result.get("sweep", {})}
     prompt = str(result.get("prompt_lens", [512])[0])
     points = []
@@ -105,7 +121,8 @@ def main() -> None:
     args = parser.parse_args()
     profile = HardwareProfile.from_file(args.profile)
     skip = tuple(filter(None, args.skip.split(",")))
-    points = [point for path in args.results for point in measured_points(json.loads(Path(path).read_text()), skip)]
+    points = [point for path in args.results
+              for point in measured_points(json.loads(Path(path).read_text()), profile, skip)]
     if not points:
         raise SystemExit("no point to fit")
     print("before:", calibration_of(profile))
