@@ -10,7 +10,8 @@ Per layer, the FFN's three resources work at once, so
               profile.stream_host_s each, a resource beside PCIe and the GPU)
     gpu_s   = (GG + CG) bytes x GPU seconds per byte at their token count
     sync_s  = one routing sync per MoE layer
-    overhead_s = calibrated serial time: per layer, per layer with CPU work, per piece used
+    overhead_s = calibrated serial time: per layer, per layer with CPU work, per piece used, and
+                 in prefill per unit used (the driving thread's gathers, scatters and job packing)
 
 `cpu_s || pcie_s`: both read host DRAM, so while both run each goes at its rate measured with
 the other running (profile.cpu_with_pcie_bytes_s, pcie_with_cpu_bytes_s); once one is done the
@@ -221,17 +222,20 @@ class CostModel:
                                          active * cpu_bytes * cpu_shared_spb, active * stream_host_s))
         return pieces, gg_s
 
-    def _serial_s(self, layer: int, splits: list[tuple[int, UnitSplit]], num_tokens: float, cpu_work: bool) -> float:
+    def _serial_s(self, layer: int, splits: list[tuple[int, UnitSplit]], num_tokens: float, cpu_work: bool,
+                  prefill: bool = False) -> float:
         """Serial time of a layer outside the resources: the routing sync of an MoE layer and the
-        calibrated overheads (per layer, per layer with CPU work, per piece used)."""
+        calibrated overheads (per layer, per layer with CPU work, per piece used, and in prefill
+        per unit used)."""
         p = self.profile
         serial = p.sync_s * self.config.is_moe_layer(layer) + p.layer_overhead_s + p.cpu_layer_overhead_s * cpu_work
-        if p.piece_overhead_s:
+        unit_s = p.prefill_unit_overhead_s if prefill else 0.0
+        if p.piece_overhead_s or unit_s:
             chunk = self.host_chunk_rows
             for unit, split in splits:
                 active = self.unit_rates(layer, unit, num_tokens)[0]
                 host = -(-split.cg // chunk) - (-split.cc // chunk) if chunk else (split.cg > 0) + (split.cc > 0)
-                serial += active * p.piece_overhead_s * ((split.gg > 0) + host)
+                serial += active * (p.piece_overhead_s * ((split.gg > 0) + host) + unit_s)
         return serial
 
     def _cpu_latency_s(self, cpu_work: bool) -> float:
@@ -250,13 +254,13 @@ class CostModel:
             cpu_s, pcie_s, gpu_s, thread_s = balance(pieces, gg_s, latency)
             cpu_alone = sum(p.cpu_s for p in pieces)
             cpu_factor = sum(p.cpu_shared_s for p in pieces) / cpu_alone if cpu_alone > 0 else 1.0
-            return LayerTime(cpu_s, pcie_s, gpu_s, self._serial_s(layer, splits, num_tokens, cpu_s > 0),
+            return LayerTime(cpu_s, pcie_s, gpu_s, self._serial_s(layer, splits, num_tokens, cpu_s > 0, prefill),
                              cpu_s * cpu_factor, pcie_s * self.pcie_shared_factor, thread_s=thread_s)
         on_cpu = [p for p in pieces if p.cpu_s <= p.pcie_s]
         streamed = [p for p in pieces if p.cpu_s > p.pcie_s]
         cpu_s = sum(p.cpu_s for p in on_cpu) + self._cpu_latency_s(bool(on_cpu))
         return LayerTime(0.0, sum(p.pcie_s for p in streamed), gg_s + sum(p.gpu_s for p in streamed),
-                         self._serial_s(layer, splits, num_tokens, bool(on_cpu)), serial_s=cpu_s,
+                         self._serial_s(layer, splits, num_tokens, bool(on_cpu), prefill), serial_s=cpu_s,
                          thread_s=sum(p.host_s for p in streamed))
 
     def _static_layer_time(self, layer: int, splits: list[tuple[int, UnitSplit]], num_tokens: float,
@@ -278,7 +282,7 @@ class CostModel:
             gpu_s += active * (split.gg + split.cg) * row_bytes * gpu_spb
         has_cc = any(split.cc for _, split in splits)
         latency = self._cpu_latency_s(has_cc)
-        return LayerTime(cpu_s + latency, pcie_s, gpu_s, self._serial_s(layer, splits, num_tokens, has_cc),
+        return LayerTime(cpu_s + latency, pcie_s, gpu_s, self._serial_s(layer, splits, num_tokens, has_cc, prefill),
                          cpu_shared_s + latency, pcie_s * self.pcie_shared_factor, thread_s=thread_s)
 
     def layer_floor_s(self, layer: int, splits: list[tuple[int, UnitSplit]], num_tokens: float,

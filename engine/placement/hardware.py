@@ -124,6 +124,9 @@ class HardwareProfile:
     # unpack and partial launched eagerly), which PCIe and the GPU cannot hide once the pieces are
     # small (0: not counted). A resource beside PCIe and GPU compute, not serial time.
     stream_host_s: float = 0.0
+    # Calibrated: serial time per FFN unit (expert) a prefill step uses (its tokens gathered,
+    # packed for the CPU or the GPU, and their outputs added back: eager work of the driving thread).
+    prefill_unit_overhead_s: float = 0.0
     slice_hidden: int = 4096  # shape of the measured CPU slices: [hidden] x [rows] (x3 matrices)
     slice_rows: int = 1024
     dtype: str = "bfloat16"
@@ -189,6 +192,7 @@ class HardwareProfile:
         lines.append(f"CPU job round trip {1e6 * self.cpu_job_latency_s:.0f} us; calibrated overheads: per layer "
                      f"{1e3 * self.layer_overhead_s:.2f} ms, +{1e3 * self.cpu_layer_overhead_s:.2f} ms with CPU work, "
                      f"per piece {1e6 * self.piece_overhead_s:.0f} us, "
+                     f"per unit in prefill {1e6 * self.prefill_unit_overhead_s:.0f} us, "
                      f"per streamed prefill piece {1e6 * self.stream_host_s:.0f} us (driving thread)")
         lines.append(f"sync {1e6 * self.sync_s:.1f} us; created {self.created} ({self.measure_s:.1f} s of measuring)"
                      + (f"; source: {self.source}" if self.source else ""))
@@ -196,7 +200,8 @@ class HardwareProfile:
 
 
 # The fields a calibration against benchmarks of the whole engine sets (not measured by the profiler).
-CALIBRATED_FIELDS = ("layer_overhead_s", "cpu_layer_overhead_s", "piece_overhead_s", "stream_host_s")
+CALIBRATED_FIELDS = ("layer_overhead_s", "cpu_layer_overhead_s", "piece_overhead_s", "prefill_unit_overhead_s",
+                     "stream_host_s")
 
 
 def calibration_of(profile: HardwareProfile) -> dict[str, float]:

@@ -239,7 +239,7 @@ def _best_share(model: CostModel, units: list[tuple[int, int, int]], resident: d
 
 # -- calibration -------------------------------------------------------------------------------
 
-OVERHEAD_FIELDS = ("layer_overhead_s", "cpu_layer_overhead_s", "piece_overhead_s")
+OVERHEAD_FIELDS = ("layer_overhead_s", "cpu_layer_overhead_s", "piece_overhead_s", "prefill_unit_overhead_s")
 
 
 @dataclass(frozen=True)
@@ -264,8 +264,8 @@ STREAM_HOST_GRID_S = tuple(i * 25e-6 for i in range(17))  # 0 .. 0.4 ms
 def calibrate_overheads(profile: HardwareProfile, config: ModelConfig, request: PlanRequest,
                         points: list[MeasuredStep], workload: WorkloadMix | None = None,
                         stream_host_grid_s: tuple[float, ...] = STREAM_HOST_GRID_S) -> HardwareProfile:
-    """`profile` with its three serial overheads (per layer, per layer with CPU work, per piece)
-    and the driving thread's work per streamed prefill piece fitted to the measured points. The
+    """`profile` with its serial overheads (per layer, per layer with CPU work, per piece, per
+    unit in prefill) and the driving thread's work per streamed prefill piece fitted to the measured points. The
     serial overheads are additive in the cost model, so each one's effect on a prediction is
     linear: non-negative least squares on relative errors, for each candidate of the thread's
     work (a resource, not additive: tried on a grid), keeping the candidate that fits best."""
@@ -305,7 +305,7 @@ def _overhead_rows(profile: HardwareProfile, config: ModelConfig, request: PlanR
 
 
 def _nnls(rows: list[list[float]], targets: list[float]) -> tuple[list[float], float]:
-    """Least squares with every coefficient >= 0, by trying each set of free coefficients (3 here):
+    """Least squares with every coefficient >= 0, by trying each set of free coefficients (4 here):
     the coefficients and their sum of squared residuals."""
     import numpy as np
 

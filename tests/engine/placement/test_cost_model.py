@@ -8,6 +8,7 @@ import pytest
 
 from engine.model.factory import resolve_model_config
 from engine.placement.cost_model import CostModel, HostMode, LayerTime, host_modes
+from engine.placement.hardware import roofline_table
 from engine.placement.memory import GIB
 from engine.placement.plan import PartitionPlan, UnitSplit
 from engine.placement.planner import build_plan_request, predict
@@ -50,6 +51,68 @@ def test_calibrated_overheads_add_per_layer_and_per_piece() -> None:
     piece = predict(plan, MIXTRAL, replace(profile, piece_overhead_s=1e-4), request).decode_s_per_token
     pieces_per_expert = 1 + len(plan.splits[(0, 0)].ranges(1024)) - 1  # GG piece + host chunks
     assert piece - base == pytest.approx(32 * 2 * pieces_per_expert * 1e-4, rel=0.01)
+
+
+def test_compact_host_rows_take_the_cpu_compact_rate_per_bf16_byte() -> None:
+    """With a compact table, CC rows cost their bf16 bytes at its rate (prefill decodes them into
+    scratch: slower than bf16); without one, their compact bytes at the bf16 rate. PCIe and the
+    floor keep the compact bytes and the bf16 rate either way."""
+    request = build_plan_request(MIXTRAL, 24 * GIB, kv_cache_tokens=4096, max_num_seqs=8)
+    plan, _ = make_plan("manual:cg=0.5", request)
+    assert plan.host_bytes_ratio < 1  # compact by default
+    bf16_table = synthetic_profile()
+    slower = replace(bf16_table, cpu_ffn_compact=roofline_table(60e9, 1.2e12, (1, 4, 16, 64, 256, 512)))
+    old, new = CostModel(MIXTRAL, bf16_table, host_bytes_ratio=0.75), CostModel(MIXTRAL, slower, host_bytes_ratio=0.75)
+    split = plan.splits[(0, 0)]
+    cc_only = [(0, UnitSplit(split.gg, 0, split.cg + split.cc))]
+    latency = old._cpu_latency_s(True)
+    row_bytes = old.row_bytes
+    for tokens in (1, 128):
+        rows = split.cg + split.cc
+        assert old.layer_time(0, cc_only, tokens).cpu_s - latency == pytest.approx(
+            old.activity(0, 0, tokens)[0] * rows * 0.75 * row_bytes * bf16_table.cpu_ffn.s_per_byte_at(old.activity(0, 0, tokens)[1]))
+        assert new.layer_time(0, cc_only, tokens).cpu_s - latency == pytest.approx(
+            new.activity(0, 0, tokens)[0] * rows * row_bytes * slower.cpu_ffn_compact.s_per_byte_at(new.activity(0, 0, tokens)[1]))
+    assert predict(plan, MIXTRAL, slower, request).prefill_s(512) > predict(plan, MIXTRAL, bf16_table, request).prefill_s(512)
+    assert new.layer_time(0, cc_only, 1).pcie_s == old.layer_time(0, cc_only, 1).pcie_s
+    assert new.floor_step_s(plan, 512, decode=False) == pytest.approx(old.floor_step_s(plan, 512, decode=False))
+    # bf16 host rows ignore the compact table
+    assert CostModel(MIXTRAL, slower).layer_time(0, cc_only, 128).cpu_s == CostModel(MIXTRAL, bf16_table).layer_time(
+        0, cc_only, 128).cpu_s
+
+
+def test_streamed_pieces_thread_cost_bounds_prefill_of_small_pieces_only() -> None:
+    """The driving thread's work per streamed prefill piece is a resource beside PCIe: it slows a
+    prefill of many small pieces, barely one of large pieces, and never decode."""
+    profile = replace(synthetic_profile(), stream_host_s=0.4e-3)
+    times = {}
+    for rows in (256, 1024):
+        request = build_plan_request(MIXTRAL, 24 * GIB, kv_cache_tokens=4096, max_num_seqs=8, host_chunk_rows=rows)
+        plan, _ = make_plan("stream", request)
+        with_thread, without = predict(plan, MIXTRAL, profile, request), predict(plan, MIXTRAL, synthetic_profile(), request)
+        assert with_thread.decode_step_s == pytest.approx(without.decode_step_s)
+        times[rows] = with_thread.prefill_s(512) / without.prefill_s(512)
+    assert times[256] > 1.3 and times[1024] < times[256]
+    # the balance gives the CPU more of a layer when launching the streamed pieces is what bounds it
+    request = build_plan_request(MIXTRAL, 24 * GIB, kv_cache_tokens=4096, max_num_seqs=8, host_chunk_rows=256)
+    plan, _ = make_plan("balanced:cg=0.5", request)
+    model_thread, model_free = (CostModel(MIXTRAL, p, host_chunk_rows=256, host_bytes_ratio=plan.host_bytes_ratio)
+                                for p in (profile, synthetic_profile()))
+    splits = model_thread.layer_splits(plan)[0]
+    bound = model_thread.layer_time(0, splits, 512, HostMode.ASSIGN, prefill=True)
+    free = model_free.layer_time(0, splits, 512, HostMode.ASSIGN, prefill=True)
+    assert bound.cpu_s > free.cpu_s and bound.thread_s > 0 and free.thread_s == 0
+    assert bound.total_s >= max(bound.cpu_s, bound.thread_s)
+
+
+def test_prefill_unit_overhead_is_serial_per_unit_used_in_prefill_only() -> None:
+    request = build_plan_request(MIXTRAL, 24 * GIB, kv_cache_tokens=4096, max_num_seqs=8)
+    plan, _ = make_plan("manual:cg=0.5", request)
+    base, extra = synthetic_profile(), replace(synthetic_profile(), prefill_unit_overhead_s=1e-4)
+    assert predict(plan, MIXTRAL, extra, request).decode_step_s == pytest.approx(
+        predict(plan, MIXTRAL, base, request).decode_step_s)
+    added = predict(plan, MIXTRAL, extra, request).prefill_s(512) - predict(plan, MIXTRAL, base, request).prefill_s(512)
+    assert added == pytest.approx(32 * 8 * 1e-4, rel=1e-3)  # 512 tokens use all 8 experts of 32 layers
 
 
 def test_floors_bound_every_policy() -> None:
@@ -104,16 +167,22 @@ def test_calibration_recovers_known_overheads() -> None:
     from engine.placement.planner import MeasuredStep, calibrate_overheads
 
     request = build_plan_request(MIXTRAL, 24 * GIB, kv_cache_tokens=4096, max_num_seqs=8)
-    truth = replace(synthetic_profile(), layer_overhead_s=4e-4, cpu_layer_overhead_s=6e-4, piece_overhead_s=5e-5)
+    truth = replace(synthetic_profile(), layer_overhead_s=4e-4, cpu_layer_overhead_s=6e-4, piece_overhead_s=5e-5,
+                    prefill_unit_overhead_s=1.5e-4, stream_host_s=0.5e-3)
     points = []
-    for policy in ("cpu-experts", "stream", "manual:cg=0.3", "manual:cg=0.6"):
-        plan, _ = make_plan(policy, request)
-        p = predict(plan, MIXTRAL, truth, request)
-        points.append(MeasuredStep(plan, p.decode_step_s, p.prefill_s(512)))
-    fitted = calibrate_overheads(synthetic_profile(), MIXTRAL, request, points)
+    for rows in (256, 1024):  # small pieces: the thread's cost per streamed piece shows
+        request = build_plan_request(MIXTRAL, 24 * GIB, kv_cache_tokens=4096, max_num_seqs=8, host_chunk_rows=rows)
+        for policy in ("cpu-experts", "stream", "manual:cg=0.3", "manual:cg=0.6", "balanced:cg=0.5"):
+            plan, _ = make_plan(policy, request)
+            p = predict(plan, MIXTRAL, truth, request)
+            points.append(MeasuredStep(plan, p.decode_step_s, p.prefill_s(512), request=request))
+    fitted = calibrate_overheads(synthetic_profile(), MIXTRAL, request, points,
+                                 stream_host_grid_s=(0.0, 0.25e-3, 0.5e-3, 0.75e-3))
     assert fitted.layer_overhead_s == pytest.approx(4e-4, rel=1e-3)
     assert fitted.cpu_layer_overhead_s == pytest.approx(6e-4, rel=1e-3)
     assert fitted.piece_overhead_s == pytest.approx(5e-5, rel=1e-3)
+    assert fitted.prefill_unit_overhead_s == pytest.approx(1.5e-4, rel=1e-3)
+    assert fitted.stream_host_s == 0.5e-3
 
 
 def test_calibration_fits_runs_of_several_models_and_machines_together() -> None:
@@ -132,7 +201,7 @@ def test_calibration_fits_runs_of_several_models_and_machines_together() -> None
             p = predict(plan, config, replace(rates, **overheads), request)
             points.append(MeasuredStep(plan, p.decode_step_s, p.prefill_s(512), config=config, request=request,
                                        rates=rates))
-    fitted = calibrate_overheads(synthetic_profile(), MIXTRAL, points[0].request, points)
+    fitted = calibrate_overheads(synthetic_profile(), MIXTRAL, points[0].request, points, stream_host_grid_s=(0.0, 1e-4))
     for field, value in overheads.items():
         assert getattr(fitted, field) == pytest.approx(value, rel=1e-3)
     assert fitted.pcie_h2d_bytes_s == synthetic_profile().pcie_h2d_bytes_s  # the rates stay the profile's
@@ -145,3 +214,8 @@ def test_dispatch_rates_from_a_profile() -> None:
     assert rates["cpu_bytes_s"] == pytest.approx(48.7e9) and rates["pcie_bytes_s"] == pytest.approx(54.4e9)
     assert rates["cpu_flops"] == pytest.approx(1.89e12)
     assert "pcie_bytes_s" not in dispatch_rates(synthetic_profile(with_gpu=False))
+    # compact host pieces: the prefill flop rate of the compact table where the profile has one
+    compact = replace(synthetic_profile(), cpu_ffn_compact=roofline_table(60e9, 1.2e12, (1, 64, 512)))
+    assert dispatch_rates(compact, compact_host=True)["cpu_flops"] == pytest.approx(1.2e12)
+    assert dispatch_rates(compact)["cpu_flops"] == pytest.approx(1.89e12)
+    assert dispatch_rates(synthetic_profile(), compact_host=True)["cpu_flops"] == pytest.approx(1.89e12)

@@ -72,10 +72,12 @@ def test_committed_calibration_is_carried_to_the_same_machine(tmp_path) -> None:
     from engine.placement.profiler import with_committed_calibration
 
     measured = synthetic_profile()
-    committed = replace(measured, cpu_layer_overhead_s=5e-4, piece_overhead_s=7e-5, source="committed")
+    committed = replace(measured, cpu_layer_overhead_s=5e-4, piece_overhead_s=7e-5, prefill_unit_overhead_s=2e-4,
+                        stream_host_s=3e-4, source="committed")
     committed.save(tmp_path / "machine.json")
     carried = with_committed_calibration(measured, tmp_path)
     assert (carried.cpu_layer_overhead_s, carried.piece_overhead_s) == (5e-4, 7e-5)
+    assert (carried.prefill_unit_overhead_s, carried.stream_host_s) == (2e-4, 3e-4)
     assert carried.cpu_ffn == measured.cpu_ffn and "calibration" in carried.notes
     stranger = replace(measured, fingerprint=Fingerprint("Other", 4, "none", "2.11"))
     assert with_committed_calibration(stranger, tmp_path) == stranger

@@ -24,6 +24,19 @@ def test_quick_profile_measures_positive_rates() -> None:
         assert profile.gpu_ffn is None and profile.pcie_h2d_bytes_s is None and profile.fingerprint.gpu_name == "none"
     assert 0 < profile.measure_s < 30
     assert HardwareProfile.from_json(profile.to_json()) == profile
+    from engine.cpu_kernels import compact
+
+    if compact.available() and profile.cpu_path != "torch":  # the kernels read compact pieces: rated too
+        assert profile.cpu_ffn_compact is not None
+        assert profile.cpu_ffn_compact.num_tokens == profile.cpu_ffn.num_tokens
+        assert all(s > 0 for s in profile.cpu_ffn_compact.s_per_byte)
+    else:
+        assert profile.cpu_ffn_compact is None
+
+
+def test_torch_path_profiles_no_compact_table(monkeypatch) -> None:
+    monkeypatch.setenv("SCHEINFER_CPU_KERNEL", "torch")
+    assert measure_profile(ProfileSizes.quick(), progress=False).cpu_ffn_compact is None
 
 
 @pytest.fixture
