@@ -48,8 +48,6 @@ BOOLEAN_SWITCHES = (
                   "decode steps on the plan's kinds and balanced by measured rates"),
     BooleanSwitch("signal", "stream signal", "executor", "use_signal",
                   "the GPU stream waiting for decode CPU jobs off and on"),
-    BooleanSwitch("unpack", "unpack by address", "executor.ring", "unpack_by_address",
-                  "streamed compact pieces decoded through tensor views and by address"),
     BooleanSwitch("launch", "direct Triton launch", "launcher", "direct",
                   "the compact decode kernel launched through Triton's path and past it"),
     BooleanSwitch("routed", "routed jobs", "executor", "use_routed",

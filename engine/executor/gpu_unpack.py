@@ -87,15 +87,15 @@ def unpack_at(staged_address: int, piece: CompactPiece, out_address: int) -> Non
 def unpack_piece(staged: torch.Tensor, piece: CompactPiece, out: torch.Tensor) -> None:
     """staged: uint8, the piece's region as copied (same device as `out`); out: bf16, at least
     piece.num_values long, receives [gate_up | down] flat. Enqueued on the current stream."""
+    if triton is not None and staged.is_cuda:
+        if not (staged.is_contiguous() and out.is_contiguous()):
+            raise ValueError("unpack_piece needs a contiguous staged region and output")
+        unpack_at(staged.data_ptr(), piece, out.data_ptr())
+        return
     values, exceptions = piece.num_values, piece.num_exceptions
     split = piece.gate_up.low.numel()
     index, bits = exception_views(staged, values, exceptions)
     target = out[:values].view(torch.int16)
-    if triton is not None and staged.is_cuda:
-        grid = (triton.cdiv(values, BLOCK) + triton.cdiv(exceptions, BLOCK),)
-        _unpack_kernel[grid](staged, target, index, bits, values, split, piece.gate_up.base, piece.down.base,
-                             exceptions, BLOCK=BLOCK)
-        return
     low, codes = staged[:values], staged[values : values + values // 2]
     target[:split].copy_(decode_flat(low[:split], codes[: split // 2], piece.gate_up.base).view(torch.int16))
     target[split:].copy_(decode_flat(low[split:], codes[split // 2 :], piece.down.base).view(torch.int16))

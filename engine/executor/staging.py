@@ -46,7 +46,7 @@ class StagingRing:
         self._ready_events = [torch.cuda.Event() if cuda else None for _ in range(num_slots)]
         self._free_events = [torch.cuda.Event() if cuda else None for _ in range(num_slots)]
         self._view_cache: dict[tuple[int, torch.Size, torch.Size], tuple[torch.Tensor, torch.Tensor]] = {}
-        # slots decoded by address (gpu_unpack.unpack_at) where Triton runs; False: by tensor views (A/B)
+        # slots decoded by address (gpu_unpack.unpack_at) where Triton runs; else by torch operations
         self.unpack_by_address = cuda and fast_path()
         # (byte buffer, bf16 buffer) addresses of each slot that has a byte buffer (none: no compact pieces)
         self._addresses = [(c.data_ptr(), b.data_ptr()) for c, b in zip(self.compact_buffers, self.buffers, strict=False)]
