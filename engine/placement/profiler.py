@@ -128,10 +128,13 @@ def cpu_buffer_bytes(sizes: ProfileSizes) -> int:
 
 class CpuSlices:
     """FFN slices carved from one large bf16 buffer; each call runs the next `slices_per_call`
-    of them through the CPU path, so that successive calls read different memory."""
+    of them through the CPU path, so that successive calls read different memory. After
+    `compact_slices`, the same slices stored compact (`compact`: their pieces): calls then read the
+    compact bytes but still report the bf16 bytes of the weights, so a table of them is in seconds
+    per bf16 byte, comparable with the bf16 one."""
 
     def __init__(self, sizes: ProfileSizes, buffer: torch.Tensor) -> None:
-        self.path, self.num_threads, self._run = _cpu_path()
+        self.path, self.num_threads, self.run_path = _cpu_path()
         h, n = sizes.hidden, sizes.slice_rows
         self.hidden = h
         self.slice_bytes = 3 * n * h * buffer.element_size()
@@ -142,6 +145,7 @@ class CpuSlices:
         self.slices = [(buffer[i * numel: i * numel + 2 * n * h].view(2 * n, h),
                         buffer[i * numel + 2 * n * h: (i + 1) * numel].view(h, n)) for i in range(count)]
         self.regions = [buffer[i * numel: (i + 1) * numel].view(torch.uint8) for i in range(count)]  # each slice's bytes
+        self.compact: list | None = None
         self.per_call = sizes.slices_per_call
         self.num_calls = count // self.per_call
 
@@ -149,60 +153,47 @@ class CpuSlices:
         """call(i): runs the i-th call at `num_tokens` tokens, returns the weight bytes it read."""
         x = torch.randn(num_tokens, self.hidden).to(torch.bfloat16)
         outs = [torch.empty(num_tokens, self.hidden, dtype=torch.float32) for _ in range(self.per_call)]
+        run = self._run_bf16 if self.compact is None else self._run_compact
 
         def call(i: int) -> int:
             first = (i % self.num_calls) * self.per_call
-            group = self.slices[first: first + self.per_call]
             with torch.inference_mode():
-                self._run([(x, gate_up, down, out) for (gate_up, down), out in zip(group, outs, strict=True)])
-            return len(group) * self.slice_bytes
+                run(x, outs, first)
+            return self.per_call * self.slice_bytes
 
         return call
 
+    def _run_bf16(self, x: torch.Tensor, outs: list[torch.Tensor], first: int) -> None:
+        group = self.slices[first: first + self.per_call]
+        self.run_path([(x, gate_up, down, out) for (gate_up, down), out in zip(group, outs, strict=True)])
 
-def compact_slices(slices: CpuSlices) -> CompactCpuSlices | None:
-    """The slices re-encoded compact in their own memory (their bf16 weights are gone after), run
-    through the C++ kernels; None where those cannot run compact jobs (no library, torch path)."""
+    def _run_compact(self, x: torch.Tensor, outs: list[torch.Tensor], first: int) -> None:
+        from engine.cpu_kernels import SliceJob, run_slice_jobs
+
+        gate_up, down = (torch.empty(t.shape, dtype=t.dtype, device="meta") for t in self.slices[0])
+        group = self.compact[first: first + self.per_call]
+        run_slice_jobs([SliceJob(x, gate_up, down, out, piece) for out, piece in zip(outs, group, strict=True)],
+                       "silu", check=False)
+
+
+def compact_slices(slices: CpuSlices) -> bool:
+    """Re-encodes the slices compact in their own memory (their bf16 weights are gone after), to be
+    run through the C++ kernels; False, with nothing changed, where those cannot run compact jobs
+    (no library, torch path) or a slice cannot be stored compact."""
     from engine.cpu_kernels import compact
 
     if slices.path == "torch" or not compact.available():
-        return None
+        return False
+    if not all(compact.compactable(tuple(t.shape)) for t in slices.slices[0]):  # every slice has these shapes
+        return False
     pieces = []
     for (gate_up, down), region in zip(slices.slices, slices.regions, strict=True):
         piece = compact.compact_piece(gate_up, down, region, slices.num_threads)
         if piece is None:
-            return None
+            raise RuntimeError("profiler: a slice could not be stored compact after the first ones were")
         pieces.append(piece)
-    return CompactCpuSlices(slices, pieces)
-
-
-class CompactCpuSlices:
-    """CpuSlices stored compact: calls read the compact bytes but report the bf16 bytes of the same
-    weights, so a table of them is in seconds per bf16 byte, comparable with the bf16 one."""
-
-    def __init__(self, slices: CpuSlices, pieces: list) -> None:
-        self.slices, self.pieces = slices, pieces
-        self.num_calls = slices.num_calls
-
-    def caller(self, num_tokens: int) -> Callable[[int], int]:
-        from engine.cpu_kernels import SliceJob, run_slice_jobs
-
-        s = self.slices
-        x = torch.randn(num_tokens, s.hidden).to(torch.bfloat16)
-        outs = [torch.empty(num_tokens, s.hidden, dtype=torch.float32) for _ in range(s.per_call)]
-        shapes = [(torch.empty(g.shape, dtype=g.dtype, device="meta"), torch.empty(d.shape, dtype=d.dtype, device="meta"))
-                  for g, d in s.slices[: 1]] * s.per_call
-
-        def call(i: int) -> int:
-            first = (i % s.num_calls) * s.per_call
-            group = self.pieces[first: first + s.per_call]
-            jobs = [SliceJob(x, gu, dn, out, piece)
-                    for (gu, dn), out, piece in zip(shapes, outs, group, strict=True)]
-            with torch.inference_mode():
-                run_slice_jobs(jobs, "silu", check=False)
-            return len(group) * s.slice_bytes
-
-        return call
+    slices.compact = pieces
+    return True
 
 
 def _reading_s_per_byte(call: Callable[[int], int], sizes: ProfileSizes) -> float:
@@ -222,7 +213,7 @@ def _reading_s_per_byte(call: Callable[[int], int], sizes: ProfileSizes) -> floa
     return statistics.median(readings)
 
 
-def measure_cpu_ffn(sizes: ProfileSizes, slices: CpuSlices | CompactCpuSlices, bar: tqdm) -> LinearTimeTable:
+def measure_cpu_ffn(sizes: ProfileSizes, slices: CpuSlices, bar: tqdm) -> LinearTimeTable:
     """CPU slice time vs tokens, rotating over the slices call after call.
 
     One untimed pass over the whole buffer comes first (kernel threads started, pages mapped: a
@@ -262,7 +253,7 @@ def measure_cpu_job_latency_s(slices: CpuSlices, has_gpu: bool) -> float:
         if ready is not None:
             ready.synchronize()
         with torch.inference_mode():
-            slices._run([(host_x, gate_up, down, host_out)])
+            slices.run_path([(host_x, gate_up, down, host_out)])
 
     times = []
     with ThreadPoolExecutor(max_workers=1) as worker:
@@ -455,10 +446,10 @@ def measure_profile(sizes: ProfileSizes | None = None, progress: bool = True, so
                 sync_s += measure_gpu_sync_s()
                 bar.update(1)
                 torch.cuda.empty_cache()
-            compact = compact_slices(slices)  # last: it overwrites the bf16 slices
-            cpu_ffn_compact = measure_cpu_ffn(sizes, compact, bar) if compact is not None else None
+            # last: it overwrites the bf16 slices
+            cpu_ffn_compact = measure_cpu_ffn(sizes, slices, bar) if compact_slices(slices) else None
         slices_path, slices_threads = slices.path, slices.num_threads
-        del slices, buffer, compact
+        del slices, buffer
     return HardwareProfile(
         fingerprint=fingerprint, cpu_ffn=cpu_ffn, cpu_ffn_compact=cpu_ffn_compact, cpu_threads=slices_threads,
         cpu_path=slices_path, dram_read_bytes_s=dram_bytes_s, sync_s=sync_s, cpu_job_latency_s=job_s, slice_hidden=sizes.hidden,
@@ -481,8 +472,7 @@ def remeasure_cpu(profile: HardwareProfile, sizes: ProfileSizes, source: str) ->
         if has_gpu:
             cpu_with_pcie, pcie_with_cpu = measure_cpu_with_pcie(replace(sizes, pcie_bytes=32 * MIB), slices)
             gpu = {"cpu_with_pcie_bytes_s": cpu_with_pcie, "pcie_with_cpu_bytes_s": pcie_with_cpu}
-        compact = compact_slices(slices)
-        cpu_ffn_compact = measure_cpu_ffn(sizes, compact, tqdm(disable=True)) if compact is not None else None
+        cpu_ffn_compact = measure_cpu_ffn(sizes, slices, tqdm(disable=True)) if compact_slices(slices) else None
     return replace(profile, cpu_ffn=cpu_ffn, cpu_ffn_compact=cpu_ffn_compact, cpu_threads=slices.num_threads, cpu_path=slices.path,
                    cpu_job_latency_s=job_s, source=source, created=time.strftime("%Y-%m-%dT%H:%M:%S"), **gpu)
 
