@@ -2,12 +2,13 @@
 
 Per layer, the FFN's three resources work at once, so
 
-    layer_s = max(cpu_s || pcie_s, gpu_s) + sync_s + overhead_s
+    layer_s = max(cpu_s || pcie_s, gpu_s, thread_s) + sync_s + overhead_s
     cpu_s   = CC bytes of the used units x CPU seconds per byte at their token count
-              + one CPU job round trip (activations out, partial sums back)
+              + one CPU job round trip (activations out, partial sums back); compact host rows
+              count their bf16 bytes at the profile's compact rate, where it has one
     pcie_s  = CG bytes / pinned bandwidth + one latency per streamed chunk
-              (in prefill, no less than the driving thread's work for the streamed pieces:
-              profile.stream_host_s each, a resource beside PCIe and the GPU)
+    thread_s = in prefill, the driving thread's work for the streamed pieces (profile.stream_host_s
+              each): a resource beside PCIe and the GPU, layer_s >= it
     gpu_s   = (GG + CG) bytes x GPU seconds per byte at their token count
     sync_s  = one routing sync per MoE layer
     overhead_s = calibrated serial time: per layer, per layer with CPU work, per piece used, and
