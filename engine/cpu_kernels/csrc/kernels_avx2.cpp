@@ -105,8 +105,7 @@ void avx2_phase1(const Job& j, int64_t begin, int64_t end, ThreadScratch& scratc
   const float* xs = static_cast<const float*>(j.xpack);
   const bf16_t* gate = gate_row(j, begin);
   const bf16_t* up = up_row(j, begin);
-  for (int64_t t0 = 0; t0 < j.T; t0 += kMaxTokenBlock) {
-    const int tb = static_cast<int>(j.T - t0 < kMaxTokenBlock ? j.T - t0 : kMaxTokenBlock);
+  for_token_blocks<kMaxTokenBlock>(j.T, [&](int64_t t0, int tb) {
     const float* x = xs + t0 * j.x_stride;
     dot_rows(tb, gate, j.gu_stride, rows, x, j.x_stride, j.H, g, rows);
     dot_rows(tb, up, j.gu_stride, rows, x, j.x_stride, j.H, u, rows);
@@ -126,17 +125,16 @@ void avx2_phase1(const Job& j, int64_t begin, int64_t end, ThreadScratch& scratc
         ht[split_index(begin + r)] = bf16_to_f32(f32_to_bf16(silu * ut[r]));
       }
     }
-  }
+  });
 }
 
 void avx2_phase2(const Job& j, int64_t begin, int64_t end, ThreadScratch&) {
   const float* h = static_cast<const float*>(j.h);
   const bf16_t* down = down_row(j, begin);
-  for (int64_t t0 = 0; t0 < j.T; t0 += kMaxTokenBlock) {
-    const int tb = static_cast<int>(j.T - t0 < kMaxTokenBlock ? j.T - t0 : kMaxTokenBlock);
+  for_token_blocks<kMaxTokenBlock>(j.T, [&](int64_t t0, int tb) {
     dot_rows(tb, down, j.down_stride, end - begin, h + t0 * j.h_stride, j.h_stride, j.N,
              j.out + t0 * j.out_stride + begin, j.out_stride);
-  }
+  });
 }
 
 }  // namespace scheinfer

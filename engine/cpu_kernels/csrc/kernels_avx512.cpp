@@ -221,13 +221,12 @@ void avx512_phase1(const Job& j, int64_t begin, int64_t end, ThreadScratch& scra
   bf16_t* h = static_cast<bf16_t*>(j.h);
   const bf16_t* gate = gate_row(j, begin);
   const bf16_t* up = up_row(j, begin);
-  for (int64_t t0 = 0; t0 < j.T; t0 += kMaxTokenBlock) {
-    const int tb = static_cast<int>(j.T - t0 < kMaxTokenBlock ? j.T - t0 : kMaxTokenBlock);
+  for_token_blocks<kMaxTokenBlock>(j.T, [&](int64_t t0, int tb) {
     const bf16_t* x = j.x + t0 * j.H;
     dot_rows(tb, gate, j.gu_stride, rows, x, j.H, j.H, g, rows);
     dot_rows(tb, up, j.gu_stride, rows, x, j.H, j.H, u, rows);
     for (int t = 0; t < tb; ++t) silu_mul_store(g + t * rows, u + t * rows, rows, h + (t0 + t) * j.h_stride + begin);
-  }
+  });
 }
 
 void avx512_phase1_compact(const Job& j, int64_t begin, int64_t end, ThreadScratch& scratch) {
@@ -235,32 +234,29 @@ void avx512_phase1_compact(const Job& j, int64_t begin, int64_t end, ThreadScrat
   float* g = scratch.floats(2 * rows * kMaxTokenBlock);
   float* u = g + rows * kMaxTokenBlock;
   bf16_t* h = static_cast<bf16_t*>(j.h);
-  for (int64_t t0 = 0; t0 < j.T; t0 += kMaxTokenBlock) {
-    const int tb = static_cast<int>(j.T - t0 < kMaxTokenBlock ? j.T - t0 : kMaxTokenBlock);
+  for_token_blocks<kMaxTokenBlock>(j.T, [&](int64_t t0, int tb) {
     const bf16_t* x = j.x + t0 * j.H;
     dot_rows_compact(tb, j.compact_gu, begin, rows, x, j.H, j.H, g, rows);
     dot_rows_compact(tb, j.compact_gu, j.N + begin, rows, x, j.H, j.H, u, rows);
     for (int t = 0; t < tb; ++t) silu_mul_store(g + t * rows, u + t * rows, rows, h + (t0 + t) * j.h_stride + begin);
-  }
+  });
 }
 
 void avx512_phase2_compact(const Job& j, int64_t begin, int64_t end, ThreadScratch&) {
   const bf16_t* h = static_cast<const bf16_t*>(j.h);
-  for (int64_t t0 = 0; t0 < j.T; t0 += kMaxTokenBlock) {
-    const int tb = static_cast<int>(j.T - t0 < kMaxTokenBlock ? j.T - t0 : kMaxTokenBlock);
+  for_token_blocks<kMaxTokenBlock>(j.T, [&](int64_t t0, int tb) {
     dot_rows_compact(tb, j.compact_down, begin, end - begin, h + t0 * j.h_stride, j.h_stride, j.N,
                      j.out + t0 * j.out_stride + begin, j.out_stride);
-  }
+  });
 }
 
 void avx512_phase2(const Job& j, int64_t begin, int64_t end, ThreadScratch&) {
   const bf16_t* h = static_cast<const bf16_t*>(j.h);
   const bf16_t* down = down_row(j, begin);
-  for (int64_t t0 = 0; t0 < j.T; t0 += kMaxTokenBlock) {
-    const int tb = static_cast<int>(j.T - t0 < kMaxTokenBlock ? j.T - t0 : kMaxTokenBlock);
+  for_token_blocks<kMaxTokenBlock>(j.T, [&](int64_t t0, int tb) {
     dot_rows(tb, down, j.down_stride, end - begin, h + t0 * j.h_stride, j.h_stride, j.N,
              j.out + t0 * j.out_stride + begin, j.out_stride);
-  }
+  });
 }
 
 }  // namespace scheinfer

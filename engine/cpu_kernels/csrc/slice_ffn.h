@@ -108,6 +108,14 @@ class ThreadScratch {
 
 inline int64_t round_up(int64_t a, int64_t b) { return (a + b - 1) / b * b; }
 
+// Calls body(t0, tb) for tokens [t0, t0 + tb) of `num_tokens`, in blocks of at most kBlock (a
+// path's register tile of tokens).
+template <int kBlock, class Body>
+inline void for_token_blocks(int64_t num_tokens, Body&& body) {
+  for (int64_t t0 = 0; t0 < num_tokens; t0 += kBlock)
+    body(t0, static_cast<int>(num_tokens - t0 < kBlock ? num_tokens - t0 : kBlock));
+}
+
 // bf16 <-> fp32 (round to nearest even, NaN kept quiet).
 inline float bf16_to_f32(bf16_t v) {
   union { uint32_t u; float f; } c;
