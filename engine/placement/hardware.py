@@ -15,9 +15,15 @@ from __future__ import annotations
 import bisect
 import hashlib
 import json
+import logging
 import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+
+logger = logging.getLogger(__name__)
+# What the profiler measures: 2 since session 14 (the CPU on compact slices, `cpu_ffn_compact`).
+# A cached profile of an older format is measured again; files given by path are read as they are.
+PROFILE_FORMAT = 2
 
 PROFILE_DIR_ENV = "SCHEINFER_PROFILE_DIR"
 
@@ -131,6 +137,7 @@ class HardwareProfile:
     slice_rows: int = 1024
     dtype: str = "bfloat16"
     created: str = ""  # ISO time of the measurement
+    profile_format: int = 1  # PROFILE_FORMAT of the profiler that measured it (1: before the field)
     measure_s: float = 0.0  # how long the measurement took
     source: str = ""  # how it was obtained
     notes: dict[str, float | str] = field(default_factory=dict)  # extra readings, for people
@@ -259,4 +266,10 @@ def load_cached(fingerprint: Fingerprint, cache_dir: str | Path | None = None) -
         profile = HardwareProfile.from_file(path)
     except (OSError, ValueError, TypeError, KeyError):
         return None
-    return profile if profile.fingerprint == fingerprint else None
+    if profile.fingerprint != fingerprint:
+        return None
+    if profile.profile_format < PROFILE_FORMAT:
+        logger.info("cached hardware profile %s is of format %d (now %d): measuring again", path,
+                    profile.profile_format, PROFILE_FORMAT)
+        return None
+    return profile

@@ -29,6 +29,7 @@ from tqdm import tqdm
 
 from engine.model.config import ModelConfig
 from engine.placement.hardware import (
+    PROFILE_FORMAT,
     HardwareProfile,
     LinearTimeTable,
     cached_profile_path,
@@ -455,6 +456,7 @@ def measure_profile(sizes: ProfileSizes | None = None, progress: bool = True, so
         cpu_path=slices_path, dram_read_bytes_s=dram_bytes_s, sync_s=sync_s, cpu_job_latency_s=job_s, slice_hidden=sizes.hidden,
         slice_rows=sizes.slice_rows,
         created=time.strftime("%Y-%m-%dT%H:%M:%S"), measure_s=time.perf_counter() - start_s,
+        profile_format=PROFILE_FORMAT,
         source=source or "measured by engine.placement.profiler", **gpu)
 
 
@@ -473,7 +475,8 @@ def remeasure_cpu(profile: HardwareProfile, sizes: ProfileSizes, source: str) ->
             cpu_with_pcie, pcie_with_cpu = measure_cpu_with_pcie(replace(sizes, pcie_bytes=32 * MIB), slices)
             gpu = {"cpu_with_pcie_bytes_s": cpu_with_pcie, "pcie_with_cpu_bytes_s": pcie_with_cpu}
         cpu_ffn_compact = measure_cpu_ffn(sizes, slices, tqdm(disable=True)) if compact_slices(slices) else None
-    return replace(profile, cpu_ffn=cpu_ffn, cpu_ffn_compact=cpu_ffn_compact, cpu_threads=slices.num_threads, cpu_path=slices.path,
+    return replace(profile, cpu_ffn=cpu_ffn, cpu_ffn_compact=cpu_ffn_compact, profile_format=PROFILE_FORMAT,
+                   cpu_threads=slices.num_threads, cpu_path=slices.path,
                    cpu_job_latency_s=job_s, source=source, created=time.strftime("%Y-%m-%dT%H:%M:%S"), **gpu)
 
 

@@ -6,7 +6,7 @@ from dataclasses import replace
 
 import pytest
 
-from engine.placement.hardware import Fingerprint, HardwareProfile, roofline_table
+from engine.placement.hardware import PROFILE_FORMAT, Fingerprint, HardwareProfile, roofline_table
 
 GPU_TOKENS = (1, 16, 64, 256, 1024, 4096)
 CPU_TOKENS = (1, 4, 16, 64, 256, 512)
@@ -16,7 +16,8 @@ def synthetic_profile(cpu_bytes_s: float = 48.7e9, cpu_flops: float = 1.89e12, p
                       gpu_free_bytes: int = 80 << 30, with_gpu: bool = True) -> HardwareProfile:
     fingerprint = Fingerprint("Synthetic Xeon", 16, "Synthetic GPU" if with_gpu else "none", "2.11")
     profile = HardwareProfile(fingerprint, roofline_table(cpu_bytes_s, cpu_flops, CPU_TOKENS), 15, "torch",
-                              dram_read_bytes_s=88.3e9, sync_s=50e-6, source="synthetic")
+                              dram_read_bytes_s=88.3e9, sync_s=50e-6, source="synthetic",
+                              profile_format=PROFILE_FORMAT)
     if not with_gpu:
         return profile
     return replace(profile, pcie_h2d_bytes_s=pcie_bytes_s, pcie_latency_s=10e-6,

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from dataclasses import replace
 
+import json
+
 import pytest
 
 from engine.placement.hardware import (
@@ -81,3 +83,18 @@ def test_committed_calibration_is_carried_to_the_same_machine(tmp_path) -> None:
     assert carried.cpu_ffn == measured.cpu_ffn and "calibration" in carried.notes
     stranger = replace(measured, fingerprint=Fingerprint("Other", 4, "none", "2.11"))
     assert with_committed_calibration(stranger, tmp_path) == stranger
+
+
+def test_a_cached_profile_of_an_older_format_is_measured_again(tmp_path) -> None:
+    from engine.placement.hardware import PROFILE_FORMAT
+
+    profile = synthetic_profile()
+    path = cached_profile_path(profile.fingerprint, tmp_path)
+    replace(profile, profile_format=PROFILE_FORMAT - 1).save(path)
+    assert load_cached(profile.fingerprint, tmp_path) is None  # no compact CPU rates yet: stale
+    profile.save(path)
+    assert load_cached(profile.fingerprint, tmp_path) == profile
+    # a profile written before the field existed reads as format 1
+    raw = json.loads(profile.to_json())
+    del raw["profile_format"]
+    assert HardwareProfile.from_json(json.dumps(raw)).profile_format == 1
