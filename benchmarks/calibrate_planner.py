@@ -1,5 +1,6 @@
-"""Fits the planner's three serial overheads (per layer, per layer with CPU work, per piece) and the
-driving thread's work per streamed prefill piece to one or more partition_bench.py results, and shows the model's error on every point before and after.
+"""Fits the planner's serial overheads (per layer, per layer with CPU work, per piece, per unit in
+prefill) and the driving thread's work per streamed prefill piece to one or more partition_bench.py
+results, and shows the model's error on every point before and after.
 
     python benchmarks/calibrate_planner.py benchmarks/results/RESULT.json [MORE.json ...] \\
         --profile configs/hardware/h100-16core.json [--write]

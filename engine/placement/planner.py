@@ -33,7 +33,7 @@ from engine.placement.cost_model import (
     predict_plan,
     prefill_chunks,
 )
-from engine.placement.hardware import HardwareProfile
+from engine.placement.hardware import SERIAL_OVERHEAD_FIELDS, HardwareProfile
 from engine.placement.memory import (
     GpuMemoryBreakdown,
     activation_bytes,
@@ -239,7 +239,7 @@ def _best_share(model: CostModel, units: list[tuple[int, int, int]], resident: d
 
 # -- calibration -------------------------------------------------------------------------------
 
-OVERHEAD_FIELDS = ("layer_overhead_s", "cpu_layer_overhead_s", "piece_overhead_s", "prefill_unit_overhead_s")
+OVERHEAD_FIELDS = SERIAL_OVERHEAD_FIELDS
 
 
 @dataclass(frozen=True)

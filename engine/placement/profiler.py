@@ -146,7 +146,8 @@ class CpuSlices:
         self.slices = [(buffer[i * numel: i * numel + 2 * n * h].view(2 * n, h),
                         buffer[i * numel + 2 * n * h: (i + 1) * numel].view(h, n)) for i in range(count)]
         self.regions = [buffer[i * numel: (i + 1) * numel].view(torch.uint8) for i in range(count)]  # each slice's bytes
-        self.compact: list | None = None
+        self.compact: list | None = None  # the slices' compact pieces, once compact_slices ran
+        self._meta: tuple[torch.Tensor, torch.Tensor] | None = None  # a compact job's weight shapes
         self.per_call = sizes.slices_per_call
         self.num_calls = count // self.per_call
 
@@ -171,7 +172,8 @@ class CpuSlices:
     def _run_compact(self, x: torch.Tensor, outs: list[torch.Tensor], first: int) -> None:
         from engine.cpu_kernels import SliceJob, run_slice_jobs
 
-        gate_up, down = (torch.empty(t.shape, dtype=t.dtype, device="meta") for t in self.slices[0])
+        assert self.compact is not None and self._meta is not None
+        gate_up, down = self._meta
         group = self.compact[first: first + self.per_call]
         run_slice_jobs([SliceJob(x, gate_up, down, out, piece) for out, piece in zip(outs, group, strict=True)],
                        "silu", check=False)
@@ -194,6 +196,7 @@ def compact_slices(slices: CpuSlices) -> bool:
             raise RuntimeError("profiler: a slice could not be stored compact after the first ones were")
         pieces.append(piece)
     slices.compact = pieces
+    slices._meta = tuple(torch.empty(t.shape, dtype=t.dtype, device="meta") for t in slices.slices[0])
     return True
 
 
