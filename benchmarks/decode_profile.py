@@ -40,6 +40,8 @@ class BooleanSwitch:
 BOOLEAN_SWITCHES = (
     BooleanSwitch("one-graph", "one graph per layer", "graphs", "one_graph_layers",
                   "attention between two graphs per layer and inside one"),
+    BooleanSwitch("fused-routing", "fused routing", "graphs", "fused_routing",
+                  "a sparsemixer's routing in torch's kernels and in one Triton kernel"),
     BooleanSwitch("host-routing", "host routing", "graphs", "host_routing",
                   "routing ids read by a kernel + sync, and copied to the host"),
     BooleanSwitch("driver", "C++ driver", "executor.cpu_pool", "use_driver",
@@ -137,8 +139,10 @@ def plain_decode(llm: LLM, prompt_len: int, steps: int) -> list[str]:
     while llm.engine.has_unfinished_requests():
         llm.engine.step()
     median = statistics.median(plain)
+    anatomy = llm.engine.runner.executor.feedback.anatomy.summary()
     return [f"plain decode: {steps} steps, median {median * 1e3:.1f} ms ({1 / median:.2f} tok/s), "
-            f"quartiles {statistics.quantiles(plain, n=4)[0] * 1e3:.1f} / {statistics.quantiles(plain, n=4)[2] * 1e3:.1f} ms"]
+            f"quartiles {statistics.quantiles(plain, n=4)[0] * 1e3:.1f} / {statistics.quantiles(plain, n=4)[2] * 1e3:.1f} ms; "
+            "gated layers, median ms: " + ", ".join(f"{k} {v:.3f}" for k, v in anatomy.items())]
 
 
 def profile_decode(llm: LLM, prompt_len: int, steps: int, top: int) -> list[str]:
@@ -360,7 +364,26 @@ def kernel_profile(llm: LLM, prompt_len: int, steps: int, path: str) -> list[str
         with open(path, "rb") as src, gzip.open(path + ".gz", "wb") as dst:
             shutil.copyfileobj(src, dst)
     table = prof.key_averages().table(sort_by="self_cuda_time_total", row_limit=25)
-    return [f"kernel profile of {steps} decode steps -> {path}", table]
+    layers = len(engine.runner.model.layers)
+    return [f"kernel profile of {steps} decode steps -> {path}", table,
+            *per_layer_kernels(prof.key_averages(), steps * layers)]
+
+
+def per_layer_kernels(averages, layer_steps: int) -> list[str]:
+    """The GPU kernels launched at least once a layer: launches per layer and mean time, most
+    launched first (what a decode layer's graph is made of)."""
+    rows = []
+    for event in averages:
+        total_us = getattr(event, "self_device_time_total", getattr(event, "self_cuda_time_total", 0.0))
+        if event.count < layer_steps or total_us <= 0 or event.key.startswith(("aten::", "cuda", "Memcpy", "Memset")):
+            continue
+        rows.append((event.count / layer_steps, total_us / event.count, event.key[:90]))
+    rows.sort(reverse=True)
+    launches = sum(per_layer for per_layer, _, _ in rows)
+    gpu_us = sum(per_layer * mean for per_layer, mean, _ in rows)
+    lines = [f"kernels launched every layer: {launches:.1f} a layer, {gpu_us:.1f} us of GPU time a layer"]
+    lines += [f"  {per_layer:5.2f} x {mean:7.2f} us  {name}" for per_layer, mean, name in rows]
+    return lines
 
 
 def variants(llm: LLM, args: argparse.Namespace) -> list[tuple[str, Callable[[], None]]]:
@@ -479,7 +502,7 @@ def main() -> None:
     if args.out:
         with open(args.out, "w") as f:
             f.write(text)
-    print(text[:4000])
+    print(text[:4000] if len(text) < 8000 else text[:2000] + "\n...\n" + text[-6000:])
 
 
 if __name__ == "__main__":

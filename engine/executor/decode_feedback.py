@@ -20,9 +20,29 @@ from dataclasses import dataclass, field
 from engine.executor.accelerator import Accelerator, now_s
 from engine.executor.timeline import Mark, elapsed_s, host_mark
 
+ANATOMY_LAYERS = 512  # layers whose CPU, copy and gate-to-gate times the anatomy keeps (medians)
 WINDOW = 24  # layers measured at one split before it may change (their median is the imbalance)
 DEADBAND = 0.6  # move once the imbalance exceeds this fraction of one piece's effect (no flip-flop at 0.5)
 EFFECT_RANGE = 2.0  # a learned piece effect stays within this factor of the profile's
+
+
+@dataclass
+class LayerAnatomy:
+    """Where decode layers' time goes, over the last ANATOMY_LAYERS gated layers: the CPU job (gate
+    to its end), the copies (gate to the last one landed) and the period from one layer's gate to
+    the next one's (the rest of the period is the chain: outputs back, sum, the next layer's graph,
+    routing out). Medians in ms, for reports."""
+
+    cpu_s: deque = field(default_factory=lambda: deque(maxlen=ANATOMY_LAYERS))
+    copies_s: deque = field(default_factory=lambda: deque(maxlen=ANATOMY_LAYERS))
+    period_s: deque = field(default_factory=lambda: deque(maxlen=ANATOMY_LAYERS))
+
+    def summary(self) -> dict[str, float]:
+        def median_ms(values: deque) -> float:
+            return statistics.median(values) * 1e3 if values else 0.0
+
+        return {"cpu_ms": median_ms(self.cpu_s), "copies_ms": median_ms(self.copies_s),
+                "period_ms": median_ms(self.period_s)}
 
 
 @dataclass
@@ -38,6 +58,7 @@ class DecodeFeedback:
     layers: int = 0  # layers measured in all
     _window: list[float] = field(default_factory=list)  # this split's layers so far
     _before: tuple[int, float] | None = None  # (shift, imbalance) before the last move
+    anatomy: LayerAnatomy = field(default_factory=LayerAnatomy)
 
     def add(self, shift: int, imbalance_s: float, piece_effect_s: float) -> None:
         """One decode layer's imbalance, measured at `shift`; `piece_effect_s`: what moving one of
@@ -77,7 +98,7 @@ class DecodeFeedback:
     def summary(self) -> dict[str, float | int]:
         """The state, for logs and benchmark reports."""
         return {"shift": self.shift, "imbalance_ms": self.imbalance_s * 1e3, "piece_effect_ms": self.piece_effect_s * 1e3,
-                "moves": self.moves, "layers": self.layers}
+                "moves": self.moves, "layers": self.layers, **self.anatomy.summary()}
 
 
 @dataclass
@@ -101,6 +122,7 @@ class DecodeMeter:
         self.accelerator = accelerator
         self.feedback = feedback
         self._layers: deque[_Layer] = deque()
+        self._last_gate_s: float | None = None  # the previous gated layer's gate (host clock)
 
     def enter(self, piece_effect_s: float, shift: int | None = None, gate: Mark = None) -> None:
         """`piece_effect_s`: what moving one host piece of this layer would change, by the profile;
@@ -121,6 +143,9 @@ class DecodeMeter:
         layer.cpu_end_s = end_s
         if layer.gated and start_s:
             layer.entered_s = start_s
+            if self._last_gate_s is not None and start_s > self._last_gate_s:
+                self.feedback.anatomy.period_s.append(start_s - self._last_gate_s)
+            self._last_gate_s = start_s
 
     def _resolve(self) -> None:
         while self._layers:
@@ -133,5 +158,8 @@ class DecodeMeter:
             if layer.end is None and layer.cpu_end_s is None:
                 continue  # no host piece in this layer
             cpu_s = 0.0 if layer.cpu_end_s is None else layer.cpu_end_s - layer.entered_s
+            if layer.gated:
+                self.feedback.anatomy.cpu_s.append(cpu_s)
+                self.feedback.anatomy.copies_s.append(copies_s)
             self.feedback.add(layer.shift, copies_s - cpu_s, layer.piece_effect_s)
 

@@ -39,8 +39,10 @@ import torch.nn.functional as F
 from engine.forward_batch import ForwardBatch
 from engine.kv_cache.paged_cache import PagedKVCache
 from engine.model.attention import attend, project_qkv
+from engine.model.config import RouterKind
 from engine.model.decode_attention import DecodeKeys, flash_decode
 from engine.model.moe import HostRouting, MoEBlock, Routing
+from engine.model.routing_kernels import fused_sparsemixer_applies, sparsemixer_in_id_order
 
 MAX_GRAPH_TOKENS = 8  # decode steps of up to this many sequences replay graphs; larger ones run eagerly
 
@@ -117,10 +119,11 @@ class Segments:
     layer outputs the segments write: each set of graphs captured from them (split, or one per key
     bound) keeps its own list, since a graph replays into the tensors its capture allocated."""
 
-    def __init__(self, model, cache: PagedKVCache, buffers: StepBuffers) -> None:
+    def __init__(self, model, cache: PagedKVCache, buffers: StepBuffers, fused_routing: bool = True) -> None:
         self.model = model
         self.cache = cache
         self.buffers = buffers
+        self.fused_routing = fused_routing  # one kernel for a sparsemixer's routing where it applies
         self.outputs = [LayerOutputs() for _ in model.layers]
         moe = [layer.ffn for layer in model.layers if isinstance(layer.ffn, MoEBlock)]
         self.host: HostMirror | None = None  # only where there is a GPU: on the CPU h is on the host
@@ -199,12 +202,21 @@ class Segments:
         h = b.ffn_in  # layer i's h stays there until the next layer's post (its pre combines with it)
         out = self.outputs[i]
         out.h = h
-        out.routing = _in_id_order(layer.ffn.route(h)) if isinstance(layer.ffn, MoEBlock) else None
+        out.routing = self._route(layer.ffn, h) if isinstance(layer.ffn, MoEBlock) else None
         following = self.model.layers[i + 1] if i + 1 < len(self.model.layers) else None
         out.next_ids = None
         if (self.lookahead and out.routing is not None and following is not None
                 and isinstance(following.ffn, MoEBlock)):
             out.next_ids = following.ffn.likely_experts(b.residual, following.post_attention_norm)
+
+    def _route(self, ffn: MoEBlock, h: torch.Tensor) -> Routing:
+        """h's routing with each token's experts in increasing id order: a sparsemixer's in one
+        kernel where it applies (engine/model/routing_kernels.py: the same bits), else torch's."""
+        logits = ffn.router_logits(h)
+        if (self.fused_routing and ffn.config.router is RouterKind.SPARSEMIXER
+                and fused_sparsemixer_applies(logits)):
+            return sparsemixer_in_id_order(logits, ffn.config.router_jitter_eps)
+        return _in_id_order(ffn.route_logits(logits))
 
 
 def _unit_rows(ffn, num_tokens: int) -> int | None:
@@ -283,6 +295,18 @@ class DecodeGraphs:
         self._pool = None
         self.host_routing = True  # routing ids and activations copied to the host with the routing
         self.one_graph_layers = True  # attention inside the layer's graph where it can be (False: A/B)
+        self._fused_routing = True
+
+    @property
+    def fused_routing(self) -> bool:
+        """Whether the graphs route a sparsemixer in one kernel (False: torch's kernels, for A/B)."""
+        return self._fused_routing
+
+    @fused_routing.setter
+    def fused_routing(self, value: bool) -> None:
+        if value != self._fused_routing:
+            self._fused_routing = value
+            self.reset()  # captured again with the other routing
 
     def reset(self) -> None:
         """Drops the captured steps (captured again on next use), e.g. after a setting they read."""
@@ -306,7 +330,7 @@ class DecodeGraphs:
             c, model = self.model.config, self.model
             buffers = StepBuffers.allocate(num_tokens, c.hidden_size, c.head_dim, c.num_heads * c.head_dim,
                                            model.dtype, model.device)
-            step = self._steps[num_tokens] = CapturedStep(Segments(model, cache, buffers))
+            step = self._steps[num_tokens] = CapturedStep(Segments(model, cache, buffers, self._fused_routing))
         return step
 
     def _graphs(self, runs: list[Callable[[], None]], step: CapturedStep, batch: ForwardBatch,

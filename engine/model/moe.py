@@ -141,7 +141,14 @@ class MoEBlock:
     shared_expert_gate: torch.Tensor | None = None  # [1, hidden]
 
     def route(self, x: torch.Tensor) -> Routing:
-        logits = F.linear(x, self.router)
+        return self.route_logits(self.router_logits(x))
+
+    def router_logits(self, x: torch.Tensor) -> torch.Tensor:
+        """[num_tokens, hidden] -> the router's logits [num_tokens, num_experts]."""
+        return F.linear(x, self.router)
+
+    def route_logits(self, logits: torch.Tensor) -> Routing:
+        """The experts and weights the router's `logits` choose."""
         if self.config.router is RouterKind.SPARSEMIXER:
             return sparsemixer(logits, self.config.router_jitter_eps)
         keep_fp32 = self.shared_expert is None  # Mixtral keeps fp32 weights; Qwen2-MoE casts back
