@@ -36,13 +36,17 @@ class LayerAnatomy:
     cpu_s: deque = field(default_factory=lambda: deque(maxlen=ANATOMY_LAYERS))
     copies_s: deque = field(default_factory=lambda: deque(maxlen=ANATOMY_LAYERS))
     period_s: deque = field(default_factory=lambda: deque(maxlen=ANATOMY_LAYERS))
+    # when the driving thread had enqueued the layer's wait for its CPU job (the last of the layer's
+    # GPU work; the next layer's graph follows) after the job ended: > 0, the GPU waited for the host
+    host_lag_s: deque = field(default_factory=lambda: deque(maxlen=ANATOMY_LAYERS))
 
     def summary(self) -> dict[str, float]:
         def median_ms(values: deque) -> float:
             return statistics.median(values) * 1e3 if values else 0.0
 
+        late = sum(lag > 0 for lag in self.host_lag_s) / len(self.host_lag_s) if self.host_lag_s else 0.0
         return {"cpu_ms": median_ms(self.cpu_s), "copies_ms": median_ms(self.copies_s),
-                "period_ms": median_ms(self.period_s)}
+                "period_ms": median_ms(self.period_s), "host_lag_ms": median_ms(self.host_lag_s), "host_late": late}
 
 
 @dataclass
@@ -138,9 +142,13 @@ class DecodeMeter:
     def copies_enqueued(self) -> None:
         self._layers[-1].end = host_mark(self.accelerator, self.accelerator.copy_stream)
 
-    def cpu_done(self, end_s: float, start_s: float | None = None) -> None:
+    def cpu_done(self, end_s: float, start_s: float | None = None, enqueued_s: float | None = None) -> None:
+        """The layer's CPU job ran from `start_s` to `end_s`; `enqueued_s`: when the GPU's wait for it
+        was enqueued (signalled jobs)."""
         layer = self._layers[-1]
         layer.cpu_end_s = end_s
+        if enqueued_s is not None:
+            self.feedback.anatomy.host_lag_s.append(enqueued_s - end_s)
         if layer.gated and start_s:
             layer.entered_s = start_s
             if self._last_gate_s is not None and start_s > self._last_gate_s:

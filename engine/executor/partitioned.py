@@ -233,7 +233,7 @@ class PartitionedExecutor:
             assert self.signal is not None and isinstance(cpu_future, _Submitted)
             self.signal.wait(acc.compute_stream, self._signal_value)
             self._add_cpu_results(sums_all, cpu_future.batch)
-            self._deferred = (cpu_future, measured)
+            self._deferred = (cpu_future, measured, now_s())
         elif cpu_future is not None:
             batch = cpu_future.result()
             self._add_cpu_results(sums_all, batch)
@@ -260,11 +260,11 @@ class PartitionedExecutor:
     def _collect_deferred(self) -> None:
         if self._deferred is None:
             return
-        future, measured = self._deferred
+        future, measured, enqueued_s = self._deferred
         self._deferred = None
         batch = future.result()
         if measured:  # before the next layer enters the meter: its record is still the last
-            self._meter.cpu_done(batch.end_s, batch.start_s)
+            self._meter.cpu_done(batch.end_s, batch.start_s, enqueued_s)
 
     # -- routed jobs (engine/executor/routed_job.py) ------------------------------------------
 

@@ -311,6 +311,7 @@ class DecodeGraphs:
     def reset(self) -> None:
         """Drops the captured steps (captured again on next use), e.g. after a setting they read."""
         self._steps.clear()
+        self._pool = None  # a pool whose graphs are all gone cannot take a new capture
 
     def applies(self, batch: ForwardBatch) -> bool:
         n = batch.num_tokens
@@ -323,7 +324,7 @@ class DecodeGraphs:
     def _step(self, num_tokens: int, cache: PagedKVCache) -> CapturedStep:
         """This token count's step (its graphs are captured on first use)."""
         if self._cache_id != id(cache):  # graphs hold the cache tensors' addresses
-            self._steps.clear()
+            self.reset()
             self._cache_id = id(cache)
         step = self._steps.get(num_tokens)
         if step is None:

@@ -135,3 +135,24 @@ def test_a_gated_layer_counts_both_sides_from_the_gate() -> None:
     assert len(recorded) == 1
     shift, imbalance_s, effect_s = recorded[0]
     assert shift == 2 and effect_s == EFFECT_S and abs(imbalance_s - 0.001) < 1e-9
+
+
+def test_gated_layers_report_their_anatomy() -> None:
+    """The feedback's summary carries where gated layers' time went: the CPU job and the copies from
+    the gate, the period from gate to gate, and how late the driving thread enqueued the GPU's wait."""
+    from engine.executor.accelerator import Accelerator
+    from engine.executor.decode_feedback import DecodeMeter
+
+    feedback = DecodeFeedback()
+    meter = DecodeMeter(Accelerator.for_device("cpu"), feedback)
+    for layer in range(5):
+        gate = 10.0 + 0.002 * layer  # a layer every 2 ms
+        meter.enter(EFFECT_S, shift=0, gate=gate)
+        meter._layers[-1].end = gate + 0.0012  # copies land 1.2 ms after the gate
+        late = 0.0001 if layer % 2 else -0.0003  # the host enqueued its wait 0.1 ms late on odd layers
+        meter.cpu_done(end_s=gate + 0.0015, start_s=gate, enqueued_s=gate + 0.0015 + late)
+    meter.enter(EFFECT_S)  # resolves the last one
+    summary = feedback.summary()
+    assert abs(summary["cpu_ms"] - 1.5) < 1e-6 and abs(summary["copies_ms"] - 1.2) < 1e-6
+    assert abs(summary["period_ms"] - 2.0) < 1e-6
+    assert abs(summary["host_late"] - 0.4) < 1e-9 and abs(summary["host_lag_ms"] + 0.3) < 1e-6
