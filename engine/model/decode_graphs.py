@@ -310,8 +310,12 @@ class DecodeGraphs:
 
     def reset(self) -> None:
         """Drops the captured steps (captured again on next use), e.g. after a setting they read."""
+        captured = self._pool is not None
         self._steps.clear()
         self._pool = None  # a pool whose graphs are all gone cannot take a new capture
+        if captured:  # the old graphs' memory back to the device before the next capture takes its own
+            gc.collect()
+            torch.cuda.empty_cache()
 
     def applies(self, batch: ForwardBatch) -> bool:
         n = batch.num_tokens
