@@ -40,8 +40,8 @@ class BooleanSwitch:
 BOOLEAN_SWITCHES = (
     BooleanSwitch("one-graph", "one graph per layer", "graphs", "one_graph_layers",
                   "attention between two graphs per layer and inside one"),
-    BooleanSwitch("fused-routing", "fused routing", "graphs", "fused_routing",
-                  "a sparsemixer's routing in torch's kernels and in one Triton kernel"),
+    BooleanSwitch("fused-kernels", "fused kernels", "graphs", "fused_kernels",
+                  "the decode graphs' routing, rotary and combine in torch's kernels and in Triton's"),
     BooleanSwitch("host-routing", "host routing", "graphs", "host_routing",
                   "routing ids read by a kernel + sync, and copied to the host"),
     BooleanSwitch("driver", "C++ driver", "executor.cpu_pool", "use_driver",

@@ -41,6 +41,12 @@ from engine.kv_cache.paged_cache import PagedKVCache
 from engine.model.attention import attend, project_qkv
 from engine.model.config import RouterKind
 from engine.model.decode_attention import DecodeKeys, flash_decode
+from engine.model.decode_kernels import (
+    combine_into_residual,
+    combine_into_residual_applies,
+    rotate_into_cache,
+    rotate_into_cache_applies,
+)
 from engine.model.moe import HostRouting, MoEBlock, Routing
 from engine.model.routing_kernels import fused_sparsemixer_applies, sparsemixer_in_id_order
 
@@ -119,11 +125,13 @@ class Segments:
     layer outputs the segments write: each set of graphs captured from them (split, or one per key
     bound) keeps its own list, since a graph replays into the tensors its capture allocated."""
 
-    def __init__(self, model, cache: PagedKVCache, buffers: StepBuffers, fused_routing: bool = True) -> None:
+    def __init__(self, model, cache: PagedKVCache, buffers: StepBuffers, fused: bool = True) -> None:
         self.model = model
         self.cache = cache
         self.buffers = buffers
-        self.fused_routing = fused_routing  # one kernel for a sparsemixer's routing where it applies
+        # Triton kernels where they apply (a sparsemixer's routing, rotary + cache writes, the MoE
+        # combine): the same bits as torch's kernels, fewer launches (routing_kernels.py, decode_kernels.py)
+        self.fused = fused
         self.outputs = [LayerOutputs() for _ in model.layers]
         moe = [layer.ffn for layer in model.layers if isinstance(layer.ffn, MoEBlock)]
         self.host: HostMirror | None = None  # only where there is a GPU: on the CPU h is on the host
@@ -168,15 +176,37 @@ class Segments:
                            HostRouting(out.routing.expert_ids, out.h, None, out.next_ids))
         return self.host.copy(out.routing, out.h, out.next_ids)
 
-    def pre(self, i: int) -> None:
+    def pre(self, i: int, keys_in_place: bool = False) -> None:
+        """The previous FFN's output into the residual; input norm, QKV, rotary, K/V to the cache.
+        `keys_in_place`: attention reads the cache only (one-graph layers), so k and v are not kept."""
         model, b = self.model, self.buffers
         layer = model.layers[i]
-        if self.unit_sums is not None and i > 0:
-            self.combine(i - 1)
-        b.residual.add_(b.ffn_out)
+        if not (self.unit_sums is not None and i > 0 and self._combine_fused(i - 1)):
+            if self.unit_sums is not None and i > 0:
+                self.combine(i - 1)
+            b.residual.add_(b.ffn_out)
         h = layer.input_norm(b.residual)
         out = self.outputs[i]
-        out.q, out.k, out.v = project_qkv(h, layer.attn, model.attn_shape, i, b.slots, self.cache, (b.cos, b.sin))
+        keys, values = self.cache.keys[i], self.cache.values[i]
+        shape = model.attn_shape
+        if keys_in_place and self.fused and rotate_into_cache_applies(h, shape.head_dim, keys, values):
+            qkv = F.linear(h, layer.attn.qkv, layer.attn.qkv_bias)
+            out.q = rotate_into_cache(qkv, shape.num_heads, shape.num_kv_heads, shape.head_dim, b.cos, b.sin,
+                                      b.slots, keys, values)
+            out.k = out.v = None
+            return
+        out.q, out.k, out.v = project_qkv(h, layer.attn, shape, i, b.slots, self.cache, (b.cos, b.sin))
+
+    def _combine_fused(self, i: int) -> bool:
+        """Layer i's one-token MoE output combined into the residual by one kernel (False: not here)."""
+        ffn, out, sums = self.model.layers[i].ffn, self.outputs[i], self.sums_of(i)
+        if not (self.fused and isinstance(ffn, MoEBlock) and ffn.shared_expert is None and out.routing is not None):
+            return False
+        weights = out.routing.weights
+        if not combine_into_residual_applies(sums, weights, self.buffers.residual):
+            return False
+        combine_into_residual(sums, weights, self.buffers.residual, self.buffers.ffn_out)
+        return True
 
     def attend_in_place(self, i: int, max_k: int) -> None:
         """Layer i's attention in one flash call over the keys where they lie -> the attended buffer."""
@@ -188,7 +218,7 @@ class Segments:
     def layer(self, i: int, max_k: int) -> None:
         """Layer i up to its routing, attention included (one graph). q, k and v are not kept: their
         memory serves the next layers' captures (every kept output is written before it is read)."""
-        self.pre(i)
+        self.pre(i, keys_in_place=True)
         self.attend_in_place(i, max_k)
         self.post(i)
         out = self.outputs[i]
@@ -213,7 +243,7 @@ class Segments:
         """h's routing with each token's experts in increasing id order: a sparsemixer's in one
         kernel where it applies (engine/model/routing_kernels.py: the same bits), else torch's."""
         logits = ffn.router_logits(h)
-        if (self.fused_routing and ffn.config.router is RouterKind.SPARSEMIXER
+        if (self.fused and ffn.config.router is RouterKind.SPARSEMIXER
                 and fused_sparsemixer_applies(logits)):
             return sparsemixer_in_id_order(logits, ffn.config.router_jitter_eps)
         return _in_id_order(ffn.route_logits(logits))
@@ -295,18 +325,18 @@ class DecodeGraphs:
         self._pool = None
         self.host_routing = True  # routing ids and activations copied to the host with the routing
         self.one_graph_layers = True  # attention inside the layer's graph where it can be (False: A/B)
-        self._fused_routing = True
+        self._fused_kernels = True
 
     @property
-    def fused_routing(self) -> bool:
-        """Whether the graphs route a sparsemixer in one kernel (False: torch's kernels, for A/B)."""
-        return self._fused_routing
+    def fused_kernels(self) -> bool:
+        """Whether the graphs take the fused Triton kernels where they apply (False: torch's, for A/B)."""
+        return self._fused_kernels
 
-    @fused_routing.setter
-    def fused_routing(self, value: bool) -> None:
-        if value != self._fused_routing:
-            self._fused_routing = value
-            self.reset()  # captured again with the other routing
+    @fused_kernels.setter
+    def fused_kernels(self, value: bool) -> None:
+        if value != self._fused_kernels:
+            self._fused_kernels = value
+            self.reset()  # captured again with the other kernels
 
     def reset(self) -> None:
         """Drops the captured steps (captured again on next use), e.g. after a setting they read."""
@@ -335,7 +365,7 @@ class DecodeGraphs:
             c, model = self.model.config, self.model
             buffers = StepBuffers.allocate(num_tokens, c.hidden_size, c.head_dim, c.num_heads * c.head_dim,
                                            model.dtype, model.device)
-            step = self._steps[num_tokens] = CapturedStep(Segments(model, cache, buffers, self._fused_routing))
+            step = self._steps[num_tokens] = CapturedStep(Segments(model, cache, buffers, self._fused_kernels))
         return step
 
     def _graphs(self, runs: list[Callable[[], None]], step: CapturedStep, batch: ForwardBatch,

@@ -83,15 +83,15 @@ def test_cuda_graphs_match_eager_decoding_bitwise(arch: str, tmp_path: Path) -> 
 
 
 @pytest.mark.gpu
-def test_cuda_graphs_captured_again_after_the_routing_switches(tmp_path: Path) -> None:
-    """PhiMoE's graphs route with the fused kernel or torch's kernels: switching drops the captured
+def test_cuda_graphs_captured_again_after_the_kernels_switch(tmp_path: Path) -> None:
+    """PhiMoE's graphs take the fused kernels or torch's: switching drops the captured
     graphs (and their memory pool) and captures them again, with the eager path's bits each time."""
     path = str(write_tiny_checkpoint(tmp_path / "phimoe", arch="phimoe", seed=2, dtype="bfloat16"))
     eager = LLM(path, device="cuda", dtype="bfloat16", show_progress=False, decode_graphs=False)
     graphs = LLM(path, device="cuda", dtype="bfloat16", show_progress=False)
     decode_graphs = graphs.engine.runner.model.decode_graphs
     for fused in (True, False, True):
-        decode_graphs.fused_routing = fused
+        decode_graphs.fused_kernels = fused
         _assert_same(eager, graphs)
         assert decode_graphs.captured_sizes() == [1, 3]
 

@@ -1,0 +1,124 @@
+"""Two Triton kernels of the decode graphs, bit for bit the torch operations they replace.
+
+A decode layer's graph runs ~40 kernels of 1-3 us for one token, on the chain between two
+layers' FFNs where neither the CPU nor PCIe works (docs/DEVELOPING.md). Two groups of them are
+elementwise and fuse without changing a bit:
+
+- `rotate_into_cache`: rotary embedding of q and k (torch: a negation, a concatenation, two
+  products, a sum, each rounded to the model's dtype, for q and for k), v made contiguous, and k
+  and v written to the KV cache at the step's slots: 13 kernels -> 1;
+- `combine_into_residual`: a one-token MoE layer's combine (its experts' fp32 sums rounded, times
+  their routing weights, rounded, summed one expert after the other in top-k order, each sum
+  rounded), the residual add, and the sums zeroed for the next layer: 6 kernels -> 1.
+
+Each product and sum is computed in fp32 and rounded to the model's dtype where torch's bf16/fp16
+kernels round (a product of two bf16 values is exact in fp32, so the rounding between a product and
+the following sum also keeps the compiler from contracting them into an FMA). Only for bf16 and
+fp16 models on CUDA with Triton (fp32 could be contracted) and power-of-two head sizes; the
+`*_applies` checks say when, and the callers take the torch path elsewhere. Tests:
+tests/engine/model/test_decode_kernels.py (GPU).
+"""
+
+from __future__ import annotations
+
+import torch
+
+FUSED_DTYPES = (torch.bfloat16, torch.float16)
+COMBINE_BLOCK = 1024
+
+try:  # Triton ships with CUDA builds of torch
+    import triton
+    import triton.language as tl
+except ImportError:  # pragma: no cover - depends on the installation
+    triton = None
+
+
+if triton is not None:
+    @triton.jit
+    def _rounded(x, DTYPE: tl.constexpr):
+        return x.to(DTYPE).to(tl.float32)
+
+    @triton.jit
+    def _rotary_kernel(qkv, cos, sin, slots, q_out, keys, values, qkv_row, key_slot, value_slot,
+                       NUM_HEADS: tl.constexpr, NUM_KV_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr):
+        token = tl.program_id(0)
+        head = tl.program_id(1)  # q heads, then k heads, then v heads (their order in qkv)
+        d = tl.arange(0, HEAD_DIM)
+        dtype = qkv.dtype.element_ty
+        row = qkv + token * qkv_row + head * HEAD_DIM
+        x = tl.load(row + d)
+        slot = tl.load(slots + token)
+        if head < NUM_HEADS + NUM_KV_HEADS:
+            half: tl.constexpr = HEAD_DIM // 2
+            partner = tl.load(row + (d + half) % HEAD_DIM).to(tl.float32)
+            rotated = tl.where(d < half, -partner, partner)
+            c = tl.load(cos + token * HEAD_DIM + d).to(tl.float32)
+            s = tl.load(sin + token * HEAD_DIM + d).to(tl.float32)
+            out = _rounded(_rounded(x.to(tl.float32) * c, dtype) + _rounded(rotated * s, dtype), dtype).to(dtype)
+            if head < NUM_HEADS:
+                tl.store(q_out + (token * NUM_HEADS + head) * HEAD_DIM + d, out)
+            else:
+                tl.store(keys + slot * key_slot + (head - NUM_HEADS) * HEAD_DIM + d, out)
+        else:
+            tl.store(values + slot * value_slot + (head - NUM_HEADS - NUM_KV_HEADS) * HEAD_DIM + d, x)
+
+    @triton.jit
+    def _weighted_unit(sums, weights, k, j, inside, hidden, DTYPE: tl.constexpr):
+        """Unit k's fp32 sums at columns j rounded, times its routing weight, rounded; the sums zeroed."""
+        unit_sum = _rounded(tl.load(sums + k * hidden + j, mask=inside, other=0.0), DTYPE)
+        tl.store(sums + k * hidden + j, tl.zeros(j.shape, dtype=tl.float32), mask=inside)
+        return _rounded(unit_sum * tl.load(weights + k).to(tl.float32), DTYPE)
+
+    @triton.jit
+    def _combine_kernel(sums, weights, residual, ffn_out, hidden, TOP_K: tl.constexpr, BLOCK: tl.constexpr):
+        j = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+        inside = j < hidden
+        dtype = residual.dtype.element_ty
+        total = _weighted_unit(sums, weights, 0, j, inside, hidden, dtype)
+        for k in tl.static_range(1, TOP_K):  # one expert after the other, each sum rounded
+            total = _rounded(total + _weighted_unit(sums, weights, k, j, inside, hidden, dtype), dtype)
+        tl.store(ffn_out + j, total.to(dtype), mask=inside)
+        before = tl.load(residual + j, mask=inside, other=0.0).to(tl.float32)
+        tl.store(residual + j, _rounded(before + total, dtype).to(dtype), mask=inside)
+
+
+def _power_of_two(n: int) -> bool:
+    return n > 0 and n & (n - 1) == 0
+
+
+def rotate_into_cache_applies(x: torch.Tensor, head_dim: int, keys: torch.Tensor, values: torch.Tensor) -> bool:
+    """Whether `rotate_into_cache` can take the QKV projection of activations `x` into this cache layer."""
+    return (triton is not None and x.is_cuda and x.dtype in FUSED_DTYPES and _power_of_two(head_dim)
+            and head_dim >= 16 and keys.dtype == values.dtype == x.dtype and keys.is_contiguous()
+            and values.is_contiguous())
+
+
+def rotate_into_cache(qkv: torch.Tensor, num_heads: int, num_kv_heads: int, head_dim: int, cos: torch.Tensor,
+                      sin: torch.Tensor, slots: torch.Tensor, keys: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
+    """q rotated [num_tokens, heads, dim] from the QKV projection; k rotated and v written to the
+    cache layer (`keys`, `values`: [slots, kv heads, dim]) at `slots`: what `apply_rotary` on q and k
+    and `PagedKVCache.write` do, to the bit, in one launch."""
+    num_tokens = qkv.shape[0]
+    q = torch.empty((num_tokens, num_heads, head_dim), dtype=qkv.dtype, device=qkv.device)
+    grid = (num_tokens, num_heads + 2 * num_kv_heads)
+    _rotary_kernel[grid](qkv, cos.contiguous(), sin.contiguous(), slots, q, keys, values, qkv.stride(0),
+                         keys.stride(0), values.stride(0), NUM_HEADS=num_heads, NUM_KV_HEADS=num_kv_heads,
+                         HEAD_DIM=head_dim)
+    return q
+
+
+def combine_into_residual_applies(sums: torch.Tensor, weights: torch.Tensor, residual: torch.Tensor) -> bool:
+    """Whether `combine_into_residual` can combine these unit sums [top_k, hidden] of one token."""
+    return (triton is not None and sums.is_cuda and residual.dtype in FUSED_DTYPES and sums.dtype == torch.float32
+            and sums.is_contiguous() and residual.is_contiguous() and residual.shape[0] == 1
+            and weights.shape == (1, sums.shape[0]) and weights.is_contiguous())
+
+
+def combine_into_residual(sums: torch.Tensor, weights: torch.Tensor, residual: torch.Tensor,
+                          ffn_out: torch.Tensor) -> None:
+    """One token's MoE output from its top-k experts' fp32 sums [top_k, hidden] (top-k order) and
+    routing weights [1, top_k] into `ffn_out`, added to `residual`, and the sums zeroed: what
+    `MoEBlock.combine_one_token`, the copy, `zero_` and `residual.add_` do, to the bit."""
+    hidden = sums.shape[1]
+    _combine_kernel[(triton.cdiv(hidden, COMBINE_BLOCK),)](sums, weights, residual, ffn_out, hidden,
+                                                         TOP_K=sums.shape[0], BLOCK=COMBINE_BLOCK)

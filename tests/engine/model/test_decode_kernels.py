@@ -1,0 +1,74 @@
+"""The decode graphs' fused kernels give torch's bits (GPU): rotary embedding with the cache writes,
+and a one-token MoE combine into the residual, for bf16 and fp16, odd sizes included."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from engine.model.decode_kernels import (
+    combine_into_residual,
+    combine_into_residual_applies,
+    rotate_into_cache,
+    rotate_into_cache_applies,
+)
+from engine.model.moe import _sum_in_topk_order
+from engine.model.rotary import apply_rotary
+
+DTYPES = [torch.bfloat16, torch.float16]
+
+
+def test_the_fused_kernels_do_not_apply_without_cuda() -> None:
+    keys = torch.zeros(4, 2, 64)
+    assert not rotate_into_cache_applies(torch.zeros(1, 64), 64, keys, keys)
+    assert not combine_into_residual_applies(torch.zeros(2, 64), torch.zeros(1, 2), torch.zeros(1, 64))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize(("num_tokens", "heads", "kv_heads", "head_dim"), [(1, 32, 8, 128), (3, 8, 2, 64), (8, 4, 4, 128)])
+def test_rotary_into_the_cache_matches_torch_bit_for_bit(dtype, num_tokens, heads, kv_heads, head_dim) -> None:
+    generator = torch.Generator(device="cuda").manual_seed(num_tokens)
+
+    def randn(*shape: int) -> torch.Tensor:
+        return (torch.randn(shape, generator=generator, device="cuda") * 3).to(dtype)
+
+    q_size, kv_size = heads * head_dim, kv_heads * head_dim
+    qkv = randn(num_tokens, q_size + 2 * kv_size)
+    cos, sin = randn(num_tokens, head_dim), randn(num_tokens, head_dim)
+    slots = torch.randperm(64, generator=generator, device="cuda")[:num_tokens]
+    keys, values = randn(64, kv_heads, head_dim), randn(64, kv_heads, head_dim)
+    expected_keys, expected_values = keys.clone(), values.clone()
+    q = qkv[:, :q_size].view(num_tokens, heads, head_dim)
+    k = qkv[:, q_size : q_size + kv_size].view(num_tokens, kv_heads, head_dim)
+    v = qkv[:, q_size + kv_size :].view(num_tokens, kv_heads, head_dim)
+    expected_q = apply_rotary(q, cos, sin)
+    expected_keys.index_copy_(0, slots, apply_rotary(k, cos, sin))
+    expected_values.index_copy_(0, slots, v.contiguous())
+
+    assert rotate_into_cache_applies(qkv, head_dim, keys, values)
+    got_q = rotate_into_cache(qkv, heads, kv_heads, head_dim, cos, sin, slots, keys, values)
+    assert torch.equal(got_q.view(torch.int16), expected_q.view(torch.int16))
+    assert torch.equal(keys.view(torch.int16), expected_keys.view(torch.int16))
+    assert torch.equal(values.view(torch.int16), expected_values.view(torch.int16))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("weight_dtype", ["model", "float32"])  # PhiMoE / Qwen2-MoE weights, Mixtral's fp32 ones
+@pytest.mark.parametrize(("top_k", "hidden"), [(2, 4096), (4, 1000), (1, 96)])
+def test_combine_into_the_residual_matches_torch_bit_for_bit(dtype, weight_dtype, top_k, hidden) -> None:
+    generator = torch.Generator(device="cuda").manual_seed(top_k)
+    sums = torch.randn(top_k, hidden, generator=generator, device="cuda") * 4
+    weights = torch.rand(1, top_k, generator=generator, device="cuda")
+    weights = weights.to(dtype) if weight_dtype == "model" else weights
+    residual = (torch.randn(1, hidden, generator=generator, device="cuda") * 8).to(dtype)
+    expected_out = _sum_in_topk_order(sums.to(dtype), weights, dtype)
+    expected_residual = residual + expected_out
+
+    ffn_out = torch.zeros(1, hidden, dtype=dtype, device="cuda")
+    assert combine_into_residual_applies(sums, weights, residual)
+    combine_into_residual(sums, weights, residual, ffn_out)
+    assert torch.equal(ffn_out.view(torch.int16), expected_out.view(torch.int16))
+    assert torch.equal(residual.view(torch.int16), expected_residual.view(torch.int16))
+    assert not sums.any()  # zeroed for the next layer
