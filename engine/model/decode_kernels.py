@@ -11,10 +11,12 @@ elementwise and fuse without changing a bit:
   their routing weights, rounded, summed one expert after the other in top-k order, each sum
   rounded), the residual add, and the sums zeroed for the next layer: 6 kernels -> 1.
 
-Each product and sum is computed in fp32 and rounded to the model's dtype where torch's bf16/fp16
-kernels round (a product of two bf16 values is exact in fp32, so the rounding between a product and
-the following sum also keeps the compiler from contracting them into an FMA). Only for bf16 and
-fp16 models on CUDA with Triton (fp32 could be contracted) and power-of-two head sizes; the
+Each product and sum is computed in fp32 and rounded to bf16 where torch's bf16 kernels round (a
+product of two bf16 values is exact in fp32, and the rounding between a product and the following
+sum keeps the compiler from contracting them into an FMA). The rounding is done on the bits
+(`round_to_bf16`): Triton folds a float round trip through bf16 away. Only for bf16 models on
+CUDA with Triton (fp32 could be contracted; fp16 would need its own rounding) and power-of-two
+head sizes; the
 `*_applies` checks say when, and the callers take the torch path elsewhere. Tests:
 tests/engine/model/test_decode_kernels.py (GPU).
 """
@@ -23,7 +25,7 @@ from __future__ import annotations
 
 import torch
 
-FUSED_DTYPES = (torch.bfloat16, torch.float16)
+FUSED_DTYPES = (torch.bfloat16,)
 COMBINE_BLOCK = 1024
 
 try:  # Triton ships with CUDA builds of torch
@@ -35,8 +37,12 @@ except ImportError:  # pragma: no cover - depends on the installation
 
 if triton is not None:
     @triton.jit
-    def _rounded(x, DTYPE: tl.constexpr):
-        return x.to(DTYPE).to(tl.float32)
+    def round_to_bf16(x):
+        """fp32 x rounded to the nearest bf16 (ties to even), as fp32. With integer operations: the
+        compiler folds a float round trip (`x.to(tl.bfloat16).to(tl.float32)`) back into x."""
+        bits = x.to(tl.uint32, bitcast=True)
+        bits = bits + 0x7FFF + ((bits >> 16) & 1)
+        return (bits >> 16 << 16).to(tl.float32, bitcast=True)
 
     @triton.jit
     def _rotary_kernel(qkv, cos, sin, slots, q_out, keys, values, qkv_row, key_slot, value_slot,
@@ -54,7 +60,7 @@ if triton is not None:
             rotated = tl.where(d < half, -partner, partner)
             c = tl.load(cos + token * HEAD_DIM + d).to(tl.float32)
             s = tl.load(sin + token * HEAD_DIM + d).to(tl.float32)
-            out = _rounded(_rounded(x.to(tl.float32) * c, dtype) + _rounded(rotated * s, dtype), dtype).to(dtype)
+            out = round_to_bf16(round_to_bf16(x.to(tl.float32) * c) + round_to_bf16(rotated * s)).to(dtype)
             if head < NUM_HEADS:
                 tl.store(q_out + (token * NUM_HEADS + head) * HEAD_DIM + d, out)
             else:
@@ -63,23 +69,23 @@ if triton is not None:
             tl.store(values + slot * value_slot + (head - NUM_HEADS - NUM_KV_HEADS) * HEAD_DIM + d, x)
 
     @triton.jit
-    def _weighted_unit(sums, weights, k, j, inside, hidden, DTYPE: tl.constexpr):
+    def _weighted_unit(sums, weights, k, j, inside, hidden):
         """Unit k's fp32 sums at columns j rounded, times its routing weight, rounded; the sums zeroed."""
-        unit_sum = _rounded(tl.load(sums + k * hidden + j, mask=inside, other=0.0), DTYPE)
+        unit_sum = round_to_bf16(tl.load(sums + k * hidden + j, mask=inside, other=0.0))
         tl.store(sums + k * hidden + j, tl.zeros(j.shape, dtype=tl.float32), mask=inside)
-        return _rounded(unit_sum * tl.load(weights + k).to(tl.float32), DTYPE)
+        return round_to_bf16(unit_sum * tl.load(weights + k).to(tl.float32))
 
     @triton.jit
     def _combine_kernel(sums, weights, residual, ffn_out, hidden, TOP_K: tl.constexpr, BLOCK: tl.constexpr):
         j = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
         inside = j < hidden
         dtype = residual.dtype.element_ty
-        total = _weighted_unit(sums, weights, 0, j, inside, hidden, dtype)
+        total = _weighted_unit(sums, weights, 0, j, inside, hidden)
         for k in tl.static_range(1, TOP_K):  # one expert after the other, each sum rounded
-            total = _rounded(total + _weighted_unit(sums, weights, k, j, inside, hidden, dtype), dtype)
+            total = round_to_bf16(total + _weighted_unit(sums, weights, k, j, inside, hidden))
         tl.store(ffn_out + j, total.to(dtype), mask=inside)
         before = tl.load(residual + j, mask=inside, other=0.0).to(tl.float32)
-        tl.store(residual + j, _rounded(before + total, dtype).to(dtype), mask=inside)
+        tl.store(residual + j, round_to_bf16(before + total).to(dtype), mask=inside)
 
 
 def _power_of_two(n: int) -> bool:

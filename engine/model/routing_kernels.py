@@ -5,8 +5,8 @@ sorted for the graphs) that is ~25 kernels of ~1-3 us each for 16 logits a token
 on the H100 machine, on the chain between two layers' FFNs where neither the CPU nor PCIe works.
 Here one program per token does it all, and the result is the torch path's to the bit:
 
-- every elementwise step is computed in fp32 and rounded to the logits' dtype where torch's
-  bf16/fp16 kernels round (`threshold - scores`, the division by the clamped scale, which is IEEE
+- every elementwise step is computed in fp32 and rounded to bf16 where torch's bf16 kernels
+  round (on the bits: decode_kernels.round_to_bf16) (`threshold - scores`, the division by the clamped scale, which is IEEE
   division in both: `div_rn`), and the jitter test compares with `2 * jitter_eps` rounded to that
   dtype (torch's scalar comparison converts the scalar to the tensor's dtype first);
 - the softmax is PyTorch's persistent warp softmax for <= 32 values (one value a lane): fp32 max,
@@ -16,7 +16,7 @@ Here one program per token does it all, and the result is the torch path's to th
 - ties in a maximum take the lowest index, as torch's `max(dim)`.
 
 The ids come out in increasing order with their weights alongside (what the decode graphs use).
-Only on CUDA with Triton, for 2..32 experts; `route_in_id_order` returns None elsewhere and the
+Only on CUDA with Triton, for bf16 or fp32 logits and 2..32 experts; `route_in_id_order` returns None elsewhere and the
 caller takes the torch path. Tests: tests/engine/model/test_routing_kernels.py (GPU).
 """
 
@@ -32,6 +32,8 @@ try:  # Triton ships with CUDA builds of torch
     import triton
     import triton.language as tl
     from triton.language.extra import libdevice
+
+    from engine.model.decode_kernels import round_to_bf16
 except ImportError:  # pragma: no cover - depends on the installation
     triton = None
 
@@ -54,8 +56,10 @@ if triton is not None:
 
     @triton.jit
     def _round(x, DTYPE: tl.constexpr):
-        """fp32 x rounded to the logits' dtype (nearest even), back in fp32."""
-        return x.to(DTYPE).to(tl.float32)
+        """fp32 x rounded to the logits' dtype (bf16: to the nearest, ties to even), back in fp32."""
+        if tl.bfloat16 == DTYPE:
+            x = round_to_bf16(x)
+        return x
 
     @triton.jit
     def _pick_weight(scores, candidates, threshold, chosen, offsets, twice_eps, DTYPE: tl.constexpr,
@@ -96,7 +100,7 @@ def fused_sparsemixer_applies(logits: torch.Tensor) -> bool:
     """Whether `sparsemixer_in_id_order` can route these logits [num_tokens, num_experts]."""
     return (triton is not None and logits.is_cuda and logits.dim() == 2 and logits.stride(1) == 1
             and 2 <= logits.shape[1] <= MAX_EXPERTS
-            and logits.dtype in (torch.bfloat16, torch.float16, torch.float32))
+            and logits.dtype in (torch.bfloat16, torch.float32))
 
 
 def sparsemixer_in_id_order(logits: torch.Tensor, jitter_eps: float) -> Routing:

@@ -1,5 +1,5 @@
 """The decode graphs' fused kernels give torch's bits (GPU): rotary embedding with the cache writes,
-and a one-token MoE combine into the residual, for bf16 and fp16, odd sizes included."""
+and a one-token MoE combine into the residual, for bf16 models, odd sizes included."""
 
 from __future__ import annotations
 
@@ -15,13 +15,21 @@ from engine.model.decode_kernels import (
 from engine.model.moe import _sum_in_topk_order
 from engine.model.rotary import apply_rotary
 
-DTYPES = [torch.bfloat16, torch.float16]
+DTYPES = [torch.bfloat16]
 
 
 def test_the_fused_kernels_do_not_apply_without_cuda() -> None:
     keys = torch.zeros(4, 2, 64)
     assert not rotate_into_cache_applies(torch.zeros(1, 64), 64, keys, keys)
     assert not combine_into_residual_applies(torch.zeros(2, 64), torch.zeros(1, 2), torch.zeros(1, 64))
+
+
+@pytest.mark.gpu
+def test_the_fused_kernels_take_bf16_only() -> None:
+    keys = torch.zeros(4, 2, 64, dtype=torch.float16, device="cuda")
+    assert not rotate_into_cache_applies(keys[0], 64, keys, keys)
+    residual = torch.zeros(1, 64, dtype=torch.float16, device="cuda")
+    assert not combine_into_residual_applies(torch.zeros(2, 64, device="cuda"), torch.zeros(1, 2, device="cuda"), residual)
 
 
 @pytest.mark.gpu
