@@ -70,9 +70,8 @@ if triton is not None:
 
     @triton.jit
     def _weighted_unit(sums, weights, k, j, inside, hidden):
-        """Unit k's fp32 sums at columns j rounded, times its routing weight, rounded; the sums zeroed."""
+        """Unit k's fp32 sums at columns j rounded, times its routing weight, rounded."""
         unit_sum = round_to_bf16(tl.load(sums + k * hidden + j, mask=inside, other=0.0))
-        tl.store(sums + k * hidden + j, tl.zeros(j.shape, dtype=tl.float32), mask=inside)
         return round_to_bf16(unit_sum * tl.load(weights + k).to(tl.float32))
 
     @triton.jit
@@ -86,6 +85,11 @@ if triton is not None:
         tl.store(ffn_out + j, total.to(dtype), mask=inside)
         before = tl.load(residual + j, mask=inside, other=0.0).to(tl.float32)
         tl.store(residual + j, round_to_bf16(before + total).to(dtype), mask=inside)
+        # the sums zeroed for the next layer only once every thread of the program has read them
+        # (the store's layout need not give a thread the elements it loaded)
+        tl.debug_barrier()
+        for k in tl.static_range(TOP_K):
+            tl.store(sums + k * hidden + j, tl.zeros((BLOCK,), dtype=tl.float32), mask=inside)
 
 
 def _power_of_two(n: int) -> bool:
