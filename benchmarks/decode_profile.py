@@ -48,6 +48,8 @@ BOOLEAN_SWITCHES = (
                   "CPU jobs on the Python worker and on the C++ driver"),
     BooleanSwitch("feedback", "decode feedback", "executor", "use_feedback",
                   "decode steps on the plan's kinds and balanced by measured rates"),
+    BooleanSwitch("gpu-end", "feedback to the GPU's end", "executor", "meter_gpu_end",
+                  "the decode feedback balancing the CPU against the last copy and the last streamed piece's compute"),
     BooleanSwitch("signal", "stream signal", "executor", "use_signal",
                   "the GPU stream waiting for decode CPU jobs off and on"),
     BooleanSwitch("launch", "direct Triton launch", "launcher", "direct",

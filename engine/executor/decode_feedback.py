@@ -17,6 +17,8 @@ import statistics
 from collections import deque
 from dataclasses import dataclass, field
 
+import torch
+
 from engine.executor.accelerator import Accelerator, now_s
 from engine.executor.timeline import Mark, elapsed_s, host_mark
 
@@ -139,8 +141,10 @@ class DecodeMeter:
         entry = gate if gate is not None else host_mark(self.accelerator, self.accelerator.copy_stream)
         self._layers.append(_Layer(now_s(), entry, shift, piece_effect_s, gated=gate is not None))
 
-    def copies_enqueued(self) -> None:
-        self._layers[-1].end = host_mark(self.accelerator, self.accelerator.copy_stream)
+    def copies_enqueued(self, stream: torch.cuda.Stream | None = None) -> None:
+        """The layer's GPU side is enqueued: its end is marked on the copy stream (the last copy
+        landed), or on `stream` (the compute stream: the last streamed piece computed too)."""
+        self._layers[-1].end = host_mark(self.accelerator, stream if stream is not None else self.accelerator.copy_stream)
 
     def cpu_done(self, end_s: float, start_s: float | None = None, enqueued_s: float | None = None) -> None:
         """The layer's CPU job ran from `start_s` to `end_s`; `enqueued_s`: when the GPU's wait for it

@@ -50,6 +50,8 @@ MAX_CPU_ROWS_PER_COPY = 1024  # rows of CPU partial outputs moved to the GPU per
 # first (session 11, Phi-3.5-MoE 24 GiB: the job starts 0.14 instead of 0.25 ms after the
 # executor is entered; the copies still end before it)
 FIRST_COPIES = 0
+# the decode feedback's GPU side ends when its last streamed piece is computed (True) or copied
+METER_GPU_END = True
 
 
 @dataclass
@@ -90,6 +92,9 @@ class PartitionedExecutor:
         # decode layers' measured CPU/PCIe imbalance, and the split it set, for the `balance` rule
         self.feedback = DecodeFeedback()
         self.use_feedback = True  # False: decode keeps the plan's kinds (A/B in benchmarks)
+        # the decode feedback balances the CPU job's end against the GPU's streamed work's end (its
+        # last piece unpacked and computed); False: against the last copy's landing (A/B)
+        self.meter_gpu_end = METER_GPU_END
         self._meter = DecodeMeter(accelerator, self.feedback)
         self._cpu_buffers = DecodeCpuBuffers(accelerator)
         self._prefetched: deque[tuple[UnitSlice, StagedSlice, bool]] = deque()  # (piece, slot, a guess)
@@ -217,8 +222,8 @@ class PartitionedExecutor:
         for i, piece in on_gpu:
             add_partial(sums[i], items[i][1], piece.gate_up, piece.down)
         self._finish_streaming(streaming, items, sums, add_partial)
-        if measured and streamed:
-            self._meter.copies_enqueued()
+        if measured and streamed:  # the GPU side ends with its last streamed piece's compute, not its copy
+            self._meter.copies_enqueued(acc.compute_stream if self.meter_gpu_end else None)
         end = host_mark(acc, acc.compute_stream)
         self.gpu_busy.add(start, end, shared=self.timeline is not None)
         if self.timeline is not None:
