@@ -50,6 +50,8 @@ BOOLEAN_SWITCHES = (
                   "decode steps on the plan's kinds and balanced by measured rates"),
     BooleanSwitch("gpu-end", "feedback to the GPU's end", "executor", "meter_gpu_end",
                   "the decode feedback balancing the CPU against the last copy and the last streamed piece's compute"),
+    BooleanSwitch("band", "asymmetric feedback band", "executor.feedback", "asymmetric",
+                  "the decode feedback's band symmetric and asymmetric (a late GPU side moves sooner)"),
     BooleanSwitch("signal", "stream signal", "executor", "use_signal",
                   "the GPU stream waiting for decode CPU jobs off and on"),
     BooleanSwitch("launch", "direct Triton launch", "launcher", "direct",

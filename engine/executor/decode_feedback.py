@@ -24,7 +24,14 @@ from engine.executor.timeline import Mark, elapsed_s, host_mark
 
 ANATOMY_LAYERS = 512  # layers whose CPU, copy and gate-to-gate times the anatomy keeps (medians)
 WINDOW = 24  # layers measured at one split before it may change (their median is the imbalance)
-DEADBAND = 0.6  # move once the imbalance exceeds this fraction of one piece's effect (no flip-flop at 0.5)
+DEADBAND = 0.6  # symmetric rule: move once the imbalance exceeds this fraction of one piece's effect
+# Asymmetric rule (the default): the split stays while the GPU's side ends at most GPU_LATE of a
+# piece's effect after the CPU's, or the CPU's at most CPU_LATE after the GPU's. While the GPU's
+# side is late the CPU idles, and it reads ~2/3 of what host DRAM gives both; while the CPU is late
+# PCIe idles, with ~1/3: a late GPU side costs about twice as much, so the band is [-2/3, 1/3] of a
+# piece, widened by 5% against flip-flop.
+GPU_LATE = 0.35
+CPU_LATE = 0.7
 EFFECT_RANGE = 2.0  # a learned piece effect stays within this factor of the profile's
 
 
@@ -65,6 +72,7 @@ class DecodeFeedback:
     _window: list[float] = field(default_factory=list)  # this split's layers so far
     _before: tuple[int, float] | None = None  # (shift, imbalance) before the last move
     anatomy: LayerAnatomy = field(default_factory=LayerAnatomy)
+    asymmetric = True  # the band rule above (False: DEADBAND both ways); not a field: reset keeps it
 
     def add(self, shift: int, imbalance_s: float, piece_effect_s: float) -> None:
         """One decode layer's imbalance, measured at `shift`; `piece_effect_s`: what moving one of
@@ -86,10 +94,12 @@ class DecodeFeedback:
             observed = min(max(observed, piece_effect_s / EFFECT_RANGE), piece_effect_s * EFFECT_RANGE)
             self.piece_effect_s = 0.5 * (self.piece_effect_s + observed)
             self._before = None
-        if abs(self.imbalance_s) > DEADBAND * self.piece_effect_s:
-            step = max(1, round(abs(self.imbalance_s) / self.piece_effect_s))
+        effect = self.piece_effect_s
+        low, high = (-CPU_LATE * effect, GPU_LATE * effect) if self.asymmetric else (-DEADBAND * effect, DEADBAND * effect)
+        if not low <= self.imbalance_s <= high:
+            step = max(1, round(abs(self.imbalance_s - (low + high) / 2) / effect))
             self._before = (self.shift, self.imbalance_s)
-            self.shift += step if self.imbalance_s > 0 else -step
+            self.shift += step if self.imbalance_s > high else -step
             self.moves += 1
 
     @property
