@@ -24,8 +24,8 @@ from engine.executor.timeline import Mark, elapsed_s, host_mark
 
 ANATOMY_LAYERS = 512  # layers whose CPU, copy and gate-to-gate times the anatomy keeps (medians)
 WINDOW = 24  # layers measured at one split before it may change (their median is the imbalance)
-DEADBAND = 0.6  # symmetric rule: move once the imbalance exceeds this fraction of one piece's effect
-# Asymmetric rule (the default): the split stays while the GPU's side ends at most GPU_LATE of a
+DEADBAND = 0.6  # move once the imbalance exceeds this fraction of one piece's effect (no flip-flop at 0.5)
+# Asymmetric rule (off: DecodeFeedback.asymmetric): the split stays while the GPU's side ends at most GPU_LATE of a
 # piece's effect after the CPU's, or the CPU's at most CPU_LATE after the GPU's. While the GPU's
 # side is late the CPU idles, and it reads ~2/3 of what host DRAM gives both; while the CPU is late
 # PCIe idles, with ~1/3: a late GPU side costs about twice as much, so the band is [-2/3, 1/3] of a
@@ -72,7 +72,11 @@ class DecodeFeedback:
     _window: list[float] = field(default_factory=list)  # this split's layers so far
     _before: tuple[int, float] | None = None  # (shift, imbalance) before the last move
     anatomy: LayerAnatomy = field(default_factory=LayerAnatomy)
-    asymmetric = True  # the band rule above (False: DEADBAND both ways); not a field: reset keeps it
+    # The asymmetric band (True) or DEADBAND both ways (False, the default): on the H100 machine
+    # (session 15, Phi-3.5-MoE 24 GiB, `decode_profile.py --band-ab`) the asymmetric band moved
+    # pieces twice as often and decoded no faster: 55.7 / 52.2 / 58.7 against 53.5 / 53.5 ms a step.
+    # Not a field: a reset keeps it.
+    asymmetric = False
 
     def add(self, shift: int, imbalance_s: float, piece_effect_s: float) -> None:
         """One decode layer's imbalance, measured at `shift`; `piece_effect_s`: what moving one of
