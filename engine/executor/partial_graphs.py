@@ -63,16 +63,6 @@ class PartialGraphs:
         if len(self._replays) < self.max_graphs:
             self._replays[key] = self._capture(lambda: sums_row.add_(self.partial(x, gate_up, down)))
 
-    def clear(self) -> None:
-        """Drops every graph and their memory pool (operands seen again are captured again): for
-        when the buffers they were keyed on are gone, e.g. the decode graphs were captured anew."""
-        had_graphs = bool(self._replays)
-        self._replays.clear()
-        self._pool = None  # a pool whose graphs are all gone cannot take a new capture
-        if had_graphs:
-            gc.collect()
-            torch.cuda.empty_cache()
-
     def _capture(self, run: Callable[[], None]) -> Callable[[], None]:
         """`run` captured (not executed) as a graph on a side stream, into one pool for all graphs:
         their intermediates are dead once a replay ends, and replays never overlap (one stream)."""

@@ -343,10 +343,6 @@ class DecodeGraphs:
         captured = self._pool is not None
         self._steps.clear()
         self._pool = None  # a pool whose graphs are all gone cannot take a new capture
-        # the executor's per-piece graphs were keyed on the dropped buffers: they would only hold memory
-        partial_graphs = getattr(self.model.unit_executor, "partial_graphs", None)
-        if partial_graphs is not None:
-            partial_graphs.clear()
         if captured:  # the old graphs' memory back to the device before the next capture takes its own
             gc.collect()
             torch.cuda.empty_cache()

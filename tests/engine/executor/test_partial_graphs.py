@@ -72,29 +72,6 @@ def test_replays_give_the_eager_bits_on_what_the_addresses_hold_now() -> None:
 
 @pytest.mark.gpu
 @CUDA
-def test_cleared_graphs_are_captured_again_with_the_eager_bits() -> None:
-    """After `clear` (the decode graphs were captured anew) operands run eagerly once and are
-    captured into a new pool: capturing into the old one, whose graphs are gone, would fail."""
-    accelerator = Accelerator.for_device("cuda")
-    partial = _partial_fn(accelerator)
-    graphs = PartialGraphs(accelerator, partial)
-    x, gate_up, down = _operands("cuda")
-    sums = torch.zeros(1, 64, device="cuda")
-    for _ in range(2):
-        graphs.add_partial(sums, x, gate_up, down)
-    graphs.clear()
-    assert len(graphs) == 0
-    for _ in range(2):
-        graphs.add_partial(sums, x, gate_up, down)
-    assert len(graphs) == 1 and graphs.replayed == 2
-    expected = torch.zeros_like(sums)
-    for _ in range(4):
-        expected += partial(x, gate_up, down)
-    assert torch.equal(sums, expected)
-
-
-@pytest.mark.gpu
-@CUDA
 def test_past_the_limit_new_operands_run_eagerly() -> None:
     accelerator = Accelerator.for_device("cuda")
     graphs = PartialGraphs(accelerator, _partial_fn(accelerator), max_graphs=1)
