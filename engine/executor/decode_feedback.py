@@ -25,11 +25,11 @@ from engine.executor.timeline import Mark, elapsed_s, host_mark
 ANATOMY_LAYERS = 512  # layers whose CPU, copy and gate-to-gate times the anatomy keeps (medians)
 WINDOW = 24  # layers measured at one split before it may change (their median is the imbalance)
 DEADBAND = 0.6  # move once the imbalance exceeds this fraction of one piece's effect (no flip-flop at 0.5)
-# Asymmetric rule (off: DecodeFeedback.asymmetric): the split stays while the GPU's side ends at most GPU_LATE of a
-# piece's effect after the CPU's, or the CPU's at most CPU_LATE after the GPU's. While the GPU's
-# side is late the CPU idles, and it reads ~2/3 of what host DRAM gives both; while the CPU is late
-# PCIe idles, with ~1/3: a late GPU side costs about twice as much, so the band is [-2/3, 1/3] of a
-# piece, widened by 5% against flip-flop.
+# The asymmetric rule (off by default: DecodeFeedback.asymmetric): the split stays while the GPU's
+# side ends at most GPU_LATE of a piece's effect after the CPU's, or the CPU's at most CPU_LATE
+# after the GPU's. While the GPU's side is late the CPU idles, and it reads ~2/3 of what host DRAM
+# gives both; while the CPU is late PCIe idles, with ~1/3: a late GPU side costs about twice as
+# much, so the band is [-2/3, 1/3] of a piece, widened by 5% against flip-flop.
 GPU_LATE = 0.35
 CPU_LATE = 0.7
 EFFECT_RANGE = 2.0  # a learned piece effect stays within this factor of the profile's
@@ -134,7 +134,7 @@ class _Layer:
 
 class DecodeMeter:
     """Measures decode layers for a DecodeFeedback. The executor calls `enter` when a layer's
-    executor starts, `copies_enqueued` after its last copy, `cpu_done` with its CPU job's end.
+    executor starts, `gpu_side_enqueued` after its last copy (and compute), `cpu_done` with its CPU job's end.
     A layer's copy marks are read at a later layer's entry, once its copies have landed (no wait);
     the copy stream is idle at a decode layer's entry, so its entry mark is the entry's host time."""
 
@@ -155,7 +155,7 @@ class DecodeMeter:
         entry = gate if gate is not None else host_mark(self.accelerator, self.accelerator.copy_stream)
         self._layers.append(_Layer(now_s(), entry, shift, piece_effect_s, gated=gate is not None))
 
-    def copies_enqueued(self, stream: torch.cuda.Stream | None = None) -> None:
+    def gpu_side_enqueued(self, stream: torch.cuda.Stream | None = None) -> None:
         """The layer's GPU side is enqueued: its end is marked on the copy stream (the last copy
         landed), or on `stream` (the compute stream: the last streamed piece computed too)."""
         self._layers[-1].end = host_mark(self.accelerator, stream if stream is not None else self.accelerator.copy_stream)

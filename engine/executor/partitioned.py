@@ -223,7 +223,7 @@ class PartitionedExecutor:
             add_partial(sums[i], items[i][1], piece.gate_up, piece.down)
         self._finish_streaming(streaming, items, sums, add_partial)
         if measured and streamed:  # the GPU side ends with its last streamed piece's compute, not its copy
-            self._meter.copies_enqueued(acc.compute_stream if self.meter_gpu_end else None)
+            self._meter.gpu_side_enqueued(acc.compute_stream if self.meter_gpu_end else None)
         end = host_mark(acc, acc.compute_stream)
         self.gpu_busy.add(start, end, shared=self.timeline is not None)
         if self.timeline is not None:

@@ -181,9 +181,10 @@ class Segments:
         `keys_in_place`: attention reads the cache only (one-graph layers), so k and v are not kept."""
         model, b = self.model, self.buffers
         layer = model.layers[i]
-        if not (self.unit_sums is not None and i > 0 and self._combine_fused(i - 1)):
-            if self.unit_sums is not None and i > 0:
-                self.combine(i - 1)
+        previous = i - 1 if self.unit_sums is not None and i > 0 else None  # its unit sums to combine
+        if previous is None or not self._combine_fused(previous):
+            if previous is not None:
+                self.combine(previous)
             b.residual.add_(b.ffn_out)
         h = layer.input_norm(b.residual)
         out = self.outputs[i]
