@@ -22,8 +22,11 @@ from engine.placement.plan import PieceKind
 # pay. Copied before the CPU job finished they took host DRAM from it (Phi-3.5-MoE 24 GiB decode
 # 15.4 -> 12.3 tok/s); copied after it, 2 pieces a layer measured 12.95 / 13.81 vs 13.85 / 13.53
 # off (hit rate 72-90%), Mixtral 6.97 / 7.99 vs 7.17 / 7.88: within noise
-# (benchmarks/results/2026-11-24_s10_lookahead_*). Kept, with its tests, for machines whose
-# copy stream idles more (faster host DRAM, slower PCIe).
+# (benchmarks/results/2026-11-24_s10_lookahead_*). Then the executor had to wait for the CPU job
+# (no stream signal, no routed jobs). Since session 15 the guesses are enqueued behind a wait of the
+# copy stream for the job's signal, with routed jobs and signals on: the copies fill the chain
+# between two layers' CPU jobs (~0.25 ms of idle PCIe a Phi layer). Not yet run on the GPU: the
+# next session's A/B (docs/DEVELOPING.md). A layer with pieces copied ahead has no gate copies.
 LOOKAHEAD_PIECES = 0
 
 

@@ -239,12 +239,16 @@ class PartitionedExecutor:
             self.signal.wait(acc.compute_stream, self._signal_value)
             self._add_cpu_results(sums_all, cpu_future.batch)
             self._deferred = (cpu_future, measured, now_s())
+            if lookahead and self.lookahead_pieces > 0:  # the copy stream too: the guesses follow
+                self.signal.wait(acc.copy_stream, self._signal_value)
         elif cpu_future is not None:
             batch = cpu_future.result()
             self._add_cpu_results(sums_all, batch)
             if measured:
                 self._meter.cpu_done(batch.end_s)
-        # the guesses only once the CPU job is done: their copies would take host DRAM from it
+        # the guesses only once the CPU job is done (their copies would take host DRAM from it):
+        # after this thread waited for it, or behind the copy stream's wait for its signal, where
+        # they fill the chain between this job and the next layer's (PCIe idles there)
         self._prefetch_guessed(layer, lookahead)
         results = None
         if into is None:
@@ -281,7 +285,7 @@ class PartitionedExecutor:
             self._cancel_routed()
         host = routing.host
         if (self.routed_jobs is None or not self.use_routed or not self.use_signal or not self.overlap
-                or self.lookahead_pieces > 0 or not self.cpu_pool.use_driver or not isinstance(ffn, MoEBlock)
+                or not self.cpu_pool.use_driver or not isinstance(ffn, MoEBlock)
                 or ffn.shared_expert is not None or host is None or host.ready is None or host.x.shape[0] != 1
                 or host.x.dtype != torch.bfloat16 or self.dynamic not in (None, "balance")):
             return
@@ -392,7 +396,7 @@ class PartitionedExecutor:
         if row <= MAX_KEPT_ROWS:
             dest, dest_device = self._cpu_buffers.destination(tuple(dest_rows))
             batch = CpuBatch(jobs, self._cpu_buffers.output(row, hidden), dest, dest_device, kept=True)
-            if self.signal is not None and self.use_signal and self.overlap and self.lookahead_pieces <= 0:
+            if self.signal is not None and self.use_signal and self.overlap:
                 self._signal_value = self.signal.next_value()
                 signal = (self.signal.address, self._signal_value)
         else:
