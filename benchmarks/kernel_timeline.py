@@ -11,14 +11,14 @@ import argparse
 import gzip
 import json
 
-GPU_CATEGORIES = ("kernel", "gpu_memcpy", "gpu_memset", "gpu_user_annotation")
+GPU_CATEGORIES = ("kernel", "gpu_memcpy", "gpu_memset")
 
 
 def gpu_events(path: str) -> list[dict]:
     opener = gzip.open if path.endswith(".gz") else open
     with opener(path, "rt") as f:
         trace = json.load(f)
-    events = [e for e in trace["traceEvents"] if e.get("ph") == "X" and e.get("cat") in GPU_CATEGORIES[:3]]
+    events = [e for e in trace["traceEvents"] if e.get("ph") == "X" and e.get("cat") in GPU_CATEGORIES]
     return sorted(events, key=lambda e: e["ts"])
 
 

@@ -16,9 +16,8 @@ product of two bf16 values is exact in fp32, and the rounding between a product 
 sum keeps the compiler from contracting them into an FMA). The rounding is done on the bits
 (`round_to_bf16`): Triton folds a float round trip through bf16 away. Only for bf16 models on
 CUDA with Triton (fp32 could be contracted; fp16 would need its own rounding) and power-of-two
-head sizes; the
-`*_applies` checks say when, and the callers take the torch path elsewhere. Tests:
-tests/engine/model/test_decode_kernels.py (GPU).
+head sizes; the `*_applies` checks say when, and the callers take the torch path elsewhere.
+Tests: tests/engine/model/test_decode_kernels.py (GPU).
 """
 
 from __future__ import annotations

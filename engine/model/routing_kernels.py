@@ -5,10 +5,10 @@ sorted for the graphs) that is ~25 kernels of ~1-3 us each for 16 logits a token
 on the H100 machine, on the chain between two layers' FFNs where neither the CPU nor PCIe works.
 Here one program per token does it all, and the result is the torch path's to the bit:
 
-- every elementwise step is computed in fp32 and rounded to bf16 where torch's bf16 kernels
-  round (on the bits: decode_kernels.round_to_bf16) (`threshold - scores`, the division by the clamped scale, which is IEEE
-  division in both: `div_rn`), and the jitter test compares with `2 * jitter_eps` rounded to that
-  dtype (torch's scalar comparison converts the scalar to the tensor's dtype first);
+- every elementwise step (`threshold - scores`, the division by the clamped scale, IEEE division
+  in both: `div_rn`) is computed in fp32 and rounded to bf16 where torch's bf16 kernels round (on
+  the bits: decode_kernels.round_to_bf16), and the jitter test compares with `2 * jitter_eps`
+  rounded to that dtype (torch's scalar comparison converts the scalar to the tensor's dtype first);
 - the softmax is PyTorch's persistent warp softmax for <= 32 values (one value a lane): fp32 max,
   `expf(x - max)` (libdevice's, as CUDA's `std::exp`), the sum as the warp's butterfly (lane
   offsets W/2, ..., 2, 1: here halves of the row added level by level, each level one addition per
@@ -16,8 +16,8 @@ Here one program per token does it all, and the result is the torch path's to th
 - ties in a maximum take the lowest index, as torch's `max(dim)`.
 
 The ids come out in increasing order with their weights alongside (what the decode graphs use).
-Only on CUDA with Triton, for bf16 or fp32 logits and 2..32 experts; `route_in_id_order` returns None elsewhere and the
-caller takes the torch path. Tests: tests/engine/model/test_routing_kernels.py (GPU).
+Only on CUDA with Triton, for bf16 or fp32 logits and 2..32 experts (`fused_sparsemixer_applies`);
+elsewhere the caller takes the torch path. Tests: tests/engine/model/test_routing_kernels.py (GPU).
 """
 
 from __future__ import annotations
