@@ -58,6 +58,10 @@ BOOLEAN_SWITCHES = (
                   "the compact decode kernel launched through Triton's path and past it"),
     BooleanSwitch("routed", "routed jobs", "executor", "use_routed",
                   "one-token CPU jobs submitted after the routing and started by the GPU"),
+    BooleanSwitch("rows-in-place", "CPU rows read in place", "executor", "read_cpu_rows_in_place",
+                  "the CPU's output rows copied to the GPU and read there from pinned memory"),
+    BooleanSwitch("routing-written", "routing written by the graph", "graphs", "routing_written",
+                  "the routing's ids and activations copied to the host and stored there by the graph's kernel"),
     BooleanSwitch("gate-copies", "gate copies", "executor", "use_gate_copies",
                   "routed layers' streamed copies enqueued by the driving thread and at the gate"),
     BooleanSwitch("partial-graphs", "partial graphs", "executor.partial_graphs", "enabled",
@@ -469,6 +473,8 @@ def main() -> None:
     parser.add_argument("--kernel-trace", default=None,
                         help="also run torch.profiler over a few decode steps and write its Chrome trace here")
     parser.add_argument("--kernel-steps", type=int, default=3)
+    parser.add_argument("--lookahead", type=int, default=None,
+                        help="pieces of the next layer's likely experts copied ahead a layer (engine/executor/lookahead.py)")
     parser.add_argument("--host-chunk-rows", type=int, default=1024, help="rows of a host piece (the engine's default 1024)")
     parser.add_argument("--no-compact", action="store_true", help="keep host pieces bf16 (default: compact)")
     parser.add_argument("--skip-sdpa", action="store_true")
@@ -481,6 +487,11 @@ def main() -> None:
     llm = LLM(args.model, device="cuda", random_weights=True, gpu_memory_budget=args.budget, policy=args.policy,
               kv_cache_tokens=4096, max_num_seqs=8, cpu_threads=args.cpu_threads, show_progress=False,
               profile_path=args.profile, compact_host_weights=not args.no_compact, host_chunk_rows=args.host_chunk_rows)
+    if args.lookahead is not None:
+        llm.engine.runner.executor.lookahead_pieces = args.lookahead
+        if llm.engine.runner.model.decode_graphs is not None:
+            llm.engine.runner.model.decode_graphs.reset()  # they compute the guesses only with look-ahead on
+        lines.append(f"look-ahead: {args.lookahead} pieces a layer")
     if args.plain_steps:
         lines += plain_decode(llm, args.prompt_len, args.plain_steps)
         print("\n".join(lines), flush=True)

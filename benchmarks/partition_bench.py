@@ -188,7 +188,8 @@ def main() -> None:
                              "'adaptive@torch' (or another kernel path) re-profiles the CPU on that path and re-plans; "
                              "a '#N' suffix runs the CPU kernels with N threads; a '%%N' suffix (after the others, before '^') has "
                              "prefill's balance count N us of host work a streamed piece; a '~eager' suffix decodes "
-                             "without the per-layer CUDA graphs; a last '^N' suffix copies N pieces of the "
+                             "without the per-layer CUDA graphs ('~eager~copied': both); a '~copied' suffix copies the CPU's output rows to the "
+                             "GPU (default: read in place); a last '^N' suffix copies N pieces of the "
                              "next layer's likely experts ahead (0: no look-ahead)")
     parser.add_argument("--build-policy", default="manual:cg=0",
                         help="plan the model is built with (sets the resident share every policy shares)")
@@ -246,6 +247,9 @@ def main() -> None:
         llm.engine.runner.executor.lookahead_pieces = pieces
         # adaptive%150: prefill's balance counts 150 us of the driving thread's work a streamed piece
         core, _, stream_host_us = core.partition("%")
+        # adaptive~copied: the CPU's output rows copied over, not read in place (engine/executor/host_rows.py)
+        llm.engine.runner.executor.read_cpu_rows_in_place = not core.endswith("~copied")
+        core = core.removesuffix("~copied")
         # adaptive~eager: decode without the per-layer CUDA graphs (engine/model/decode_graphs.py)
         llm.engine.runner.model.decode_graphs = None if core.endswith("~eager") else graphs
         spec, _, threads = core.removesuffix("~eager").partition("#")  # stream#12: the CPU kernels' pool at 12 threads

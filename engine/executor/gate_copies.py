@@ -12,7 +12,8 @@ starts the CPU job, then stores `done`. The executor adopts those copies as stag
 reaches the layer (it waits for `done` first: its own copies must follow them on the stream) and
 enqueues the rest as before.
 
-Only with the ring's next slots free (no prefetched pieces), pieces that move in one copy (compact
+Only with the ring's next slots free (pieces prefetched ahead only on a guess of the layer's experts:
+the plan skips those pieces and their slots), pieces that move in one copy (compact
 regions or adjacent bf16), and where libcuda has the entry points; `create` returns None elsewhere.
 """
 
@@ -22,6 +23,7 @@ import ctypes
 import logging
 import time
 from array import array
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -34,6 +36,8 @@ from engine.model.ffn import UnitSlice
 logger = logging.getLogger(__name__)
 
 HEAD_FIELDS = 13  # csrc/gate_copies.h: Head
+ENTRY_FIELDS = 3  # csrc/gate_copies.h: kEntryFields
+STAGED_AHEAD = 2  # csrc/gate_copies.h: kStagedAhead (an entry's kind: no copy, no slot)
 ENTRY_POINTS = ("cuMemcpyHtoDAsync_v2", "cuStreamWaitEvent", "cuEventRecord", "cuCtxSetCurrent")
 WAIT_S = 10.0  # the driver thread enqueues a layer's copies in tens of microseconds
 
@@ -60,6 +64,16 @@ def choice_entries(streamed: list[list[UnitSlice]]) -> tuple[array, array] | Non
             entries.extend(entry)
         offsets.append(offsets[-1] + len(pieces))
     return offsets, entries
+
+
+def skip_staged_ahead(entries: array, ahead: Sequence[UnitSlice]) -> array:
+    """A copy of `entries` whose entries for the pieces in `ahead` (by source) say "staged already"."""
+    sources = {entry[0] for entry in map(piece_entry, ahead) if entry is not None}
+    out = array("q", entries)
+    for k in range(0, len(out), ENTRY_FIELDS):
+        if out[k] in sources:
+            out[k + 2] = STAGED_AHEAD
+    return out
 
 
 @dataclass
@@ -109,23 +123,28 @@ class GateCopies:
         ring.create_events(accelerator.copy_stream)  # the driver records and waits on their handles
         return cls(accelerator, ring, functions, context.value)
 
-    def plan(self, offsets: array, entries: array, gate_value: int) -> GatePlan:
-        """A plan for the choices' entries (choice_entries), filling the ring's next slots."""
+    def plan(self, offsets: array, entries: array, gate_value: int, ahead: Sequence[UnitSlice] = ()) -> GatePlan:
+        """A plan for the choices' entries (choice_entries), filling the ring's next slots.
+        `ahead`: pieces staged already in the slots before them (expert look-ahead, lookahead.py):
+        the driver copies none of them again and leaves their slots alone."""
         acc, ring = self.accelerator, self.ring
         starts = (host_mark(acc, acc.copy_stream), host_mark(acc, acc.copy_stream))  # re-recorded at the gate
         first = ring.next_slot
+        max_copies = ring.num_slots - len(ahead)
+        if ahead:
+            entries = skip_staged_ahead(entries, ahead)
         head = [*self._functions, self._context, acc.copy_stream.cuda_stream, starts[0].cuda_event,
-                starts[1].cuda_event, self.done.data_ptr(), ring.num_slots, first, ring.num_slots, len(offsets) - 1]
+                starts[1].cuda_event, self.done.data_ptr(), ring.num_slots, first, max_copies, len(offsets) - 1]
         assert len(head) == HEAD_FIELDS
         plan = array("q", head)
         plan.extend(self._slots)
         plan.extend(offsets)
         plan.extend(entries)
-        return GatePlan(plan, first, ring.num_slots, gate_value, starts)
+        return GatePlan(plan, first, max_copies, gate_value, starts)
 
     def adopt(self, plan: GatePlan, streamed: list[tuple[int, UnitSlice]]) -> list[StagedSlice]:
-        """The pieces the driver copied (the first of `streamed`, in its order) as staged slices,
-        once it has enqueued them."""
+        """The pieces the driver copied (the first of `streamed`, in its order; without the pieces
+        staged ahead) as staged slices, once it has enqueued them."""
         deadline = time.perf_counter() + WAIT_S
         while True:
             done = int(self.done[0])

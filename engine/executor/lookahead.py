@@ -25,8 +25,10 @@ from engine.placement.plan import PieceKind
 # (benchmarks/results/2026-11-24_s10_lookahead_*). Then the executor had to wait for the CPU job
 # (no stream signal, no routed jobs). Since session 15 the guesses are enqueued behind a wait of the
 # copy stream for the job's signal, with routed jobs and signals on: the copies fill the chain
-# between two layers' CPU jobs (~0.25 ms of idle PCIe a Phi layer). Not yet run on the GPU: the
-# next session's A/B (docs/DEVELOPING.md). A layer with pieces copied ahead has no gate copies.
+# between two layers' CPU jobs (~0.25 ms of idle PCIe a Phi layer). Session 16 measured that with
+# 1 piece a layer (hit rate 84-89%): 15.65 / 15.17 vs 18.56 / 17.32 tok/s off, because a layer with
+# pieces copied ahead then had no copies from the gate (its other pieces waited for the driving
+# thread); since then the gate's copy plan skips the pieces staged ahead (gate_copies.py).
 LOOKAHEAD_PIECES = 0
 
 

@@ -27,6 +27,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from engine.executor import host_rows
 from engine.executor.accelerator import Accelerator, now_s
 from engine.executor.cpu_batches import MAX_KEPT_ROWS, DecodeCpuBuffers
 from engine.executor.cpu_pool import CpuBatch, CpuJob, CpuPool, CpuResult, _Submitted
@@ -101,6 +102,9 @@ class PartitionedExecutor:
         # streamed pieces of the next layer's likely experts copied ahead, at most this many a layer
         # (they fill the copy stream while the next layer's attention and routing run; 0: off)
         self.lookahead_pieces = LOOKAHEAD_PIECES
+        # decode: the GPU adds the CPU's output rows reading them in pinned host memory (host_rows.py),
+        # not through a copy that would queue behind the copy stream's
+        self.read_cpu_rows_in_place = True
         self.lookahead_stats = LookaheadStats()
         # decode CPU jobs whose end the compute stream waits for itself (None: no GPU, or no call)
         self.signal = StreamSignal.create(accelerator.device) if accelerator.is_cuda else None
@@ -294,11 +298,12 @@ class PartitionedExecutor:
         signal_value = self.signal.next_value()
         self._routed = self.routed_jobs.submit(layer, ffn, host, shift, self.accelerator.compute_stream,
                                                (self.signal.address, signal_value), self.timeline,
-                                               self._gate_copier())
+                                               self._gate_copier(), [piece for piece, _, _ in self._prefetched])
 
     def _gate_copier(self) -> GateCopies | None:
-        """The gate copies for the ring in use, when they can fill its next slots (none prefetched)."""
-        if not self.use_gate_copies or self.ring is None or self._prefetched:
+        """The gate copies for the ring in use, when they can fill its next slots (pieces prefetched
+        on a guess of this layer's experts are skipped; others, a shared expert's, are not routed)."""
+        if not self.use_gate_copies or self.ring is None or not all(guessed for _, _, guessed in self._prefetched):
             return None
         if self._gate_copies is None or self._gate_copies.ring is not self.ring:
             self._gate_copies = GateCopies.create(self.accelerator, self.ring)
@@ -311,7 +316,8 @@ class PartitionedExecutor:
         if routed.copies is None:
             return None
         assert self._gate_copies is not None
-        return self._gate_copies.adopt(routed.copies, streamed)
+        ahead = {id(piece) for piece, _, _ in self._prefetched}  # the driver skipped them
+        return self._gate_copies.adopt(routed.copies, [t for t in streamed if id(t[1]) not in ahead])
 
     def _take_routed(self, layer: int, items: list[tuple[FFNUnit, torch.Tensor]],
                      into: torch.Tensor | None) -> RoutedLayer | None:
@@ -409,6 +415,10 @@ class PartitionedExecutor:
         """CPU partials copied host-to-device and summed into their items' rows, a bounded block of
         rows at a time (one block in decode; prefill partials would otherwise need GPU memory
         proportional to tokens x pieces)."""
+        if self.read_cpu_rows_in_place and host_rows.applies(sums_all, batch.dest_device, batch.out):
+            host_rows.add_host_rows(sums_all, batch.dest_device, batch.out)  # type: ignore[arg-type]
+            self._cpu_buffers.consumed(batch)
+            return
         device = self.accelerator.device
         for start in range(0, batch.out.shape[0], MAX_CPU_ROWS_PER_COPY):
             rows = slice(start, start + MAX_CPU_ROWS_PER_COPY)
@@ -419,19 +429,16 @@ class PartitionedExecutor:
     def _begin_streaming(self, streamed: list[tuple[int, UnitSlice]], max_copies: int | None = None,
                          adopted: list[StagedSlice] | None = None) -> _Streaming:
         """Enqueues the first copies (prefetched ones first): up to `max_copies`, else a ring's worth.
-        `adopted`: the first streamed pieces, staged already (copies from the gate)."""
+        `adopted`: streamed pieces staged already by copies from the gate: the first of those not
+        prefetched, in order (their slots follow the prefetched ones')."""
         state = _Streaming(deque(), deque(), deque())
-        if adopted:
-            state.staged.extend(adopted)
-            state.pending.extend(streamed[: len(adopted)])
-            streamed = streamed[len(adopted) :]
         if not streamed:
             self._drop_prefetched()
             return state
         if self.ring is None:
             raise RuntimeError("the plan streams pieces but the executor has no staging ring")
-        # prefetched pieces this layer streams are consumed first, in the order they were copied;
-        # the others (a wrong guess, a plan change) are released
+        # prefetched pieces this layer streams are consumed first, in the order they were copied
+        # (the ring's); the others (a wrong guess, a plan change) are released
         wanted = {id(piece): (i, piece) for i, piece in streamed}
         while self._prefetched:
             piece, slot, guessed = self._prefetched.popleft()
@@ -444,6 +451,12 @@ class PartitionedExecutor:
             state.staged.append(slot)
             state.pending.append(entry)
             self.lookahead_stats.used += guessed
+        if adopted:
+            rest = [t for t in streamed if id(t[1]) in wanted]
+            for entry, slot in zip(rest[: len(adopted)], adopted, strict=True):
+                state.staged.append(slot)
+                state.pending.append(entry)
+                del wanted[id(entry[1])]
         state.queue.extend(t for t in streamed if id(t[1]) in wanted)
         self._drop_prefetched()
         self._fill_ring(state, max_copies)

@@ -20,6 +20,7 @@ nothing.
 from __future__ import annotations
 
 from array import array
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -32,6 +33,7 @@ from engine.executor.gate_copies import GateCopies, GatePlan, choice_entries
 from engine.executor.stream_signal import StreamSignal
 from engine.executor.timeline import StepTimeline
 from engine.executor.token_assignment import Assignment, decode_split
+from engine.model.ffn import UnitSlice
 from engine.model.moe import HostRouting, MoEBlock
 
 MAX_KEPT_TABLES = 1024  # (layer, shift, activations) tables kept, then all dropped and kept anew
@@ -97,10 +99,11 @@ class RoutedJobs:
 
     def submit(self, layer: int, ffn: MoEBlock, host: HostRouting, shift: int, stream: torch.cuda.Stream,
                signal: tuple[int, int], timeline: StepTimeline | None,
-               gate_copies: GateCopies | None = None) -> RoutedLayer | None:
+               gate_copies: GateCopies | None = None, ahead: Sequence[UnitSlice] = ()) -> RoutedLayer | None:
         """The layer's routed job, its gate stored on `stream` after the routing's copies (enqueued
         there already); None when its pieces or activations do not suit the kernels. With
-        `gate_copies`, the job enqueues the routed experts' streamed copies first."""
+        `gate_copies`, the job enqueues the routed experts' streamed copies first, but for the
+        pieces staged `ahead` (expert look-ahead)."""
         x = host.x[0:1]
         table = self._table(layer, ffn, x, shift)
         if table is None or table.max_rows == 0:
@@ -112,7 +115,7 @@ class RoutedJobs:
                            self.cancel_flag.data_ptr(), gate_value, out.data_ptr(), out.stride(0) * out.element_size())
         copies = None
         if gate_copies is not None and table.copies is not None and len(table.copies[1]):
-            copies = gate_copies.plan(*table.copies, gate_value)
+            copies = gate_copies.plan(*table.copies, gate_value, ahead)
         pending = submit_routed_records(table.records, table.offsets, where, self.cpu_pool.activation, *signal,
                                         copies=copies.plan if copies is not None else None)
         if pending is None:

@@ -44,6 +44,8 @@ from engine.model.decode_attention import DecodeKeys, flash_decode
 from engine.model.decode_kernels import (
     combine_into_residual,
     combine_into_residual_applies,
+    copy_to_host,
+    copy_to_host_applies,
     rotate_into_cache,
     rotate_into_cache_applies,
 )
@@ -95,17 +97,28 @@ class HostMirror:
                    torch.empty((num_tokens, hidden), dtype=dtype, pin_memory=True), torch.cuda.Event(),
                    torch.empty((num_tokens, top_k), dtype=torch.int64, pin_memory=True))
 
-    def copy(self, routing: Routing, h: torch.Tensor, next_ids: torch.Tensor | None) -> Routing:
+    def write(self, routing: Routing, h: torch.Tensor, next_ids: torch.Tensor | None) -> bool:
+        """Stores the ids, `h` and the next layer's likely experts here by a kernel (in a decode
+        graph: decode_kernels.copy_to_host); False where it does not apply (`copy` copies them)."""
+        if not copy_to_host_applies(h, routing.expert_ids, self.x, self.ids):
+            return False
+        copy_to_host(h, routing.expert_ids, next_ids, self.x, self.ids, self._next_for(next_ids))
+        return True
+
+    def copy(self, routing: Routing, h: torch.Tensor, next_ids: torch.Tensor | None, written: bool = False) -> Routing:
         """`routing` with its ids, `h` and the next layer's likely experts on their way to the host
-        (read them after `ready`)."""
-        self.ids.copy_(routing.expert_ids, non_blocking=True)
-        self.x.copy_(h, non_blocking=True)
-        host_next = None
-        if next_ids is not None and next_ids.shape == self.next_ids.shape:
-            host_next = self.next_ids
-            host_next.copy_(next_ids, non_blocking=True)
+        (read them after `ready`); `written`: stored here already (`write`)."""
+        host_next = self._next_for(next_ids)
+        if not written:
+            self.ids.copy_(routing.expert_ids, non_blocking=True)
+            self.x.copy_(h, non_blocking=True)
+            if host_next is not None:
+                host_next.copy_(next_ids, non_blocking=True)
         self.ready.record()
         return Routing(routing.expert_ids, routing.weights, HostRouting(self.ids, self.x, self.ready, host_next))
+
+    def _next_for(self, next_ids: torch.Tensor | None) -> torch.Tensor | None:
+        return self.next_ids if next_ids is not None and next_ids.shape == self.next_ids.shape else None
 
 
 @dataclass
@@ -118,6 +131,7 @@ class LayerOutputs:
     h: torch.Tensor | None = None
     routing: Routing | None = None
     next_ids: torch.Tensor | None = None  # the next layer's likely experts (MoEBlock.likely_experts)
+    on_host: bool = False  # the routing's ids, h and next ids stored in the host mirror by the graph
 
 
 class Segments:
@@ -166,15 +180,16 @@ class Segments:
             b.ffn_out.copy_(sums)
         sums.zero_()
 
-    def routing_on_host(self, i: int) -> Routing | None:
-        """Layer i's routing (after its post segment) with the ids and activations on the host."""
+    def routing_on_host(self, i: int, take_written: bool = True) -> Routing | None:
+        """Layer i's routing (after its post segment) with the ids and activations on the host;
+        `take_written`: take what the graph stored there (False: copy them again, for A/B)."""
         out = self.outputs[i]
         if out.routing is None or out.h is None:
             return out.routing
         if self.host is None:  # CPU: nothing to copy
             return Routing(out.routing.expert_ids, out.routing.weights,
                            HostRouting(out.routing.expert_ids, out.h, None, out.next_ids))
-        return self.host.copy(out.routing, out.h, out.next_ids)
+        return self.host.copy(out.routing, out.h, out.next_ids, written=out.on_host and take_written)
 
     def pre(self, i: int, keys_in_place: bool = False) -> None:
         """The previous FFN's output into the residual; input norm, QKV, rotary, K/V to the cache.
@@ -239,6 +254,9 @@ class Segments:
         if (self.lookahead and out.routing is not None and following is not None
                 and isinstance(following.ffn, MoEBlock)):
             out.next_ids = following.ffn.likely_experts(b.residual, following.post_attention_norm)
+        # the routing's ids and h stored on the host by the graph itself (one kernel, no copies)
+        out.on_host = (self.fused and self.host is not None and out.routing is not None
+                       and self.host.write(out.routing, h, out.next_ids))
 
     def _route(self, ffn: MoEBlock, h: torch.Tensor) -> Routing:
         """h's routing with each token's experts in increasing id order: a sparsemixer's in one
@@ -325,6 +343,8 @@ class DecodeGraphs:
         self._cache_id: int | None = None
         self._pool = None
         self.host_routing = True  # routing ids and activations copied to the host with the routing
+        # ... by the graphs' own kernel where it applies (False: copied after it again, for A/B)
+        self.routing_written = True
         self.one_graph_layers = True  # attention inside the layer's graph where it can be (False: A/B)
         self._fused_kernels = True
 
@@ -412,7 +432,7 @@ class DecodeGraphs:
                 step.pre[i]()
                 attend(out.q, out.k, out.v, model.attn_shape, i, batch, cache, out=b.attended, decode=decode)
                 step.post[i]()
-            routing = segments.routing_on_host(i) if self.host_routing else out.routing
+            routing = segments.routing_on_host(i, self.routing_written) if self.host_routing else out.routing
             if routing is not None and routing.host is not None and segments.unit_sums is not None:
                 # one token: the executor may start the layer's CPU job from the GPU (routed_job.py)
                 prepare = getattr(model.unit_executor, "prepare_routed", None)

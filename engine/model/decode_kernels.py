@@ -1,15 +1,17 @@
-"""Two Triton kernels of the decode graphs, bit for bit the torch operations they replace.
+"""Triton kernels of the decode graphs, bit for bit the torch operations they replace.
 
 A decode layer's graph runs ~40 kernels of 1-3 us for one token, on the chain between two
-layers' FFNs where neither the CPU nor PCIe works (docs/DEVELOPING.md). Two groups of them are
-elementwise and fuse without changing a bit:
+layers' FFNs where neither the CPU nor PCIe works (docs/DEVELOPING.md). Three groups of that work
+fuse without changing a bit:
 
 - `rotate_into_cache`: rotary embedding of q and k (torch: a negation, a concatenation, two
   products, a sum, each rounded to the model's dtype, for q and for k), v made contiguous, and k
   and v written to the KV cache at the step's slots: 13 kernels -> 1;
 - `combine_into_residual`: a one-token MoE layer's combine (its experts' fp32 sums rounded, times
   their routing weights, rounded, summed one expert after the other in top-k order, each sum
-  rounded), the residual add, and the sums zeroed for the next layer: 6 kernels -> 1.
+  rounded), the residual add, and the sums zeroed for the next layer: 6 kernels -> 1;
+- `copy_to_host`: a MoE layer's routed activations and expert ids (and the next layer's guessed
+  ids) stored into pinned host memory by one kernel, not two or three copy-engine transfers.
 
 Each product and sum is computed in fp32 and rounded to bf16 where torch's bf16 kernels round (a
 product of two bf16 values is exact in fp32, and the rounding between a product and the following
@@ -26,6 +28,7 @@ import torch
 
 FUSED_DTYPES = (torch.bfloat16,)
 COMBINE_BLOCK = 1024
+TO_HOST_BLOCK = 1024
 
 try:  # Triton ships with CUDA builds of torch
     import triton
@@ -90,6 +93,21 @@ if triton is not None:
         for k in tl.static_range(TOP_K):
             tl.store(sums + k * hidden + j, tl.zeros((BLOCK,), dtype=tl.float32), mask=inside)
 
+    @triton.jit
+    def _to_host_kernel(x, ids, next_ids, host_x, host_ids, host_next, x_numel, ids_numel, x_blocks,
+                        HAS_NEXT: tl.constexpr, BLOCK: tl.constexpr):
+        """x's blocks, then the ids' (and next ids') blocks, stored into pinned host memory (mapped:
+        the stores cross PCIe)."""
+        block = tl.program_id(0)
+        if block < x_blocks:
+            j = block * BLOCK + tl.arange(0, BLOCK)
+            tl.store(host_x + j, tl.load(x + j, mask=j < x_numel), mask=j < x_numel)
+        else:
+            k = (block - x_blocks) * BLOCK + tl.arange(0, BLOCK)
+            tl.store(host_ids + k, tl.load(ids + k, mask=k < ids_numel), mask=k < ids_numel)
+            if HAS_NEXT:
+                tl.store(host_next + k, tl.load(next_ids + k, mask=k < ids_numel), mask=k < ids_numel)
+
 
 def _power_of_two(n: int) -> bool:
     return n > 0 and n & (n - 1) == 0
@@ -131,3 +149,24 @@ def combine_into_residual(sums: torch.Tensor, weights: torch.Tensor, residual: t
     hidden = sums.shape[1]
     _combine_kernel[(triton.cdiv(hidden, COMBINE_BLOCK),)](sums, weights, residual, ffn_out, hidden,
                                                          TOP_K=sums.shape[0], BLOCK=COMBINE_BLOCK)
+
+
+def copy_to_host_applies(x: torch.Tensor, ids: torch.Tensor, host_x: torch.Tensor, host_ids: torch.Tensor) -> bool:
+    """Whether `copy_to_host` can store these GPU tensors into these pinned host ones."""
+    return (triton is not None and x.is_cuda and ids.is_cuda and host_x.is_pinned() and host_ids.is_pinned()
+            and x.is_contiguous() and ids.is_contiguous() and host_x.is_contiguous() and host_ids.is_contiguous()
+            and x.dtype == host_x.dtype and ids.dtype == host_ids.dtype
+            and x.numel() == host_x.numel() and ids.numel() == host_ids.numel())
+
+
+def copy_to_host(x: torch.Tensor, ids: torch.Tensor, next_ids: torch.Tensor | None, host_x: torch.Tensor,
+                 host_ids: torch.Tensor, host_next: torch.Tensor | None) -> None:
+    """`host_x.copy_(x)`, `host_ids.copy_(ids)` (and the next ids, shaped like ids) in one kernel
+    that stores into the pinned host tensors itself: no copy-engine transfers (two or three of ~5 us
+    each, one after the other, on a decode layer's chain). The host reads them after an event
+    recorded behind it; a stream's memory write behind it (a routed job's gate) is fenced after it."""
+    has_next = next_ids is not None and host_next is not None
+    x_blocks = triton.cdiv(x.numel(), TO_HOST_BLOCK)
+    _to_host_kernel[(x_blocks + triton.cdiv(ids.numel(), TO_HOST_BLOCK),)](
+        x, ids, next_ids if has_next else ids, host_x, host_ids, host_next if has_next else host_ids,
+        x.numel(), ids.numel(), x_blocks, HAS_NEXT=has_next, BLOCK=TO_HOST_BLOCK)

@@ -7,7 +7,8 @@
 // record before the first copy (0: none); `done` (int64* in pinned memory: the gate value once the
 // copies are enqueued, minus it when they failed); then S slots from `first`, at most `max` copies,
 // C choices; each slot (compact-region address, bf16 address, free event, ready event); the
-// choices' entry offsets [C + 1]; the entries (source, bytes, 0: a compact region, 1: bf16).
+// choices' entry offsets [C + 1]; the entries (source, bytes, 0: a compact region, 1: bf16, 2: staged
+// already, no copy: expert look-ahead copied it before the gate).
 // Copy k takes slot (first + k) % S: it waits for the slot's free event, copies, records ready.
 #pragma once
 
@@ -24,6 +25,7 @@ enum Head : int64_t {
 };
 constexpr int64_t kSlotFields = 4;
 constexpr int64_t kEntryFields = 3;
+constexpr int64_t kStagedAhead = 2;  // an entry's kind: no copy, no slot
 
 // Number of int64 in a plan (read from its head).
 inline int64_t plan_length(const int64_t* plan) {
@@ -62,9 +64,10 @@ inline void issue(const std::vector<int64_t>& plan, const int64_t* ids, int num_
     for (int position = 0; position < num_ids && k < p[kMax]; ++position) {
       const int64_t c = position * choice_stride + ids[position];
       if (c < 0 || c >= choices) throw std::runtime_error("gate copies: routing id out of range");
-      for (int64_t e = offsets[c]; e < offsets[c + 1] && k < p[kMax]; ++e, ++k) {
-        const int64_t* s = slot + kSlotFields * ((p[kFirst] + k) % slots);
+      for (int64_t e = offsets[c]; e < offsets[c + 1] && k < p[kMax]; ++e) {
         const int64_t* entry = entries + kEntryFields * e;
+        if (entry[2] == kStagedAhead) continue;
+        const int64_t* s = slot + kSlotFields * ((p[kFirst] + k++) % slots);
         check(wait_event(stream, reinterpret_cast<void*>(s[2]), 0), "cuStreamWaitEvent");
         check(memcpy_async(static_cast<uint64_t>(s[entry[2] == 0 ? 0 : 1]), reinterpret_cast<const void*>(entry[0]),
                            static_cast<size_t>(entry[1]), stream), "cuMemcpyHtoDAsync");

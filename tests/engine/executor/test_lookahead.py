@@ -11,6 +11,7 @@ import torch
 
 from engine import LLM, SamplingParams
 from engine.executor import partitioned
+from engine.executor.gate_copies import GateCopies
 from engine.executor.lookahead import likely_pieces
 from engine.model.decode_graphs import DecodeGraphs
 from engine.model.moe import MoEBlock
@@ -60,12 +61,25 @@ CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GP
 @pytest.mark.parametrize(("arch", "device"), [("mixtral", "cpu"), ("phimoe", "cpu"),
                                               pytest.param("mixtral", "cuda", marks=[pytest.mark.gpu, CUDA]),
                                               pytest.param("phimoe", "cuda", marks=[pytest.mark.gpu, CUDA])])
-def test_lookahead_keeps_every_logit_and_uses_right_guesses(arch: str, device: str,
-                                                            tiny_checkpoints: dict[str, Path]) -> None:
+def test_lookahead_keeps_every_logit_and_uses_right_guesses(arch: str, device: str, tiny_checkpoints: dict[str, Path],
+                                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    plans_ahead: list[int] = []  # on the GPU: how many pieces each gate-copy plan found staged ahead
+    plan = GateCopies.plan
+
+    def recording_plan(self: GateCopies, *args, **kwargs):
+        made = plan(self, *args, **kwargs)
+        plans_ahead.append(self.ring.num_slots - made.max_copies)
+        return made
+
+    monkeypatch.setattr(GateCopies, "plan", recording_plan)
     off, on = _engine(tiny_checkpoints[arch], 0, device), _engine(tiny_checkpoints[arch], 4, device)
     _assert_same(off, on)
     stats = on.engine.runner.executor.lookahead_stats
     assert stats.staged > 0 and 0 < stats.used <= stats.staged
+    if device == "cuda":  # the routed jobs' copies from the gate go on, skipping the pieces staged ahead
+        copier = on.engine.runner.executor._gate_copies
+        assert copier is not None and copier.adopted > 0
+        assert any(ahead > 0 for ahead in plans_ahead) and on.engine.runner.executor.routed_jobs.cancelled == 0
     assert off.engine.runner.executor.lookahead_stats.staged == 0
     # without look-ahead the decode graphs compute no guesses (a router pass per layer saved)
     for llm, guessing in ((off, False), (on, True)):

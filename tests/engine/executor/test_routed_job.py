@@ -13,7 +13,7 @@ from engine import LLM
 from engine.executor.accelerator import Accelerator
 from engine.executor.cpu_pool import CpuPool
 from engine.executor.decode_feedback import DecodeFeedback
-from engine.executor.gate_copies import choice_entries, piece_entry
+from engine.executor.gate_copies import STAGED_AHEAD, choice_entries, piece_entry, skip_staged_ahead
 from engine.executor.routed_job import RoutedJobs
 from engine.executor.token_assignment import DispatchRates, assign, decode_split, shift_share
 from engine.model.ffn import FFNUnit, UnitSlice
@@ -125,6 +125,11 @@ def test_gate_copy_entries_follow_each_choices_streamed_pieces() -> None:
                for k, p in enumerate(expected))
     apart = UnitSlice(0, rows, torch.zeros(2 * rows, hidden), torch.zeros(hidden, rows), "CG")
     assert apart.packed is None and choice_entries([[apart]]) is None
+    # pieces staged ahead (expert look-ahead) are marked in every choice that lists them, the rest kept
+    marked = skip_staged_ahead(flat, [pieces[1]])
+    kinds = [marked[3 * k + 2] for k in range(6)]
+    assert kinds == [STAGED_AHEAD, 1, STAGED_AHEAD, STAGED_AHEAD, 1, 1]
+    assert [marked[3 * k] for k in range(6)] == [flat[3 * k] for k in range(6)] and flat[2] == 1  # a copy
 
 
 def test_routed_tables_follow_the_pieces_kinds_after_clear(tiny_checkpoints: dict[str, Path]) -> None:

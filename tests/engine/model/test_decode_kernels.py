@@ -1,5 +1,6 @@
 """The decode graphs' fused kernels give torch's bits (GPU): rotary embedding with the cache writes,
-and a one-token MoE combine into the residual, for bf16 models, odd sizes included."""
+and a one-token MoE combine into the residual, for bf16 models, odd sizes included; the routing's
+store into pinned host memory gives what copies give, in a graph too."""
 
 from __future__ import annotations
 
@@ -9,6 +10,8 @@ import torch
 from engine.model.decode_kernels import (
     combine_into_residual,
     combine_into_residual_applies,
+    copy_to_host,
+    copy_to_host_applies,
     rotate_into_cache,
     rotate_into_cache_applies,
 )
@@ -22,6 +25,8 @@ def test_the_fused_kernels_do_not_apply_without_cuda() -> None:
     keys = torch.zeros(4, 2, 64)
     assert not rotate_into_cache_applies(torch.zeros(1, 64), 64, keys, keys)
     assert not combine_into_residual_applies(torch.zeros(2, 64), torch.zeros(1, 2), torch.zeros(1, 64))
+    ids = torch.zeros(1, 2, dtype=torch.int64)
+    assert not copy_to_host_applies(torch.zeros(1, 64), ids, torch.zeros(1, 64), ids)
 
 
 @pytest.mark.gpu
@@ -80,3 +85,47 @@ def test_combine_into_the_residual_matches_torch_bit_for_bit(dtype, weight_dtype
     assert torch.equal(ffn_out.view(torch.int16), expected_out.view(torch.int16))
     assert torch.equal(residual.view(torch.int16), expected_residual.view(torch.int16))
     assert not sums.any()  # zeroed for the next layer
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize(("dtype", "num_tokens", "hidden", "top_k", "with_next"),
+                         [(torch.bfloat16, 1, 4096, 2, True), (torch.bfloat16, 3, 1000, 2, False),
+                          (torch.float32, 600, 8, 2, True), (torch.bfloat16, 1, 4096, 8, False)])
+def test_copy_to_host_stores_what_copies_give(dtype, num_tokens, hidden, top_k, with_next) -> None:
+    """Eagerly and replayed from a CUDA graph with new inputs each time."""
+    generator = torch.Generator(device="cuda").manual_seed(num_tokens * hidden)
+    x = torch.empty(num_tokens, hidden, dtype=dtype, device="cuda")
+    ids = torch.empty(num_tokens, top_k, dtype=torch.int64, device="cuda")
+    next_ids = torch.empty_like(ids) if with_next else None
+    host_x = torch.empty(x.shape, dtype=dtype, pin_memory=True)
+    host_ids = torch.empty(ids.shape, dtype=torch.int64, pin_memory=True)
+    host_next = torch.empty(ids.shape, dtype=torch.int64, pin_memory=True) if with_next else None
+    assert copy_to_host_applies(x, ids, host_x, host_ids)
+
+    def refill() -> None:
+        x.copy_(torch.randn(x.shape, generator=generator, device="cuda"))
+        ids.copy_(torch.randint(0, 1 << 40, ids.shape, generator=generator, device="cuda"))
+        if next_ids is not None:
+            next_ids.copy_(torch.randint(0, 64, ids.shape, generator=generator, device="cuda"))
+
+    def check() -> None:
+        torch.cuda.synchronize()
+        assert torch.equal(host_x, x.cpu()) and torch.equal(host_ids, ids.cpu())
+        if host_next is not None:
+            assert torch.equal(host_next, next_ids.cpu())
+
+    refill()
+    copy_to_host(x, ids, next_ids, host_x, host_ids, host_next)
+    check()
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        copy_to_host(x, ids, next_ids, host_x, host_ids, host_next)  # compiled before the capture
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        copy_to_host(x, ids, next_ids, host_x, host_ids, host_next)
+    for _ in range(3):
+        refill()
+        graph.replay()
+        check()
