@@ -147,10 +147,14 @@ def plain_decode(llm: LLM, prompt_len: int, steps: int) -> list[str]:
     while llm.engine.has_unfinished_requests():
         llm.engine.step()
     median = statistics.median(plain)
-    anatomy = llm.engine.runner.executor.feedback.anatomy.summary()
+    feedback = llm.engine.runner.executor.feedback
+    anatomy = feedback.anatomy.summary()
+    by_layer = " ".join(f"{v:+.2f}" for v in feedback.anatomy.by_layer_ms().values())
     return [f"plain decode: {steps} steps, median {median * 1e3:.1f} ms ({1 / median:.2f} tok/s), "
             f"quartiles {statistics.quantiles(plain, n=4)[0] * 1e3:.1f} / {statistics.quantiles(plain, n=4)[2] * 1e3:.1f} ms; "
-            "gated layers, median ms: " + ", ".join(f"{k} {v:.3f}" for k, v in anatomy.items())]
+            "gated layers, median ms: " + ", ".join(f"{k} {v:.3f}" for k, v in anatomy.items())
+            + f"; shift {feedback.shift}, piece effect {feedback.piece_effect_s * 1e3:.2f} ms",
+            f"  imbalance by layer, ms (copies minus CPU job): {by_layer}"]
 
 
 def profile_decode(llm: LLM, prompt_len: int, steps: int, top: int) -> list[str]:
@@ -487,6 +491,9 @@ def main() -> None:
     llm = LLM(args.model, device="cuda", random_weights=True, gpu_memory_budget=args.budget, policy=args.policy,
               kv_cache_tokens=4096, max_num_seqs=8, cpu_threads=args.cpu_threads, show_progress=False,
               profile_path=args.profile, compact_host_weights=not args.no_compact, host_chunk_rows=args.host_chunk_rows)
+    partition = llm.engine.partition
+    rows = partition.plan.rows_by_kind()
+    lines.append(f"plan: {partition.memory.describe()}; rows GG {rows['GG']} CG {rows['CG']} CC {rows['CC']}")
     if args.lookahead is not None:
         llm.engine.runner.executor.lookahead_pieces = args.lookahead
         if llm.engine.runner.model.decode_graphs is not None:

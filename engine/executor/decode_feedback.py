@@ -48,14 +48,30 @@ class LayerAnatomy:
     # when the driving thread had enqueued the layer's wait for its CPU job (the last of the layer's
     # GPU work; the next layer's graph follows) after the job ended: > 0, the GPU waited for the host
     host_lag_s: deque = field(default_factory=lambda: deque(maxlen=ANATOMY_LAYERS))
+    # each layer's imbalance (copies minus CPU job, as the feedback sees it), all layers and by
+    # layer index: one shift for every layer balances their median, not each layer
+    imbalance_s: deque = field(default_factory=lambda: deque(maxlen=ANATOMY_LAYERS))
+    by_layer_s: dict[int, deque] = field(default_factory=dict)
+
+    def add_imbalance(self, layer: int | None, imbalance_s: float) -> None:
+        self.imbalance_s.append(imbalance_s)
+        if layer is not None:
+            self.by_layer_s.setdefault(layer, deque(maxlen=ANATOMY_LAYERS // 8)).append(imbalance_s)
 
     def summary(self) -> dict[str, float]:
         def median_ms(values: deque) -> float:
             return statistics.median(values) * 1e3 if values else 0.0
 
         late = sum(lag > 0 for lag in self.host_lag_s) / len(self.host_lag_s) if self.host_lag_s else 0.0
+        quartiles = statistics.quantiles(self.imbalance_s, n=4) if len(self.imbalance_s) >= 2 else [0.0, 0.0, 0.0]
         return {"cpu_ms": median_ms(self.cpu_s), "copies_ms": median_ms(self.copies_s),
-                "period_ms": median_ms(self.period_s), "host_lag_ms": median_ms(self.host_lag_s), "host_late": late}
+                "period_ms": median_ms(self.period_s), "host_lag_ms": median_ms(self.host_lag_s), "host_late": late,
+                "imbalance_q1_ms": quartiles[0] * 1e3, "imbalance_median_ms": median_ms(self.imbalance_s),
+                "imbalance_q3_ms": quartiles[2] * 1e3}
+
+    def by_layer_ms(self) -> dict[int, float]:
+        """Each layer index's median imbalance, ms (reports: a layer the shared shift leaves off)."""
+        return {layer: statistics.median(values) * 1e3 for layer, values in sorted(self.by_layer_s.items())}
 
 
 @dataclass
@@ -130,6 +146,7 @@ class _Layer:
     end: Mark = None  # the copy stream after the layer's last copy (None: no copies)
     cpu_end_s: float | None = None  # the CPU job's end (None: no CPU job)
     gated: bool = False  # entered at the GPU's gate: the CPU job's start is the entry time
+    index: int | None = None  # the model's layer index (anatomy by layer)
 
 
 class DecodeMeter:
@@ -144,7 +161,7 @@ class DecodeMeter:
         self._layers: deque[_Layer] = deque()
         self._last_gate_s: float | None = None  # the previous gated layer's gate (host clock)
 
-    def enter(self, piece_effect_s: float, shift: int | None = None, gate: Mark = None) -> None:
+    def enter(self, piece_effect_s: float, shift: int | None = None, gate: Mark = None, layer: int | None = None) -> None:
         """`piece_effect_s`: what moving one host piece of this layer would change, by the profile;
         `shift`: the one its pieces were assigned with (None: the feedback's now; measurements
         resolved here may move it, after the layer was assigned). `gate`: a mark recorded on the
@@ -153,7 +170,7 @@ class DecodeMeter:
         shift = self.feedback.shift if shift is None else shift
         self._resolve()
         entry = gate if gate is not None else host_mark(self.accelerator, self.accelerator.copy_stream)
-        self._layers.append(_Layer(now_s(), entry, shift, piece_effect_s, gated=gate is not None))
+        self._layers.append(_Layer(now_s(), entry, shift, piece_effect_s, gated=gate is not None, index=layer))
 
     def gpu_side_enqueued(self, stream: torch.cuda.Stream | None = None) -> None:
         """The layer's GPU side is enqueued: its end is marked on the copy stream (the last copy
@@ -187,5 +204,6 @@ class DecodeMeter:
             if layer.gated:
                 self.feedback.anatomy.cpu_s.append(cpu_s)
                 self.feedback.anatomy.copies_s.append(copies_s)
+                self.feedback.anatomy.add_imbalance(layer.index, copies_s - cpu_s)
             self.feedback.add(layer.shift, copies_s - cpu_s, layer.piece_effect_s)
 

@@ -171,3 +171,26 @@ def test_gated_layers_report_their_anatomy() -> None:
     assert abs(summary["cpu_ms"] - 1.5) < 1e-6 and abs(summary["copies_ms"] - 1.2) < 1e-6
     assert abs(summary["period_ms"] - 2.0) < 1e-6
     assert abs(summary["host_late"] - 0.4) < 1e-9 and abs(summary["host_lag_ms"] + 0.3) < 1e-6
+
+
+def test_the_anatomy_keeps_each_layers_imbalance() -> None:
+    """Layers the shared shift balances both ways show in the quartiles and by layer index, while
+    their median imbalance is near zero."""
+    from engine.executor.accelerator import Accelerator
+    from engine.executor.decode_feedback import DecodeMeter
+
+    feedback = DecodeFeedback()
+    meter = DecodeMeter(Accelerator.for_device("cpu"), feedback)
+    for step in range(4):
+        for layer in range(4):  # even layers: copies 0.4 ms late; odd ones: the CPU job 0.4 ms late
+            gate = 10.0 + 0.01 * step + 0.002 * layer
+            meter.enter(EFFECT_S, shift=0, gate=gate, layer=layer)
+            meter._layers[-1].end = gate + (0.0014 if layer % 2 == 0 else 0.001)
+            meter.cpu_done(end_s=gate + (0.001 if layer % 2 == 0 else 0.0014), start_s=gate)
+    meter.enter(EFFECT_S)
+    summary = feedback.summary()
+    assert abs(summary["imbalance_q1_ms"] + 0.4) < 1e-6 and abs(summary["imbalance_q3_ms"] - 0.4) < 1e-6
+    assert abs(summary["imbalance_median_ms"]) < 1e-6
+    by_layer = feedback.anatomy.by_layer_ms()
+    assert list(by_layer) == [0, 1, 2, 3]
+    assert all(abs(v - (0.4 if layer % 2 == 0 else -0.4)) < 1e-6 for layer, v in by_layer.items())
