@@ -28,7 +28,8 @@ from engine.placement.plan import PieceKind
 # between two layers' CPU jobs (~0.25 ms of idle PCIe a Phi layer). Session 16 measured that with
 # 1 piece a layer (hit rate 84-89%): 15.65 / 15.17 vs 18.56 / 17.32 tok/s off, because a layer with
 # pieces copied ahead then had no copies from the gate (its other pieces waited for the driving
-# thread); since then the gate's copy plan skips the pieces staged ahead (gate_copies.py).
+# thread); since then the gate's copy plan skips the pieces staged ahead (gate_copies.py). With that
+# and the CPU rows read in place (host_rows.py): 16.47 / 16.53 vs 16.91 / 16.61 off, no gain.
 LOOKAHEAD_PIECES = 0
 
 

@@ -412,9 +412,9 @@ class PartitionedExecutor:
         return self.cpu_pool.submit(batch, inputs.ready, self.timeline, signal)
 
     def _add_cpu_results(self, sums_all: torch.Tensor, batch: CpuBatch) -> None:
-        """CPU partials copied host-to-device and summed into their items' rows, a bounded block of
-        rows at a time (one block in decode; prefill partials would otherwise need GPU memory
-        proportional to tokens x pieces)."""
+        """CPU partials summed into their items' rows: in decode read in place from pinned memory by
+        one kernel (host_rows.py); else copied host-to-device, a bounded block of rows at a time
+        (prefill partials would otherwise need GPU memory proportional to tokens x pieces)."""
         if self.read_cpu_rows_in_place and host_rows.applies(sums_all, batch.dest_device, batch.out):
             host_rows.add_host_rows(sums_all, batch.dest_device, batch.out)  # type: ignore[arg-type]
             self._cpu_buffers.consumed(batch)

@@ -16,9 +16,10 @@ fuse without changing a bit:
 Each product and sum is computed in fp32 and rounded to bf16 where torch's bf16 kernels round (a
 product of two bf16 values is exact in fp32, and the rounding between a product and the following
 sum keeps the compiler from contracting them into an FMA). The rounding is done on the bits
-(`round_to_bf16`): Triton folds a float round trip through bf16 away. Only for bf16 models on
-CUDA with Triton (fp32 could be contracted; fp16 would need its own rounding) and power-of-two
-head sizes; the `*_applies` checks say when, and the callers take the torch path elsewhere.
+(`round_to_bf16`): Triton folds a float round trip through bf16 away. The two that compute are
+only for bf16 models on CUDA with Triton (fp32 could be contracted; fp16 would need its own
+rounding) and power-of-two head sizes; `copy_to_host` takes any dtype. The `*_applies` checks say
+when, and the callers take the torch path elsewhere.
 Tests: tests/engine/model/test_decode_kernels.py (GPU).
 """
 
