@@ -168,19 +168,23 @@ def test_rejected_request_raises(engine: AsyncEngine, llm: LLMEngine) -> None:
 
 
 class ExplodingEngine:
-    """The real engine whose step raises (outside LLMEngine's own guard) on demand."""
+    """The real engine whose step raises (outside LLMEngine's own guard) once, at the step call
+    `explode_at` counts down to (set before the request: the engine thread, not the consumer,
+    decides when, so a fast loop cannot finish the request first)."""
 
     def __init__(self, inner: LLMEngine) -> None:
         self.inner = inner
-        self.explode = False
+        self.explode_at: int | None = None
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self.inner, name)
 
     def step(self) -> Any:
-        if self.explode:
-            self.explode = False
-            raise RuntimeError("boom")
+        if self.explode_at is not None:
+            self.explode_at -= 1
+            if self.explode_at <= 0:
+                self.explode_at = None
+                raise RuntimeError("boom")
         return self.inner.step()
 
 
@@ -189,18 +193,18 @@ def test_step_exception_fails_requests_and_loop_survives(llm: LLMEngine) -> None
     engine = AsyncEngine(exploding)  # type: ignore[arg-type]
     engine.start()
 
-    async def run(request_id: str, explode: bool) -> Any:
+    async def run(request_id: str) -> Any:
         last = None
         async for out in engine.generate(request_id, prompt(llm), greedy(20)):
             last = out
-            if explode and len(out.token_ids) == 2 and not out.finished:
-                exploding.explode = True
         return last
 
     try:
-        failed = asyncio.run(run("x", explode=True))
+        exploding.explode_at = 3  # the prefill, a decode step, then the exception
+        failed = asyncio.run(run("x"))
         assert failed.finish_reason == "error" and "boom" in failed.error
-        ok = asyncio.run(run("y", explode=False))
+        assert len(failed.token_ids) < 20
+        ok = asyncio.run(run("y"))
         assert ok.finish_reason == "length" and len(ok.token_ids) == 20
         assert llm.stats().num_free_blocks == llm.stats().num_total_blocks
     finally:
