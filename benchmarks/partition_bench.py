@@ -188,8 +188,8 @@ def main() -> None:
                              "'adaptive@torch' (or another kernel path) re-profiles the CPU on that path and re-plans; "
                              "a '#N' suffix runs the CPU kernels with N threads; a '%%N' suffix (after the others, before '^') has "
                              "prefill's balance count N us of host work a streamed piece; a '~eager' suffix decodes "
-                             "without the per-layer CUDA graphs ('~eager~copied': both); a '~copied' suffix copies the CPU's output rows to the "
-                             "GPU (default: read in place); a last '^N' suffix copies N pieces of the "
+                             "without the per-layer CUDA graphs; a '~copied' suffix (last of the '~' ones: '~eager~copied') copies "
+                             "the CPU's output rows to the GPU (default: read in place); a last '^N' suffix copies N pieces of the "
                              "next layer's likely experts ahead (0: no look-ahead)")
     parser.add_argument("--build-policy", default="manual:cg=0",
                         help="plan the model is built with (sets the resident share every policy shares)")
