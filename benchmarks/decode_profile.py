@@ -58,6 +58,8 @@ BOOLEAN_SWITCHES = (
                   "the compact decode kernel launched through Triton's path and past it"),
     BooleanSwitch("routed", "routed jobs", "executor", "use_routed",
                   "one-token CPU jobs submitted after the routing and started by the GPU"),
+    BooleanSwitch("uniform-split", "uniform decode split", "executor", "uniform_decode_split",
+                  "decode layers split by each expert's plan kinds and alike for every expert"),
     BooleanSwitch("rows-in-place", "CPU rows read in place", "executor", "read_cpu_rows_in_place",
                   "the CPU's output rows copied to the GPU and read there from pinned memory"),
     BooleanSwitch("routing-written", "routing written by the graph", "graphs", "routing_written",

@@ -189,7 +189,9 @@ def main() -> None:
                              "a '#N' suffix runs the CPU kernels with N threads; a '%%N' suffix (after the others, before '^') has "
                              "prefill's balance count N us of host work a streamed piece; a '~eager' suffix decodes "
                              "without the per-layer CUDA graphs; a '~copied' suffix (last of the '~' ones: '~eager~copied') copies "
-                             "the CPU's output rows to the GPU (default: read in place); a last '^N' suffix copies N pieces of the "
+                             "the CPU's output rows to the GPU (default: read in place); a '~perplan' suffix (after all: "
+                             "'~copied~perplan') splits decode layers by each expert's plan kinds, not alike for all "
+                             "(engine/executor/token_assignment.py); a last '^N' suffix copies N pieces of the "
                              "next layer's likely experts ahead (0: no look-ahead)")
     parser.add_argument("--build-policy", default="manual:cg=0",
                         help="plan the model is built with (sets the resident share every policy shares)")
@@ -247,6 +249,9 @@ def main() -> None:
         llm.engine.runner.executor.lookahead_pieces = pieces
         # adaptive%150: prefill's balance counts 150 us of the driving thread's work a streamed piece
         core, _, stream_host_us = core.partition("%")
+        # adaptive~perplan: decode splits by each expert's plan kinds, not one count for every expert
+        llm.engine.runner.executor.uniform_decode_split = not core.endswith("~perplan")
+        core = core.removesuffix("~perplan")
         # adaptive~copied: the CPU's output rows copied over, not read in place (engine/executor/host_rows.py)
         llm.engine.runner.executor.read_cpu_rows_in_place = not core.endswith("~copied")
         core = core.removesuffix("~copied")

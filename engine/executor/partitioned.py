@@ -39,7 +39,7 @@ from engine.executor.routed_job import RoutedJobs, RoutedLayer
 from engine.executor.staging import StagedSlice, StagingRing
 from engine.executor.stream_signal import StreamSignal
 from engine.executor.timeline import BusyMeter, StepTimeline, host_mark
-from engine.executor.token_assignment import Assignment, DispatchRates, assign
+from engine.executor.token_assignment import Assignment, DispatchRates, assign, mean_streamed_pieces
 from engine.model.decoder import DecoderModel
 from engine.model.ffn import FFNUnit, UnitSlice
 from engine.model.moe import MoEBlock, Routing
@@ -53,6 +53,9 @@ MAX_CPU_ROWS_PER_COPY = 1024  # rows of CPU partial outputs moved to the GPU per
 FIRST_COPIES = 0
 # the decode feedback's GPU side ends when its last streamed piece is computed (True) or copied
 METER_GPU_END = True
+# decode splits stream the same count of pieces for every routed expert of a layer (True), or move
+# the feedback's shift from each expert's plan kinds (token_assignment.py says why)
+UNIFORM_DECODE_SPLIT = True
 
 
 @dataclass
@@ -120,6 +123,33 @@ class PartitionedExecutor:
         # routed jobs also enqueue their layer's first streamed copies at the gate (gate_copies.py)
         self.use_gate_copies = True  # False: the driving thread enqueues them all (A/B in benchmarks)
         self._gate_copies: GateCopies | None = None  # made for the ring in use at the first routed job
+        self._uniform_decode_split = UNIFORM_DECODE_SPLIT
+        self._mean_streamed: dict[int, float | None] = {}  # by layer, for uniform decode splits
+
+    @property
+    def uniform_decode_split(self) -> bool:
+        return self._uniform_decode_split
+
+    @uniform_decode_split.setter
+    def uniform_decode_split(self, value: bool) -> None:
+        """Switching resets the decode feedback: a shift means another split under the other rule."""
+        self._uniform_decode_split = value
+        self._forget_splits()
+
+    def _forget_splits(self) -> None:
+        self.feedback.reset()
+        self._mean_streamed.clear()
+        if self.routed_jobs is not None:  # their per-expert splits follow the pieces' kinds
+            self.routed_jobs.clear()
+
+    def mean_streamed(self, layer: int) -> float | None:
+        """The layer's plan streamed pieces per expert, for uniform decode splits (None: the layer's
+        splits move the shift from the plan's kinds: not a routed MoE layer, or the rule is off)."""
+        if layer not in self._mean_streamed:
+            ffn = self.model.layers[layer].ffn
+            uniform = self._uniform_decode_split and isinstance(ffn, MoEBlock) and ffn.shared_expert is None
+            self._mean_streamed[layer] = mean_streamed_pieces(list(ffn.experts)) if uniform else None
+        return self._mean_streamed[layer]
 
     def apply_plan(self, plan: PartitionPlan) -> None:
         """Re-labels the host pieces (CG <-> CC) and the dynamic rule for `plan` without moving any
@@ -139,9 +169,7 @@ class PartitionedExecutor:
                     piece.kind = str(kind)
         self.dynamic = plan.dynamic
         self.overlap = plan.dynamic != "fiddler"
-        self.feedback.reset()
-        if self.routed_jobs is not None:  # their per-expert splits follow the pieces' kinds
-            self.routed_jobs.clear()
+        self._forget_splits()
 
     # -- one layer ---------------------------------------------------------------------------
 
@@ -170,7 +198,8 @@ class PartitionedExecutor:
             shift = routed.shift
         else:
             shift = self.feedback.shift  # what `assign` reads (a measurement resolved later may move it)
-            placed = assign(self.dynamic, items, self.rates, self.feedback if measured else None)
+            placed = assign(self.dynamic, items, self.rates, self.feedback if measured else None,
+                            self.mean_streamed(layer) if measured else None)
         on_gpu, streamed, on_cpu = placed.on_gpu, placed.streamed, placed.on_cpu
         measured = measured and bool(streamed or on_cpu)  # only under `balance`, so with overlap
 
@@ -296,7 +325,8 @@ class PartitionedExecutor:
         assert self.signal is not None
         shift = self.feedback.shift if self.use_feedback and self.dynamic == "balance" else 0
         signal_value = self.signal.next_value()
-        self._routed = self.routed_jobs.submit(layer, ffn, host, shift, self.accelerator.compute_stream,
+        mean = self.mean_streamed(layer) if self.use_feedback and self.dynamic == "balance" else None
+        self._routed = self.routed_jobs.submit(layer, ffn, host, shift, mean, self.accelerator.compute_stream,
                                                (self.signal.address, signal_value), self.timeline,
                                                self._gate_copier(), [piece for piece, _, _ in self._prefetched])
 

@@ -36,7 +36,7 @@ from engine.executor.token_assignment import Assignment, decode_split
 from engine.model.ffn import UnitSlice
 from engine.model.moe import HostRouting, MoEBlock
 
-MAX_KEPT_TABLES = 1024  # (layer, shift, activations) tables kept, then all dropped and kept anew
+MAX_KEPT_TABLES = 1024  # (layer, shift, mean streamed, activations) tables kept, then all dropped and kept anew
 
 
 @dataclass
@@ -97,15 +97,17 @@ class RoutedJobs:
         gate = StreamSignal.create(accelerator.device) if accelerator.is_cuda else None
         return cls(accelerator, cpu_pool, gate) if gate is not None else None
 
-    def submit(self, layer: int, ffn: MoEBlock, host: HostRouting, shift: int, stream: torch.cuda.Stream,
+    def submit(self, layer: int, ffn: MoEBlock, host: HostRouting, shift: int, mean_streamed: float | None,
+               stream: torch.cuda.Stream,
                signal: tuple[int, int], timeline: StepTimeline | None,
                gate_copies: GateCopies | None = None, ahead: Sequence[UnitSlice] = ()) -> RoutedLayer | None:
         """The layer's routed job, its gate stored on `stream` after the routing's copies (enqueued
-        there already); None when its pieces or activations do not suit the kernels. With
+        there already); its experts split as `decode_split` gives them for `shift` and
+        `mean_streamed`; None when its pieces or activations do not suit the kernels. With
         `gate_copies`, the job enqueues the routed experts' streamed copies first, but for the
         pieces staged `ahead` (expert look-ahead)."""
         x = host.x[0:1]
-        table = self._table(layer, ffn, x, shift)
+        table = self._table(layer, ffn, x, shift, mean_streamed)
         if table is None or table.max_rows == 0:
             return None
         top_k, hidden = host.expert_ids.shape[1], x.shape[1]
@@ -150,16 +152,16 @@ class RoutedJobs:
             self._out = self.accelerator.host_empty((max(rows, 8), hidden), torch.float32)
         return self._out
 
-    def _table(self, layer: int, ffn: MoEBlock, x: torch.Tensor, shift: int) -> _Table | None:
-        key = (layer, shift, x.data_ptr())
+    def _table(self, layer: int, ffn: MoEBlock, x: torch.Tensor, shift: int, mean_streamed: float | None) -> _Table | None:
+        key = (layer, shift, mean_streamed, x.data_ptr())
         if key in self._tables:
             return self._tables[key]
         if len(self._tables) >= MAX_KEPT_TABLES:
             self._tables.clear()
-        table = self._tables[key] = self._build(ffn, x, shift)
+        table = self._tables[key] = self._build(ffn, x, shift, mean_streamed)
         return table
 
-    def _build(self, ffn: MoEBlock, x: torch.Tensor, shift: int) -> _Table | None:
+    def _build(self, ffn: MoEBlock, x: torch.Tensor, shift: int, mean_streamed: float | None) -> _Table | None:
         if not activations_ready(x):
             return None
         top_k, experts = ffn.config.num_experts_per_tok, ffn.experts
@@ -168,7 +170,7 @@ class RoutedJobs:
         hidden = x.shape[1]
         for position in range(top_k):
             for expert in experts:
-                split = decode_split(expert, position, top_k, shift)
+                split = decode_split(expert, position, top_k, shift, mean_streamed)
                 for _, piece in split.on_cpu:
                     weights = self.cpu_pool.weight_fields(piece)
                     if weights is None:

@@ -10,6 +10,13 @@ CPU (its tokens' activations travel) or on the GPU (its weights travel). Rules:
               streaming, since CPU time grows with tokens and transfer time does not; decode (few
               tokens per piece) by the shift that earlier decode layers' measured imbalance set
               (DecodeFeedback), so that both sides finish together on the machine as it runs
+
+Decode splits are uniform across a layer's experts (`mean_streamed` given): every routed item
+streams the same count of host pieces, its first ones in row order, whatever the plan's kinds of
+that expert, so that each routing of a layer streams one total. A plan gives a layer's experts
+whole host chunks of CG (e.g. Phi-3.5-MoE 24 GiB: 1 or 2 of 1024 rows, alternating), and by the
+plan's kinds a top-2 routing streamed 2, 3 or 4 pieces: a spread of two pieces' effect (~1.6 ms)
+between routings that no shared shift can balance.
 """
 
 from __future__ import annotations
@@ -82,7 +89,9 @@ def _by_plan(items: list[tuple[FFNUnit, torch.Tensor]]) -> Assignment:
 
 
 def assign(rule: str | None, items: list[tuple[FFNUnit, torch.Tensor]], rates: DispatchRates,
-           feedback: DecodeFeedback | None = None) -> Assignment:
+           feedback: DecodeFeedback | None = None, mean_streamed: float | None = None) -> Assignment:
+    """`mean_streamed`: the layer's streamed pieces per unit under the plan, for uniform decode
+    splits (None: decode moves the feedback's shift from the plan's kinds)."""
     out = _by_plan(items)
     if rule is None:
         return out
@@ -97,10 +106,10 @@ def assign(rule: str | None, items: list[tuple[FFNUnit, torch.Tensor]], rates: D
         if max(tokens, default=0) > rates.max_bandwidth_bound_tokens:
             _balance(out, {id(p): rates.cpu_s(p, tokens[i]) for i, p in host},
                      {id(p): rates.prefill_stream_s(p) for _, p in host})
-        elif feedback is not None and feedback.shift:
+        elif feedback is not None and (feedback.shift or mean_streamed is not None):
             out = Assignment([], [], [])
             for i, (unit, _) in enumerate(items):
-                split = decode_split(unit, i, len(items), feedback.shift)
+                split = decode_split(unit, i, len(items), feedback.shift, mean_streamed)
                 out.on_gpu += split.on_gpu
                 out.streamed += split.streamed
                 out.on_cpu += split.on_cpu
@@ -115,13 +124,34 @@ def shift_share(shift: int, position: int, num_items: int) -> int:
     return moved // num_items + (1 if position >= num_items - moved % num_items else 0)
 
 
-def decode_split(unit: FFNUnit, position: int, num_items: int, shift: int) -> Assignment:
+def mean_streamed_pieces(units: list[FFNUnit]) -> float:
+    """The plan's streamed (CG) pieces per unit, averaged over a layer's units (its experts)."""
+    return sum(sum(piece.kind == PieceKind.CG for piece in unit.slices) for unit in units) / max(len(units), 1)
+
+
+def layer_streamed(mean_streamed: float, num_items: int, shift: int) -> int:
+    """A uniform decode layer's streamed pieces: the plan's mean for `num_items` units, less `shift`."""
+    return max(0, round(mean_streamed * num_items) - shift)
+
+
+def decode_split(unit: FFNUnit, position: int, num_items: int, shift: int,
+                 mean_streamed: float | None = None) -> Assignment:
     """What `balance` gives one decode item (index `position` of `num_items`) under the feedback's
-    `shift`: the plan's kinds, then its share of the shift moved from PCIe to the CPU (negative:
-    the other way), its last pieces first. It depends on the item alone, so a CPU job can be
-    prepared for every expert a position may route to before the routing is known."""
+    `shift`. With `mean_streamed` (uniform): the item's share of the layer's streamed pieces
+    (`layer_streamed`) are its first host pieces in row order, the rest go to the CPU. Without: the
+    plan's kinds, then its share of the shift moved from PCIe to the CPU (negative: the other way),
+    its last pieces first. Either depends on the item alone, so a CPU job can be prepared for
+    every expert a position may route to before the routing is known."""
     out = Assignment([], [], [])
     lists = _lists(out)
+    if mean_streamed is not None:
+        streamed = shift_share(layer_streamed(mean_streamed, num_items, shift), position, num_items)
+        for piece in unit.slices:
+            if piece.kind in (PieceKind.CG, PieceKind.CC):
+                (out.streamed if len(out.streamed) < streamed else out.on_cpu).append((position, piece))
+            else:
+                out.on_gpu.append((position, piece))
+        return out
     for piece in unit.slices:
         lists[piece.kind].append((position, piece))
     source, target = (out.streamed, out.on_cpu) if shift > 0 else (out.on_cpu, out.streamed)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
 import torch
 
 from engine import LLM, SamplingParams
@@ -107,7 +108,8 @@ def test_the_shift_moves_each_items_last_pieces_in_decode_only() -> None:
     assert len(fixed.streamed) == 6 and len(fixed.on_cpu) == 4
 
 
-def test_decode_steps_measure_the_imbalance_and_keep_results(tiny_checkpoints: dict[str, Path]) -> None:
+@pytest.mark.parametrize("uniform", [False, True])
+def test_decode_steps_measure_the_imbalance_and_keep_results(uniform: bool, tiny_checkpoints: dict[str, Path]) -> None:
     path = str(tiny_checkpoints["mixtral"])
     prompts = [[5, 9, 13, 22, 40, 41, 42, 7], [3, 4, 250, 17]]
     greedy = SamplingParams(max_tokens=24, temperature=0.0, ignore_eos=True)
@@ -115,6 +117,7 @@ def test_decode_steps_measure_the_imbalance_and_keep_results(tiny_checkpoints: d
     llm = LLM(path, dtype="float32", show_progress=False, gpu_memory_budget="1.1MB", policy="balanced:cg=0.5",
               kv_cache_tokens=256, max_num_batched_tokens=64, max_num_seqs=4, host_chunk_rows=16)
     executor = llm.engine.runner.executor
+    executor.uniform_decode_split = uniform  # streamed pieces alike for every expert of a layer, or by the plan's kinds
     executor.feedback.shift = 3  # as if earlier steps had moved pieces: results must not change
     got = llm.generate(prompt_token_ids=prompts, params=greedy)
     assert [o.token_ids for o in got] == [o.token_ids for o in expected]

@@ -15,8 +15,18 @@ from engine.executor.cpu_pool import CpuPool
 from engine.executor.decode_feedback import DecodeFeedback
 from engine.executor.gate_copies import STAGED_AHEAD, choice_entries, piece_entry, skip_staged_ahead
 from engine.executor.routed_job import RoutedJobs
-from engine.executor.token_assignment import DispatchRates, assign, decode_split, shift_share
+from engine.executor.token_assignment import (
+    DispatchRates,
+    assign,
+    decode_split,
+    layer_streamed,
+    mean_streamed_pieces,
+    shift_share,
+)
+from engine.model.factory import resolve_model_config
 from engine.model.ffn import FFNUnit, UnitSlice
+from engine.placement.memory import ffn_units
+from engine.placement.plan import PartitionPlan, UnitSplit
 from tests.engine.executor.test_partition_exactness import bf16_gpu_llm, write_bf16
 from tests.engine.model.test_decode_graphs import _assert_same
 
@@ -41,15 +51,36 @@ def test_an_items_decode_split_is_what_assign_gives_it() -> None:
     """A routed job is built per (position, expert) before the routing is known: the split of an
     item must not depend on the other items."""
     units = [_unit(["GG", "CG", "CG", "CC", "CC"]), _unit(["CG", "CC", "CC", "CC"]), _unit(["GG", "CG", "CC"])]
-    for shift in range(-5, 6):
+    for shift, mean in ((shift, mean) for shift in range(-5, 6) for mean in (None, 1.25)):
         for chosen in ([0, 1], [2, 0], [1, 2, 0]):
             items = [(units[u], torch.zeros(1, 64)) for u in chosen]
-            placed = assign("balance", items, RATES, DecodeFeedback(shift=shift))
+            placed = assign("balance", items, RATES, DecodeFeedback(shift=shift), mean)
             for i, (unit, _) in enumerate(items):
-                split = decode_split(unit, i, len(items), shift)
+                split = decode_split(unit, i, len(items), shift, mean)
                 for mine, everyone in ((split.on_gpu, placed.on_gpu), (split.streamed, placed.streamed),
                                        (split.on_cpu, placed.on_cpu)):
                     assert [id(p) for _, p in mine] == [id(p) for j, p in everyone if j == i]
+
+
+def test_uniform_decode_splits_stream_one_total_for_every_routing() -> None:
+    """Experts whose plans stream 1 or 2 pieces: by the plan's kinds a top-2 routing streamed 2, 3
+    or 4; uniform, every routing streams the layer's count (its first host pieces in row order)."""
+    experts = [_unit(["GG", "CG", "CC", "CC", "CC"]), _unit(["GG", "CG", "CG", "CC", "CC"])] * 2
+    mean = mean_streamed_pieces(experts)
+    assert mean == 1.5
+    for shift in range(-4, 5):
+        totals = set()
+        for first in experts:
+            for second in experts:
+                splits = [decode_split(unit, i, 2, shift, mean) for i, unit in enumerate((first, second))]
+                totals.add(sum(len(split.streamed) for split in splits))
+                for split, unit in zip(splits, (first, second), strict=True):
+                    host = [piece for piece in unit.slices if piece.kind != "GG"]
+                    assert [p for _, p in split.streamed] == host[: len(split.streamed)]
+                    assert [p for _, p in split.on_cpu] == host[len(split.streamed) :]
+                    assert [p.kind for _, p in split.on_gpu] == ["GG"]
+        assert totals == {min(layer_streamed(mean, 2, shift), 8)}
+    assert layer_streamed(mean, 2, 0) == 3 and layer_streamed(mean, 2, 5) == 0
 
 
 def test_no_routed_jobs_without_a_gpu(tiny_checkpoints: dict[str, Path]) -> None:
@@ -108,6 +139,40 @@ def test_copies_from_the_gate_give_the_bits_of_copies_from_the_driving_thread(ar
     assert gate.engine.runner.executor.routed_jobs.cancelled == 0
 
 
+def _uneven_balanced_plan(path: Path, tmp_path: Path) -> str:
+    """A `balance` plan whose experts stream 1 or 2 host chunks of 8 rows (alternating), as the
+    adaptive planner's whole-chunk CG gives them: uniform decode splits then differ from the plan's."""
+    config, _ = resolve_model_config(str(path))
+    splits = {}
+    for layer, unit, size in ffn_units(config):
+        gg = size // 4
+        cg = min(8 * (1 + unit % 2), size - gg)
+        splits[(layer, unit)] = UnitSplit(gg, cg, size - gg - cg)
+    plan_path = tmp_path / "uneven.json"
+    plan_path.write_text(PartitionPlan("uneven", splits, "balance", host_chunk=8).to_json())
+    return f"manual:{plan_path}"
+
+
+@pytest.mark.gpu
+@CUDA
+@pytest.mark.parametrize("arch", ["mixtral", "phimoe"])
+def test_uniform_decode_splits_give_the_bits_of_the_plans_kinds(arch: str, tmp_path: Path) -> None:
+    path = write_bf16(tmp_path, arch)
+    policy = _uneven_balanced_plan(path, tmp_path)
+    engines = []
+    for uniform in (False, True):
+        llm = LLM(str(path), device="cuda", dtype="bfloat16", show_progress=False, policy=policy,
+                  kv_cache_tokens=256, max_num_batched_tokens=64, max_num_seqs=4, host_chunk_rows=8)
+        llm.engine.runner.executor.uniform_decode_split = uniform
+        engines.append(llm)
+    _assert_same(*engines)
+    plans_kinds, uniform = (llm.engine.runner.executor for llm in engines)
+    assert uniform.routed_jobs.submitted > 0 and uniform.routed_jobs.cancelled == 0
+    assert all(key[2] is not None for key in uniform.routed_jobs._tables)  # (layer, shift, mean, x)
+    assert all(key[2] is None for key in plans_kinds.routed_jobs._tables)
+    assert uniform.mean_streamed(0) == 1.5
+
+
 def test_gate_copy_entries_follow_each_choices_streamed_pieces() -> None:
     rows, hidden = 32, 64
     storages = [torch.zeros(3 * rows * hidden) for _ in range(4)]  # gate_up then down, adjacent: one copy
@@ -133,7 +198,7 @@ def test_gate_copy_entries_follow_each_choices_streamed_pieces() -> None:
 
 
 def test_routed_tables_follow_the_pieces_kinds_after_clear(tiny_checkpoints: dict[str, Path]) -> None:
-    """A routed job's table is kept per (layer, shift, activations); a new plan relabels pieces
+    """A routed job's table is kept per (layer, shift, mean streamed, activations); a new plan relabels pieces
     (the executor's apply_plan clears the tables), and the next table follows the new kinds."""
     llm = LLM(str(tiny_checkpoints["mixtral"]), dtype="bfloat16", show_progress=False,
               policy="manual:gg=0.25,cg=0.25", host_chunk_rows=8)
@@ -141,14 +206,14 @@ def test_routed_tables_follow_the_pieces_kinds_after_clear(tiny_checkpoints: dic
     pool = llm.engine.runner.executor.cpu_pool
     jobs = RoutedJobs(Accelerator.for_device("cpu"), pool, gate=None)  # type: ignore[arg-type]
     x = torch.zeros(1, ffn.experts[0].slices[0].gate_up.shape[1], dtype=torch.bfloat16)
-    before = jobs._table(0, ffn, x, 0)
+    before = jobs._table(0, ffn, x, 0, None)
     assert before is not None and before.max_rows > 0
     cpu_before = sum(len(split.on_cpu) for split in before.splits)
     for expert in ffn.experts:
         for piece in expert.slices:
             if piece.kind == "CC":
                 piece.kind = "CG"
-    assert jobs._table(0, ffn, x, 0) is before  # kept until cleared
+    assert jobs._table(0, ffn, x, 0, None) is before  # kept until cleared
     jobs.clear()
-    after = jobs._table(0, ffn, x, 0)
+    after = jobs._table(0, ffn, x, 0, None)
     assert after is not None and cpu_before > 0 and sum(len(split.on_cpu) for split in after.splits) == 0
