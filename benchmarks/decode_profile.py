@@ -431,6 +431,15 @@ def variants(llm: LLM, args: argparse.Namespace) -> list[tuple[str, Callable[[],
     for setting in BOOLEAN_SWITCHES:
         switch(getattr(args, setting.flag.replace("-", "_") + "_ab"), setting.label, _owner(roots, setting.owner),
                setting.attribute)
+    if args.shifts:  # the decode feedback held at these shifts (it measures, never moves)
+        feedback = executor.feedback
+
+        def hold(shift: int | None) -> None:
+            feedback.reset()
+            feedback.frozen = shift is not None
+            feedback.shift = shift or 0
+
+        add([int(v) for v in args.shifts.split(",")], lambda v: f"decode shift held at {v}", hold, None)
     if args.first_copies:  # copies enqueued before the CPU job is prepared
         add([int(v) for v in args.first_copies.split(",")] * 2, lambda v: f"first copies {v}",
             lambda v: setattr(partitioned, "FIRST_COPIES", v), partitioned.FIRST_COPIES)
@@ -473,6 +482,8 @@ def main() -> None:
                         help="first time each part of the executor's prologue (untraced decode steps)")
     parser.add_argument("--layer-graphs", action="store_true",
                         help="also time the decode layer graphs' GPU time (everything of a layer but its FFN)")
+    parser.add_argument("--shifts", default="",
+                        help="also trace with the decode feedback held at these shifts (comma list; it measures only)")
     parser.add_argument("--first-copies", default="",
                         help="also trace with these counts of copies enqueued before the CPU job (comma list, "
                              "each twice, alternating; 0 = the CPU job first)")

@@ -93,6 +93,8 @@ class DecodeFeedback:
     # pieces twice as often and decoded no faster: 55.7 / 52.2 / 58.7 against 53.5 / 53.5 ms a step.
     # Not a field: a reset keeps it.
     asymmetric = False
+    # True: measures but never moves (benchmarks time one shift against another); not a field either
+    frozen = False
 
     def add(self, shift: int, imbalance_s: float, piece_effect_s: float) -> None:
         """One decode layer's imbalance, measured at `shift`; `piece_effect_s`: what moving one of
@@ -107,6 +109,8 @@ class DecodeFeedback:
             return
         self.imbalance_s = statistics.median(self._window)
         self._window.clear()
+        if self.frozen:
+            return
         if self._before is not None:  # what the last move did, now that its split is measured
             old_shift, old_imbalance = self._before
             observed = (old_imbalance - self.imbalance_s) / (self.shift - old_shift)

@@ -197,3 +197,13 @@ def test_the_anatomy_keeps_each_layers_imbalance() -> None:
     by_layer = feedback.anatomy.by_layer_ms()
     assert list(by_layer) == [0, 1, 2, 3]
     assert all(abs(v - (0.4 if layer % 2 == 0 else -0.4)) < 1e-6 for layer, v in by_layer.items())
+
+
+def test_a_frozen_feedback_measures_but_never_moves() -> None:
+    feedback = DecodeFeedback(shift=-1)
+    feedback.frozen = True
+    _measure(feedback, lambda shift: 3.3e-3 - shift * EFFECT_S)
+    assert feedback.shift == -1 and feedback.moves == 0
+    assert feedback.imbalance_s == pytest.approx(4.3e-3) and feedback.layers == 200
+    feedback.reset()
+    assert feedback.frozen  # a benchmark's hold outlives the resets of plan changes
