@@ -27,8 +27,9 @@ from engine.model.factory import resolve_model_config
 from engine.model.ffn import FFNUnit, UnitSlice
 from engine.placement.memory import ffn_units
 from engine.placement.plan import PartitionPlan, UnitSplit
+from engine.tools.tiny_checkpoint import write_tiny_checkpoint
 from tests.engine.executor.test_partition_exactness import bf16_gpu_llm, write_bf16
-from tests.engine.model.test_decode_graphs import _assert_same
+from tests.engine.model.test_decode_graphs import PROMPTS, _assert_same, _run
 
 CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (run on the GPU machine)")
 RATES = DispatchRates(cpu_bytes_s=60e9, cpu_flops=2e12, pcie_bytes_s=50e9, cpu_job_overhead_s=0.0)
@@ -153,24 +154,47 @@ def _uneven_balanced_plan(path: Path, tmp_path: Path) -> str:
     return f"manual:{plan_path}"
 
 
+def _uneven_llm(path: Path, policy: str, dtype: str, **executor_settings: object) -> LLM:
+    llm = LLM(str(path), device="cuda", dtype=dtype, show_progress=False, policy=policy,
+              kv_cache_tokens=256, max_num_batched_tokens=64, max_num_seqs=4, host_chunk_rows=8)
+    for name, value in executor_settings.items():
+        setattr(llm.engine.runner.executor, name, value)
+    return llm
+
+
 @pytest.mark.gpu
 @CUDA
 @pytest.mark.parametrize("arch", ["mixtral", "phimoe"])
-def test_uniform_decode_splits_give_the_bits_of_the_plans_kinds(arch: str, tmp_path: Path) -> None:
+def test_uniform_routed_jobs_give_the_bits_of_assign(arch: str, tmp_path: Path) -> None:
+    """Uniform decode splits, experts planned unevenly: the routed jobs' tables split each expert as
+    `assign` does after the routing (same bits)."""
     path = write_bf16(tmp_path, arch)
     policy = _uneven_balanced_plan(path, tmp_path)
-    engines = []
+    after, routed = (_uneven_llm(path, policy, "bfloat16", use_routed=v, uniform_decode_split=True) for v in (False, True))
+    _assert_same(after, routed)
+    jobs = routed.engine.runner.executor.routed_jobs
+    assert jobs.submitted > 0 and jobs.cancelled == 0 and after.engine.runner.executor.routed_jobs.submitted == 0
+    assert jobs._tables and all(key[2] == 1.5 for key in jobs._tables)  # (layer, shift, mean streamed, x)
+
+
+@pytest.mark.gpu
+@CUDA
+@pytest.mark.parametrize("arch", ["mixtral", "phimoe"])
+def test_uniform_decode_splits_keep_fp32_results(arch: str, tmp_path: Path) -> None:
+    """A decode split is a partition: uniform or by the plan's kinds, fp32 greedy tokens are those
+    of the model on the GPU alone, and logits within 1e-5."""
+    path = write_tiny_checkpoint(tmp_path / arch, arch=arch, seed=1)
+    policy = _uneven_balanced_plan(path, tmp_path)
+    alone = LLM(str(path), device="cuda", dtype="float32", show_progress=False, kv_cache_tokens=256,
+                max_num_batched_tokens=64, max_num_seqs=4)
+    tokens, logits = _run(alone, PROMPTS)
     for uniform in (False, True):
-        llm = LLM(str(path), device="cuda", dtype="bfloat16", show_progress=False, policy=policy,
-                  kv_cache_tokens=256, max_num_batched_tokens=64, max_num_seqs=4, host_chunk_rows=8)
-        llm.engine.runner.executor.uniform_decode_split = uniform
-        engines.append(llm)
-    _assert_same(*engines)
-    plans_kinds, uniform = (llm.engine.runner.executor for llm in engines)
-    assert uniform.routed_jobs.submitted > 0 and uniform.routed_jobs.cancelled == 0
-    assert all(key[2] is not None for key in uniform.routed_jobs._tables)  # (layer, shift, mean, x)
-    assert all(key[2] is None for key in plans_kinds.routed_jobs._tables)
-    assert uniform.mean_streamed(0) == 1.5
+        llm = _uneven_llm(path, policy, "float32", uniform_decode_split=uniform)
+        got_tokens, got_logits = _run(llm, PROMPTS)
+        assert got_tokens == tokens
+        for a, b in zip(logits, got_logits, strict=True):
+            torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-5)
+        assert llm.engine.runner.executor.feedback.layers > 0  # decode layers were measured and split
 
 
 def test_gate_copy_entries_follow_each_choices_streamed_pieces() -> None:
