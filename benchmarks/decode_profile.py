@@ -225,6 +225,56 @@ def time_host_phases(llm: LLM) -> None:
     wrap_timed(moe.MoEBlock, "__call__", interval("combine", after_executor=True))
 
 
+def time_step_phases(llm: LLM, prompt_len: int, steps: int) -> list[str]:
+    """Where an untraced decode step's wall time goes around its gated layers: the host phases of
+    `LLMEngine.step` (scheduling, the batch's build, the forward's host time, sampling, the
+    outputs; the batch's build is execute minus forward), and on the CPU jobs' clock the step's start to layer 0's gate, the gates' span (first
+    to last), and the last gate to the step's end. Medians in ms."""
+    engine, executor = llm.engine, llm.engine.runner.executor
+    phases: dict[str, list[float]] = {}
+    gates: list[float] = []
+
+    def timed(owner: object, name: str, label: str) -> Callable[[], None]:
+        return wrap_timed(owner, name, lambda start, end: phases.setdefault(label, []).append(end - start))
+
+    def gate(end_s: float, start_s: float | None = None, enqueued_s: float | None = None) -> None:
+        if start_s:
+            gates.append(start_s)
+        cpu_done(end_s, start_s, enqueued_s)
+
+    cpu_done = executor._meter.cpu_done
+    executor._meter.cpu_done = gate
+    undo = [timed(engine.scheduler, "schedule", "schedule"), timed(engine.runner, "execute", "execute (host)"),
+            timed(engine.runner.model, "forward", "forward (host)"), timed(engine, "sampler", "sample"),
+            timed(engine, "_apply", "outputs")]
+    rows: list[tuple[float, ...]] = []  # (step, to first gate, gates' span, after last gate, gates)
+    try:
+        _start_decoding(llm, prompt_len, steps + 4)
+        for _ in range(steps):
+            torch.cuda.synchronize()
+            gates.clear()
+            start = time.perf_counter()
+            engine.step()
+            torch.cuda.synchronize()
+            end = time.perf_counter()
+            if gates:
+                rows.append((end - start, gates[0] - start, gates[-1] - gates[0], end - gates[-1], len(gates)))
+        while engine.has_unfinished_requests():
+            engine.step()
+    finally:
+        executor._meter.cpu_done = cpu_done
+        for restore in undo:
+            restore()
+    lines = [f"decode step phases over {steps} steps (median ms):"]
+    for name, values in phases.items():
+        lines.append(f"  {name:28} {statistics.median(values[-steps:]) * 1e3:8.3f}")
+    if rows:
+        for k, name in enumerate(("step", "step start to layer 0's gate", "first to last gate", "last gate to step end")):
+            lines.append(f"  {name:28} {statistics.median(r[k] for r in rows) * 1e3:8.3f}")
+        lines.append(f"  gated layers a step: {statistics.median(r[4] for r in rows):.0f}")
+    return lines
+
+
 def time_prologue_parts(llm: LLM, prompt_len: int, steps: int) -> list[str]:
     """Median host time of each part of the executor's prologue (before the CPU job is submitted),
     and of its per-piece GPU work, over untraced decode steps: each part wrapped with a
@@ -478,6 +528,8 @@ def main() -> None:
     parser.add_argument("--profile", default=None, help="hardware profile to plan with (default: measure this machine)")
     parser.add_argument("--plain-steps", type=int, default=0,
                         help="first time this many untraced decode steps (median ms and tok/s)")
+    parser.add_argument("--step-phases", type=int, default=0,
+                        help="also time N untraced decode steps' phases around their gated layers")
     parser.add_argument("--prologue-parts", action="store_true",
                         help="first time each part of the executor's prologue (untraced decode steps)")
     parser.add_argument("--layer-graphs", action="store_true",
@@ -514,6 +566,9 @@ def main() -> None:
         lines.append(f"look-ahead: {args.lookahead} pieces a layer")
     if args.plain_steps:
         lines += plain_decode(llm, args.prompt_len, args.plain_steps)
+        print("\n".join(lines), flush=True)
+    if args.step_phases:
+        lines += time_step_phases(llm, args.prompt_len, args.step_phases)
         print("\n".join(lines), flush=True)
     if args.prologue_parts:
         lines += time_prologue_parts(llm, args.prompt_len, args.steps)
