@@ -230,9 +230,12 @@ def time_step_phases(llm: LLM, prompt_len: int, steps: int) -> list[str]:
     `LLMEngine.step` (scheduling, the batch's build, the forward's host time, sampling, the
     outputs; the batch's build is execute minus forward), and on the CPU jobs' clock the step's start to layer 0's gate, the gates' span (first
     to last), and the last gate to the step's end. Medians in ms."""
-    engine, executor = llm.engine, llm.engine.runner.executor
+    from engine.model import decoder
+
+    engine, executor, model = llm.engine, llm.engine.runner.executor, llm.engine.runner.model
     phases: dict[str, list[float]] = {}
     gates: list[float] = []
+    submits: list[float] = []  # when the host submitted each layer's routed job (returned)
 
     def timed(owner: object, name: str, label: str) -> Callable[[], None]:
         return wrap_timed(owner, name, lambda start, end: phases.setdefault(label, []).append(end - start))
@@ -245,20 +248,26 @@ def time_step_phases(llm: LLM, prompt_len: int, steps: int) -> list[str]:
     cpu_done = executor._meter.cpu_done
     executor._meter.cpu_done = gate
     undo = [timed(engine.scheduler, "schedule", "schedule"), timed(engine.runner, "execute", "execute (host)"),
-            timed(engine.runner.model, "forward", "forward (host)"), timed(engine, "sampler", "sample"),
-            timed(engine, "_apply", "outputs")]
+            timed(model, "forward", "forward (host)"), timed(engine, "sampler", "sample"),
+            timed(engine, "_apply", "outputs"), timed(model.rotary, "cos_sin", "  rotary cos_sin"),
+            timed(decoder, "decode_keys", "  decode_keys"), timed(executor, "flush", "  executor flush (each call)"),
+            wrap_timed(executor, "prepare_routed", lambda start, end: submits.append(end))]
+    if model.decode_graphs is not None:
+        undo += [timed(model.decode_graphs, "_fill", "  graphs' inputs filled"), timed(model.decode_graphs, "_step", "  graphs' step")]
     rows: list[tuple[float, ...]] = []  # (step, to first gate, gates' span, after last gate, gates)
     try:
         _start_decoding(llm, prompt_len, steps + 4)
         for _ in range(steps):
             torch.cuda.synchronize()
             gates.clear()
+            submits.clear()
             start = time.perf_counter()
             engine.step()
             torch.cuda.synchronize()
             end = time.perf_counter()
             if gates:
-                rows.append((end - start, gates[0] - start, gates[-1] - gates[0], end - gates[-1], len(gates)))
+                rows.append((end - start, gates[0] - start, gates[-1] - gates[0], end - gates[-1], len(gates),
+                             submits[0] - start if submits else 0.0))
         while engine.has_unfinished_requests():
             engine.step()
     finally:
@@ -271,6 +280,7 @@ def time_step_phases(llm: LLM, prompt_len: int, steps: int) -> list[str]:
     if rows:
         for k, name in enumerate(("step", "step start to layer 0's gate", "first to last gate", "last gate to step end")):
             lines.append(f"  {name:28} {statistics.median(r[k] for r in rows) * 1e3:8.3f}")
+        lines.append(f"  step start to layer 0's job submitted {statistics.median(r[5] for r in rows) * 1e3:.3f}")
         lines.append(f"  gated layers a step: {statistics.median(r[4] for r in rows):.0f}")
     return lines
 

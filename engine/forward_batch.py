@@ -7,7 +7,7 @@ tokens (one per sequence) alike. Each sequence contributes `query_len` tokens at
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -29,9 +29,21 @@ class SequenceSpan:
     query_start: int  # offset of this sequence's first token in the flat batch
     query_len: int
     context_len: int  # KV length after this step
-    context_slots: torch.Tensor  # [context_len] flat KV slots of positions [0, context_len)
+    block_table: list[int]  # the blocks holding positions [0, context_len)
+    block_size: int
+    device: torch.device | str
     # the first slot when those slots are one contiguous range (the cache is then read as a view)
     context_start: int | None = None
+    _context_slots: torch.Tensor | None = field(default=None, repr=False)
+
+    @property
+    def context_slots(self) -> torch.Tensor:
+        """[context_len] flat KV slots of positions [0, context_len), made at the first use (a decode
+        step whose blocks are one range reads the cache as a view and never needs them)."""
+        if self._context_slots is None:
+            slots = slots_for(self.block_table, 0, self.context_len, self.block_size)
+            self._context_slots = torch.tensor(slots, dtype=torch.long, device=self.device)
+        return self._context_slots
 
 
 @dataclass
@@ -57,20 +69,22 @@ class ForwardBatch:
         for chunk in chunks:
             start, query_len = chunk.num_cached_tokens, len(chunk.token_ids)
             end = start + query_len
-            context = slots_for(chunk.block_table, 0, end, block_size)
-            spans.append(SequenceSpan(len(input_ids), query_len, end,
-                                      torch.tensor(context, dtype=torch.long, device=device),
-                                      context[0] if _consecutive(chunk.block_table, end, block_size) else None))
+            used_blocks = chunk.block_table[: -(-end // block_size)]
+            first = used_blocks[0] * block_size if _consecutive(chunk.block_table, end, block_size) else None
+            spans.append(SequenceSpan(len(input_ids), query_len, end, used_blocks, block_size, device, first))
             input_ids.extend(chunk.token_ids)
             positions.extend(range(start, end))
-            slots.extend(context[start:end])
+            slots.extend(slots_for(chunk.block_table, start, end, block_size))
             if chunk.needs_logits:
                 logits_indices.append(len(input_ids) - 1)
-
-        def as_tensor(values: list[int]) -> torch.Tensor:
-            return torch.tensor(values, dtype=torch.long, device=device)
-
-        return cls(as_tensor(input_ids), as_tensor(positions), as_tensor(slots), spans, as_tensor(logits_indices))
+        # the four index lists in one host tensor and one copy (on a GPU: pinned, not waited for)
+        values = torch.tensor(input_ids + positions + slots + logits_indices, dtype=torch.long)
+        if torch.device(device).type == "cuda":
+            values = values.pin_memory().to(device, non_blocking=True)
+        else:
+            values = values.to(device)
+        n = len(input_ids)
+        return cls(values[:n], values[n : 2 * n], values[2 * n : 3 * n], spans, values[3 * n :])
 
 
 def _consecutive(block_table: list[int], num_tokens: int, block_size: int) -> bool:

@@ -116,6 +116,8 @@ class DecoderModel:
         if original_max is None:
             return None
         flags = [span.context_len > original_max for span in batch.spans for _ in range(span.query_len)]
+        if not any(flags):  # decided here: a mask on the GPU would be read back (a sync) to learn it
+            return None
         return torch.tensor(flags, dtype=torch.bool, device=self.device)
 
     @torch.inference_mode()
