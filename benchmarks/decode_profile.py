@@ -52,6 +52,8 @@ BOOLEAN_SWITCHES = (
                   "the decode feedback balancing the CPU against the last copy and the last streamed piece's compute"),
     BooleanSwitch("band", "asymmetric feedback band", "executor.feedback", "asymmetric",
                   "the decode feedback's band symmetric and asymmetric (a late GPU side moves sooner)"),
+    BooleanSwitch("period-rule", "the feedback's period rule", "executor.feedback", "by_period",
+                  "the decode feedback moved by the imbalance alone and kept at the faster shift around balance"),
     BooleanSwitch("signal", "stream signal", "executor", "use_signal",
                   "the GPU stream waiting for decode CPU jobs off and on"),
     BooleanSwitch("launch", "direct Triton launch", "launcher", "direct",

@@ -9,6 +9,11 @@ the CPU job ended (the imbalance). After a window of layers at the same split, a
 larger than about half of what moving one piece changes moves pieces (`shift`: how many per layer go from PCIe
 to the CPU, relative to the plan; negative: the other way). What one moved piece changes is first
 taken from the profile's rates, then from what the moves did.
+
+The imbalance says which way balance lies, not which split is faster: a piece moves the imbalance
+by about as much as the band is wide, so the two shifts around balance both sit near its edges and
+noise flips between them. Once both neighbours around balance have been measured (their imbalances
+on either side of zero), the period rule keeps the one whose layers ran gate to gate in less time.
 """
 
 from __future__ import annotations
@@ -33,6 +38,23 @@ DEADBAND = 0.6  # move once the imbalance exceeds this fraction of one piece's e
 GPU_LATE = 0.35
 CPU_LATE = 0.7
 EFFECT_RANGE = 2.0  # a learned piece effect stays within this factor of the profile's
+# The period rule (DecodeFeedback.by_period): a shift's reading (its window's median imbalance and
+# gate-to-gate period) decides against a neighbour's for PERIOD_MEMORY windows (then the neighbour is
+# measured again: the machine may have changed); periods closer than PERIOD_MARGIN of the current
+# one leave the decision to the imbalance; a window needs MIN_PERIODS periods to have a reading.
+PERIOD_MEMORY = 32
+PERIOD_MARGIN = 0.02
+MIN_PERIODS = WINDOW // 2
+
+
+@dataclass(frozen=True)
+class ShiftReading:
+    """What one window measured at a shift: median imbalance and gate-to-gate period (seconds), and
+    the window's number (DecodeFeedback.windows) to tell its age."""
+
+    imbalance_s: float
+    period_s: float
+    window: int
 
 
 @dataclass
@@ -85,7 +107,12 @@ class DecodeFeedback:
     piece_effect_s: float = 0.0
     moves: int = 0
     layers: int = 0  # layers measured in all
+    windows: int = 0  # windows completed in all
+    period_moves: int = 0  # moves the period rule made (of `moves`)
+    holds: int = 0  # windows the period rule kept the shift where the imbalance would have moved it
+    readings: dict[int, ShiftReading] = field(default_factory=dict)  # the last reading of each shift
     _window: list[float] = field(default_factory=list)  # this split's layers so far
+    _periods: list[float] = field(default_factory=list)  # this split's gate-to-gate periods so far
     _before: tuple[int, float] | None = None  # (shift, imbalance) before the last move
     anatomy: LayerAnatomy = field(default_factory=LayerAnatomy)
     # The asymmetric band (True) or DEADBAND both ways (False, the default): on the H100 machine
@@ -95,6 +122,13 @@ class DecodeFeedback:
     asymmetric = False
     # True: measures but never moves (benchmarks time one shift against another); not a field either
     frozen = False
+    # The period rule (module docstring); False: the imbalance alone moves the split (A/B in benchmarks)
+    by_period = True
+
+    def add_period(self, shift: int, period_s: float) -> None:
+        """One decode layer's gate-to-gate period (its gate to the next layer's), run at `shift`."""
+        if shift == self.shift:
+            self._periods.append(period_s)
 
     def add(self, shift: int, imbalance_s: float, piece_effect_s: float) -> None:
         """One decode layer's imbalance, measured at `shift`; `piece_effect_s`: what moving one of
@@ -109,6 +143,10 @@ class DecodeFeedback:
             return
         self.imbalance_s = statistics.median(self._window)
         self._window.clear()
+        self.windows += 1
+        if len(self._periods) >= MIN_PERIODS:
+            self.readings[self.shift] = ShiftReading(self.imbalance_s, statistics.median(self._periods), self.windows)
+        self._periods.clear()
         if self.frozen:
             return
         if self._before is not None:  # what the last move did, now that its split is measured
@@ -118,13 +156,44 @@ class DecodeFeedback:
             observed = min(max(observed, piece_effect_s / EFFECT_RANGE), piece_effect_s * EFFECT_RANGE)
             self.piece_effect_s = 0.5 * (self.piece_effect_s + observed)
             self._before = None
+        step = self._imbalance_step()
+        by_period = self._by_period()
+        if by_period:
+            self.period_moves += 1
+            self._move(1 if self.imbalance_s > 0 else -1)
+        elif by_period is False:
+            self.holds += step != 0
+        elif step:
+            self._move(step)
+
+    def _imbalance_step(self) -> int:
+        """Pieces the imbalance alone would move (0: inside the band)."""
         effect = self.piece_effect_s
         low, high = (-CPU_LATE * effect, GPU_LATE * effect) if self.asymmetric else (-DEADBAND * effect, DEADBAND * effect)
-        if not low <= self.imbalance_s <= high:
-            step = max(1, round(abs(self.imbalance_s - (low + high) / 2) / effect))
-            self._before = (self.shift, self.imbalance_s)
-            self.shift += step if self.imbalance_s > high else -step
-            self.moves += 1
+        if low <= self.imbalance_s <= high:
+            return 0
+        step = max(1, round(abs(self.imbalance_s - (low + high) / 2) / effect))
+        return step if self.imbalance_s > high else -step
+
+    def _by_period(self) -> bool | None:
+        """The period rule's decision after a window: True moves one piece toward balance, False
+        stays, None leaves it to the imbalance (no recent reading of the neighbour on balance's
+        other side, or periods within the margin)."""
+        here = self.readings.get(self.shift)
+        if not self.by_period or here is None or here.window != self.windows:
+            return None
+        there = self.readings.get(self.shift + (1 if here.imbalance_s > 0 else -1))
+        if there is None or self.windows - there.window > PERIOD_MEMORY or (there.imbalance_s > 0) == (here.imbalance_s > 0):
+            return None
+        if abs(there.period_s - here.period_s) <= PERIOD_MARGIN * here.period_s:
+            return None
+        return there.period_s < here.period_s
+
+    def _move(self, step: int) -> None:
+        self._before = (self.shift, self.imbalance_s)
+        self.shift += step
+        self.moves += 1
+        self._periods.clear()
 
     @property
     def samples(self) -> int:
@@ -138,7 +207,8 @@ class DecodeFeedback:
     def summary(self) -> dict[str, float | int]:
         """The state, for logs and benchmark reports."""
         return {"shift": self.shift, "imbalance_ms": self.imbalance_s * 1e3, "piece_effect_ms": self.piece_effect_s * 1e3,
-                "moves": self.moves, "layers": self.layers, **self.anatomy.summary()}
+                "moves": self.moves, "period_moves": self.period_moves, "holds": self.holds, "layers": self.layers,
+                **self.anatomy.summary()}
 
 
 @dataclass
@@ -164,6 +234,7 @@ class DecodeMeter:
         self.feedback = feedback
         self._layers: deque[_Layer] = deque()
         self._last_gate_s: float | None = None  # the previous gated layer's gate (host clock)
+        self._last_gated: _Layer | None = None  # that layer (its period goes to its shift)
 
     def enter(self, piece_effect_s: float, shift: int | None = None, gate: Mark = None, layer: int | None = None) -> None:
         """`piece_effect_s`: what moving one host piece of this layer would change, by the profile;
@@ -192,7 +263,13 @@ class DecodeMeter:
             layer.entered_s = start_s
             if self._last_gate_s is not None and start_s > self._last_gate_s:
                 self.feedback.anatomy.period_s.append(start_s - self._last_gate_s)
+                before = self._last_gated
+                # the period rule takes a layer's period only up to the next layer of the same step
+                # (the last layer's runs into the LM head, sampling and the next step's start)
+                if before is not None and before.index is not None and layer.index == before.index + 1:
+                    self.feedback.add_period(before.shift, start_s - self._last_gate_s)
             self._last_gate_s = start_s
+            self._last_gated = layer
 
     def _resolve(self) -> None:
         while self._layers:

@@ -1,6 +1,9 @@
 """Rotary position embeddings with the scaling types of the supported configs.
 
-cos/sin are computed once per forward for the step's positions and shared by every layer.
+cos/sin are computed once per forward for the step's positions and shared by every layer. Given the
+step's largest position (known on the host), they are gathered from tables of every position up to
+a power of two, made on first use with the same operations (so the same bits): one gather each
+instead of about ten small kernels a step.
 """
 
 from __future__ import annotations
@@ -13,6 +16,7 @@ import torch
 from engine.model.config import RopeConfig, UnsupportedModelError
 
 SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3", "longrope")
+MIN_TABLE_POSITIONS = 1024  # a table covers at least this many positions, then the next power of two
 
 
 def _base_inv_freq(theta: float, dim: int) -> torch.Tensor:
@@ -60,6 +64,8 @@ class RotaryEmbedding:
             self.inv_freq = _llama3_inv_freq(rope, dim)
         else:
             self._init_longrope()
+        # (device, dtype, long) -> (cos, sin) of positions [0, len): [len, head_dim] each
+        self._tables: dict[tuple[torch.device, torch.dtype, bool], tuple[torch.Tensor, torch.Tensor]] = {}
 
     def _init_longrope(self) -> None:
         rope, dim = self.rope, self.head_dim
@@ -79,19 +85,42 @@ class RotaryEmbedding:
             self.scaling = self.long_scaling = float(attention)
 
     def cos_sin(
-        self, positions: torch.Tensor, dtype: torch.dtype, long_mask: torch.Tensor | None = None
+        self, positions: torch.Tensor, dtype: torch.dtype, long_mask: torch.Tensor | None = None,
+        max_position: int | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """positions: [num_tokens] -> cos, sin: [num_tokens, head_dim] in `dtype`.
 
         `long_mask` ([num_tokens] bool) marks tokens of sequences longer than longrope's original
-        context: those use the long factors and scale.
+        context: those use the long factors and scale. `max_position`: the largest of `positions`
+        (from the host): then cos/sin are gathered from tables (the same bits) instead of computed.
         """
+        long = self.long_inv_freq is not None and long_mask is not None
+        if max_position is not None:
+            cos, sin = self._gather(positions, dtype, False, max_position)
+            if long:
+                long_cos, long_sin = self._gather(positions, dtype, True, max_position)
+                cos = torch.where(long_mask[:, None], long_cos, cos)
+                sin = torch.where(long_mask[:, None], long_sin, sin)
+            return cos, sin
         cos, sin = self._cos_sin(positions, self.inv_freq, self.scaling)
-        if self.long_inv_freq is not None and long_mask is not None and bool(long_mask.any()):
+        if long and bool(long_mask.any()):
             long_cos, long_sin = self._cos_sin(positions, self.long_inv_freq, self.long_scaling)
             cos = torch.where(long_mask[:, None], long_cos, cos)
             sin = torch.where(long_mask[:, None], long_sin, sin)
         return cos.to(dtype), sin.to(dtype)
+
+    def _gather(self, positions: torch.Tensor, dtype: torch.dtype, long: bool,
+                max_position: int) -> tuple[torch.Tensor, torch.Tensor]:
+        key = (positions.device, dtype, long)
+        table = self._tables.get(key)
+        if table is None or table[0].shape[0] <= max_position:
+            size = max(MIN_TABLE_POSITIONS, 1 << max_position.bit_length())
+            size = max(min(size, self.max_position_embeddings), max_position + 1)  # no rows past the model's context
+            every = torch.arange(size, dtype=positions.dtype, device=positions.device)
+            inv_freq, scaling = (self.long_inv_freq, self.long_scaling) if long else (self.inv_freq, self.scaling)
+            cos, sin = self._cos_sin(every, inv_freq, scaling)
+            table = self._tables[key] = (cos.to(dtype), sin.to(dtype))
+        return table[0].index_select(0, positions), table[1].index_select(0, positions)
 
     @staticmethod
     def _cos_sin(

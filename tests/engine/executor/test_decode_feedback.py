@@ -207,3 +207,98 @@ def test_a_frozen_feedback_measures_but_never_moves() -> None:
     assert feedback.imbalance_s == pytest.approx(4.3e-3) and feedback.layers == 200
     feedback.reset()
     assert feedback.frozen  # a benchmark's hold outlives the resets of plan changes
+
+
+def _measure_periods(feedback: DecodeFeedback, imbalance_of_shift, period_of_shift, windows: int) -> list[int]:
+    """Feeds `windows` windows of layers with an imbalance and a gate-to-gate period that follow
+    from the shift; returns the shift each window ran at."""
+    shifts = []
+    for _ in range(windows):
+        shifts.append(feedback.shift)
+        for _ in range(WINDOW):
+            shift = feedback.shift
+            feedback.add_period(shift, period_of_shift(shift))
+            feedback.add(shift, imbalance_of_shift(shift), EFFECT_S)
+    return shifts
+
+
+def _imbalance_between_0_and_1(shift: int) -> float:
+    """Balance between shifts 0 and 1: at 0 outside the band (moves), at 1 inside it (stays)."""
+    return (0.7 - shift) * EFFECT_S
+
+
+def test_the_period_rule_keeps_the_faster_of_the_two_shifts_around_balance() -> None:
+    faster_at_0 = {0: 1.40e-3, 1: 1.50e-3}  # the imbalance alone would settle at 1, the slower one
+    feedback = DecodeFeedback()
+    shifts = _measure_periods(feedback, _imbalance_between_0_and_1, lambda s: faster_at_0.get(s, 2e-3), windows=20)
+    assert shifts[:3] == [0, 1, 0] and set(shifts[2:]) == {0}
+    assert feedback.period_moves == 1 and feedback.holds == 18
+    assert feedback.readings[1].period_s == pytest.approx(1.50e-3)
+    by_imbalance = DecodeFeedback()
+    by_imbalance.by_period = False
+    shifts = _measure_periods(by_imbalance, _imbalance_between_0_and_1, lambda s: faster_at_0.get(s, 2e-3), windows=20)
+    assert set(shifts[1:]) == {1} and by_imbalance.holds == 0 and by_imbalance.period_moves == 0
+
+
+def test_the_period_rule_ends_the_flip_between_two_shifts_around_balance() -> None:
+    """Balance halfway between shifts 0 and 1, and each window's median moved by the machine's
+    state: the imbalance alone flips between the two, the period rule stays at the faster one."""
+    import random
+
+    rng = random.Random(7)
+    noise = [rng.gauss(0.0, 0.4) * EFFECT_S for _ in range(40)]
+    periods = {0: 1.60e-3, 1: 1.45e-3}
+
+    def run(by_period: bool) -> tuple[DecodeFeedback, list[int]]:
+        feedback = DecodeFeedback()
+        feedback.by_period = by_period
+        shifts = _measure_periods(feedback, lambda s: (0.5 - s) * EFFECT_S + noise[feedback.windows],
+                                  lambda s: periods.get(s, 2e-3), windows=len(noise))
+        return feedback, shifts
+
+    by_imbalance, shifts = run(False)
+    assert by_imbalance.moves >= 4 and shifts.count(0) >= 8
+    feedback, shifts = run(True)
+    assert feedback.moves <= 3 and shifts.count(1) >= 36 and shifts[-1] == 1 and feedback.holds > 0
+
+
+def test_an_old_reading_is_measured_again() -> None:
+    """After PERIOD_MEMORY windows the neighbour's reading is stale: the imbalance moves the split
+    there once, and the period rule brings it back."""
+    from engine.executor.decode_feedback import PERIOD_MEMORY
+
+    periods = {0: 1.40e-3, 1: 1.50e-3}
+    feedback = DecodeFeedback()
+    shifts = _measure_periods(feedback, _imbalance_between_0_and_1, periods.__getitem__, windows=3 * PERIOD_MEMORY)
+    assert 2 <= shifts.count(1) <= 4 and feedback.period_moves == shifts.count(1)
+    assert shifts[-1] == 0
+
+
+def test_periods_within_the_margin_leave_the_split_to_the_imbalance() -> None:
+    feedback = DecodeFeedback()
+    shifts = _measure_periods(feedback, _imbalance_between_0_and_1, lambda s: 1.5e-3 * (1 + 0.005 * s), windows=10)
+    assert set(shifts[1:]) == {1} and feedback.holds == 0 and feedback.period_moves == 0
+
+
+def test_the_meter_gives_each_period_to_its_layers_shift_within_a_step() -> None:
+    """A period runs from a layer's gate to the next layer's, at the first one's shift; the last
+    layer's period (into the next step) is left out."""
+    from engine.executor.accelerator import Accelerator
+    from engine.executor.decode_feedback import DecodeMeter
+
+    periods: list[tuple[int, float]] = []
+
+    class Recording(DecodeFeedback):
+        def add_period(self, shift: int, period_s: float) -> None:
+            periods.append((shift, period_s))
+
+    meter = DecodeMeter(Accelerator.for_device("cpu"), Recording())
+    gate = 10.0
+    for _step in range(2):
+        for layer in range(3):
+            gate += 0.002 if layer else 0.005  # 2 ms a layer, 5 ms across the step boundary
+            meter.enter(EFFECT_S, shift=layer, gate=gate, layer=layer)
+            meter._layers[-1].end = gate + 0.001
+            meter.cpu_done(end_s=gate + 0.001, start_s=gate)
+    assert [shift for shift, _ in periods] == [0, 1, 0, 1]
+    assert all(period == pytest.approx(0.002) for _, period in periods)
