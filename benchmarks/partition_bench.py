@@ -191,9 +191,8 @@ def main() -> None:
                              "without the per-layer CUDA graphs; a '~copied' suffix (last of the '~' ones: '~eager~copied') copies "
                              "the CPU's output rows to the GPU (default: read in place); a '~perplan' suffix (after all: "
                              "'~copied~perplan') splits decode layers by each expert's plan kinds, not alike for all "
-                             "(engine/executor/token_assignment.py); a '~imbalance' suffix (after all, '~perplan' too) "
-                             "moves the decode feedback by the imbalance alone, without its period rule "
-                             "(engine/executor/decode_feedback.py); a last '^N' suffix copies N pieces of the "
+                             "(engine/executor/token_assignment.py); a '~period' suffix (after all, '~perplan' too) "
+                             "turns on the decode feedback's period rule (engine/executor/decode_feedback.py); a last '^N' suffix copies N pieces of the "
                              "next layer's likely experts ahead (0: no look-ahead)")
     parser.add_argument("--build-policy", default="manual:cg=0",
                         help="plan the model is built with (sets the resident share every policy shares)")
@@ -251,9 +250,9 @@ def main() -> None:
         llm.engine.runner.executor.lookahead_pieces = pieces
         # adaptive%150: prefill's balance counts 150 us of the driving thread's work a streamed piece
         core, _, stream_host_us = core.partition("%")
-        # adaptive~imbalance: the decode feedback moves by the imbalance alone (no period rule)
-        llm.engine.runner.executor.feedback.by_period = not core.endswith("~imbalance")
-        core = core.removesuffix("~imbalance")
+        # adaptive~period: the decode feedback's period rule on (engine/executor/decode_feedback.py)
+        llm.engine.runner.executor.feedback.by_period = core.endswith("~period")
+        core = core.removesuffix("~period")
         # adaptive~perplan: decode splits by each expert's plan kinds, not one count for every expert
         llm.engine.runner.executor.uniform_decode_split = not core.endswith("~perplan")
         core = core.removesuffix("~perplan")

@@ -13,7 +13,8 @@ taken from the profile's rates, then from what the moves did.
 The imbalance says which way balance lies, not which split is faster: a piece moves the imbalance
 by about as much as the band is wide, so the two shifts around balance both sit near its edges and
 noise flips between them. Once both neighbours around balance have been measured (their imbalances
-on either side of zero), the period rule keeps the one whose layers ran gate to gate in less time.
+on either side of zero), the period rule keeps the one whose layers ran gate to gate in less time
+(off by default until measured on the GPU machine: DecodeFeedback.by_period).
 """
 
 from __future__ import annotations
@@ -122,8 +123,10 @@ class DecodeFeedback:
     asymmetric = False
     # True: measures but never moves (benchmarks time one shift against another); not a field either
     frozen = False
-    # The period rule (module docstring); False: the imbalance alone moves the split (A/B in benchmarks)
-    by_period = True
+    # The period rule (module docstring); False: the imbalance alone moves the split. Off until the
+    # GPU machine measures it (session 18 got no device time): `partition_bench.py` policy suffix
+    # '~period', `decode_profile.py --period-rule-ab`; not a field either
+    by_period = False
 
     def add_period(self, shift: int, period_s: float) -> None:
         """One decode layer's gate-to-gate period (its gate to the next layer's), run at `shift`."""

@@ -222,6 +222,12 @@ def _measure_periods(feedback: DecodeFeedback, imbalance_of_shift, period_of_shi
     return shifts
 
 
+def _with_period_rule() -> DecodeFeedback:
+    feedback = DecodeFeedback()
+    feedback.by_period = True  # off by default until the GPU machine measures it
+    return feedback
+
+
 def _imbalance_between_0_and_1(shift: int) -> float:
     """Balance between shifts 0 and 1: at 0 outside the band (moves), at 1 inside it (stays)."""
     return (0.7 - shift) * EFFECT_S
@@ -229,13 +235,14 @@ def _imbalance_between_0_and_1(shift: int) -> float:
 
 def test_the_period_rule_keeps_the_faster_of_the_two_shifts_around_balance() -> None:
     faster_at_0 = {0: 1.40e-3, 1: 1.50e-3}  # the imbalance alone would settle at 1, the slower one
-    feedback = DecodeFeedback()
+    feedback = _with_period_rule()
     shifts = _measure_periods(feedback, _imbalance_between_0_and_1, lambda s: faster_at_0.get(s, 2e-3), windows=20)
     assert shifts[:3] == [0, 1, 0] and set(shifts[2:]) == {0}
     assert feedback.period_moves == 1 and feedback.holds == 18
     assert feedback.readings[1].period_s == pytest.approx(1.50e-3)
-    by_imbalance = DecodeFeedback()
-    by_imbalance.by_period = False
+    feedback.reset()
+    assert feedback.by_period and not feedback.readings  # a reset forgets the readings, keeps the rule
+    by_imbalance = DecodeFeedback()  # the default: the imbalance alone
     shifts = _measure_periods(by_imbalance, _imbalance_between_0_and_1, lambda s: faster_at_0.get(s, 2e-3), windows=20)
     assert set(shifts[1:]) == {1} and by_imbalance.holds == 0 and by_imbalance.period_moves == 0
 
@@ -250,7 +257,7 @@ def test_the_period_rule_ends_the_flip_between_two_shifts_around_balance() -> No
     periods = {0: 1.60e-3, 1: 1.45e-3}
 
     def run(by_period: bool) -> tuple[DecodeFeedback, list[int]]:
-        feedback = DecodeFeedback()
+        feedback = _with_period_rule()
         feedback.by_period = by_period
         shifts = _measure_periods(feedback, lambda s: (0.5 - s) * EFFECT_S + noise[feedback.windows],
                                   lambda s: periods.get(s, 2e-3), windows=len(noise))
@@ -268,14 +275,14 @@ def test_an_old_reading_is_measured_again() -> None:
     from engine.executor.decode_feedback import PERIOD_MEMORY
 
     periods = {0: 1.40e-3, 1: 1.50e-3}
-    feedback = DecodeFeedback()
+    feedback = _with_period_rule()
     shifts = _measure_periods(feedback, _imbalance_between_0_and_1, periods.__getitem__, windows=3 * PERIOD_MEMORY)
     assert 2 <= shifts.count(1) <= 4 and feedback.period_moves == shifts.count(1)
     assert shifts[-1] == 0
 
 
 def test_periods_within_the_margin_leave_the_split_to_the_imbalance() -> None:
-    feedback = DecodeFeedback()
+    feedback = _with_period_rule()
     shifts = _measure_periods(feedback, _imbalance_between_0_and_1, lambda s: 1.5e-3 * (1 + 0.005 * s), windows=10)
     assert set(shifts[1:]) == {1} and feedback.holds == 0 and feedback.period_moves == 0
 
