@@ -1,0 +1,33 @@
+#!/usr/bin/env bash
+# One device call for what a session left unmeasured (session 18: the decode feedback's period rule
+# and the rotary tables): the GPU tests, then the period rule A/B on Phi-3.5-MoE at 24 GiB in one
+# process (each policy re-plans, so the feedback starts afresh), then Mixtral if time is left.
+#
+#   OUT=results_dir benchmarks/pending_ab.sh            # on the GPU machine, ~5-8 min
+#
+# Each step writes under $OUT as it ends (partition_bench prints each policy's JSON line as it
+# finishes), so a call cut short keeps what it finished.
+set -uo pipefail
+OUT=${OUT:?set OUT to a results directory}
+export PYTHONPATH=${PYTHONPATH:-.} PYTHONUNBUFFERED=1
+mkdir -p "$OUT"
+nvidia-smi --query-gpu=name --format=csv,noheader
+timeout 200 python3 -m pytest -q -p no:cacheprovider -m gpu tests/engine > "$OUT/gpu_tests.txt" 2>&1
+timeout 60 python3 -m pytest -q -p no:cacheprovider tests/engine/model/test_rotary.py \
+  tests/engine/executor/test_decode_feedback.py >> "$OUT/gpu_tests.txt" 2>&1
+grep -E "passed|failed|error" "$OUT/gpu_tests.txt" | tail -3
+for model in phi-3.5-moe mixtral-8x7b; do
+  echo "== $model: period rule A/B"
+  timeout 240 python3 benchmarks/partition_bench.py --model "$model" --budget 24GiB --build-policy adaptive \
+    --policies adaptive~period,adaptive,adaptive~period,adaptive --prompt-len 512 --new-tokens 64 --sweep "" \
+    --final-tokens 0 --out "$OUT/period_rule_ab_$model.json" > "$OUT/period_rule_ab_$model.txt" 2>&1
+  python3 - "$OUT/period_rule_ab_$model.txt" <<'PY'
+import json, sys
+for line in open(sys.argv[1]):
+    name, brace, rest = line.partition(" {")
+    if name.startswith("adaptive") and brace:
+        r = json.loads("{" + rest); f = r["decode_feedback"]
+        print(f"{name:24} decode {r['decode_tok_s']:6.2f} tok/s  prefill {r['prefill_tok_s']:7.1f}  shift {f['shift']}"
+              f"  moves {f['moves']} (period {f.get('period_moves', 0)}, holds {f.get('holds', 0)})  period {f['period_ms']:.3f} ms")
+PY
+done
