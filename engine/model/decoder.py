@@ -123,7 +123,7 @@ class DecoderModel:
     @torch.inference_mode()
     def forward(self, batch: ForwardBatch, cache: PagedKVCache) -> torch.Tensor:
         """Runs the batch, fills the KV cache, returns fp32 logits [len(logits_indices), vocab]."""
-        max_position = max(span.context_len for span in batch.spans) - 1
+        max_position = max((span.context_len for span in batch.spans), default=1) - 1
         cos_sin = self.rotary.cos_sin(batch.positions, self.dtype, self._long_context_mask(batch), max_position)
         c = self.config
         decode = decode_keys(batch, c.head_dim, c.sliding_window, self.dtype, self.device, self.attention_kernels)
