@@ -52,8 +52,6 @@ BOOLEAN_SWITCHES = (
                   "the decode feedback balancing the CPU against the last copy and the last streamed piece's compute"),
     BooleanSwitch("band", "asymmetric feedback band", "executor.feedback", "asymmetric",
                   "the decode feedback's band symmetric and asymmetric (a late GPU side moves sooner)"),
-    BooleanSwitch("period-rule", "the feedback's period rule", "executor.feedback", "by_period",
-                  "the decode feedback moved by the imbalance alone and kept at the faster shift around balance"),
     BooleanSwitch("signal", "stream signal", "executor", "use_signal",
                   "the GPU stream waiting for decode CPU jobs off and on"),
     BooleanSwitch("launch", "direct Triton launch", "launcher", "direct",
@@ -502,6 +500,15 @@ def variants(llm: LLM, args: argparse.Namespace) -> list[tuple[str, Callable[[],
             feedback.shift = shift or 0
 
         add([int(v) for v in args.shifts.split(",")], lambda v: f"decode shift held at {v}", hold, None)
+    if args.period_rule_ab:  # each variant starts from the plan's split, the period rule off / on
+        feedback = executor.feedback
+
+        def period_rule(on: bool) -> None:
+            feedback.by_period = on
+            feedback.reset()
+
+        add([False, True, False, True], lambda v: f"the feedback's period rule {'on' if v else 'off'}", period_rule,
+            feedback.by_period)
     if args.first_copies:  # copies enqueued before the CPU job is prepared
         add([int(v) for v in args.first_copies.split(",")] * 2, lambda v: f"first copies {v}",
             lambda v: setattr(partitioned, "FIRST_COPIES", v), partitioned.FIRST_COPIES)
@@ -548,6 +555,9 @@ def main() -> None:
                         help="also time the decode layer graphs' GPU time (everything of a layer but its FFN)")
     parser.add_argument("--shifts", default="",
                         help="also trace with the decode feedback held at these shifts (comma list; it measures only)")
+    parser.add_argument("--period-rule-ab", action="store_true",
+                        help="also trace with the decode feedback's period rule off and on, alternating (each "
+                             "variant from the plan's split: engine/executor/decode_feedback.py)")
     parser.add_argument("--first-copies", default="",
                         help="also trace with these counts of copies enqueued before the CPU job (comma list, "
                              "each twice, alternating; 0 = the CPU job first)")
