@@ -114,6 +114,7 @@ class DecodeFeedback:
     readings: dict[int, ShiftReading] = field(default_factory=dict)  # the last reading of each shift
     _window: list[float] = field(default_factory=list)  # this split's layers so far
     _periods: list[float] = field(default_factory=list)  # this split's gate-to-gate periods so far
+    _period_rows: int = 1  # the token rows of the layers the readings were measured on
     _before: tuple[int, float] | None = None  # (shift, imbalance) before the last move
     anatomy: LayerAnatomy = field(default_factory=LayerAnatomy)
     # The asymmetric band (True) or DEADBAND both ways (False, the default): on the H100 machine
@@ -128,8 +129,14 @@ class DecodeFeedback:
     # '~period', `decode_profile.py --period-rule-ab`; not a field either
     by_period = False
 
-    def add_period(self, shift: int, period_s: float) -> None:
-        """One decode layer's gate-to-gate period (its gate to the next layer's), run at `shift`."""
+    def add_period(self, shift: int, period_s: float, rows: int = 1) -> None:
+        """One decode layer's gate-to-gate period (its gate to the next layer's), run at `shift` over
+        `rows` (the layer's token rows, all items: another batch size takes another time, so the
+        readings of the last one are forgotten)."""
+        if rows != self._period_rows:
+            self._period_rows = rows
+            self.readings.clear()
+            self._periods.clear()
         if shift == self.shift:
             self._periods.append(period_s)
 
@@ -224,6 +231,7 @@ class _Layer:
     cpu_end_s: float | None = None  # the CPU job's end (None: no CPU job)
     gated: bool = False  # entered at the GPU's gate: the CPU job's start is the entry time
     index: int | None = None  # the model's layer index (anatomy by layer)
+    rows: int = 1  # token rows of all its items
 
 
 class DecodeMeter:
@@ -239,16 +247,18 @@ class DecodeMeter:
         self._last_gate_s: float | None = None  # the previous gated layer's gate (host clock)
         self._last_gated: _Layer | None = None  # that layer (its period goes to its shift)
 
-    def enter(self, piece_effect_s: float, shift: int | None = None, gate: Mark = None, layer: int | None = None) -> None:
+    def enter(self, piece_effect_s: float, shift: int | None = None, gate: Mark = None, layer: int | None = None,
+              rows: int = 1) -> None:
         """`piece_effect_s`: what moving one host piece of this layer would change, by the profile;
         `shift`: the one its pieces were assigned with (None: the feedback's now; measurements
         resolved here may move it, after the layer was assigned). `gate`: a mark recorded on the
         copy stream at the GPU's gate (copies enqueued from there: gate_copies.py); the layer's
-        CPU side then counts from its job's start, which is the gate too."""
+        CPU side then counts from its job's start, which is the gate too. `rows`: the layer's token
+        rows, all items (the period rule compares periods of like batches only)."""
         shift = self.feedback.shift if shift is None else shift
         self._resolve()
         entry = gate if gate is not None else host_mark(self.accelerator, self.accelerator.copy_stream)
-        self._layers.append(_Layer(now_s(), entry, shift, piece_effect_s, gated=gate is not None, index=layer))
+        self._layers.append(_Layer(now_s(), entry, shift, piece_effect_s, gated=gate is not None, index=layer, rows=rows))
 
     def gpu_side_enqueued(self, stream: torch.cuda.Stream | None = None) -> None:
         """The layer's GPU side is enqueued: its end is marked on the copy stream (the last copy
@@ -270,7 +280,7 @@ class DecodeMeter:
                 # the period rule takes a layer's period only up to the next layer of the same step
                 # (the last layer's runs into the LM head, sampling and the next step's start)
                 if before is not None and before.index is not None and layer.index == before.index + 1:
-                    self.feedback.add_period(before.shift, start_s - self._last_gate_s)
+                    self.feedback.add_period(before.shift, start_s - self._last_gate_s, before.rows)
             self._last_gate_s = start_s
             self._last_gated = layer
 

@@ -385,7 +385,7 @@ class PartitionedExecutor:
         profile: its CPU work (the job's own overhead is paid once) plus its transfer."""
         item, piece = host[0]
         self._meter.enter(self.rates.cpu_work_s(piece, items[item][1].shape[0]) + self.rates.stream_s(piece), shift,
-                          gate, layer)
+                          gate, layer, sum(x.shape[0] for _, x in items))
 
     def _partial(self, x: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor) -> torch.Tensor:
         gate, up = F.linear(x, gate_up).chunk(2, dim=-1)

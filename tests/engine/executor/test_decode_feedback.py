@@ -293,19 +293,32 @@ def test_the_meter_gives_each_period_to_its_layers_shift_within_a_step() -> None
     from engine.executor.accelerator import Accelerator
     from engine.executor.decode_feedback import DecodeMeter
 
-    periods: list[tuple[int, float]] = []
+    periods: list[tuple[int, float, int]] = []
 
     class Recording(DecodeFeedback):
-        def add_period(self, shift: int, period_s: float) -> None:
-            periods.append((shift, period_s))
+        def add_period(self, shift: int, period_s: float, rows: int = 1) -> None:
+            periods.append((shift, period_s, rows))
 
     meter = DecodeMeter(Accelerator.for_device("cpu"), Recording())
     gate = 10.0
-    for _step in range(2):
+    for step in range(2):
         for layer in range(3):
             gate += 0.002 if layer else 0.005  # 2 ms a layer, 5 ms across the step boundary
-            meter.enter(EFFECT_S, shift=layer, gate=gate, layer=layer)
+            meter.enter(EFFECT_S, shift=layer, gate=gate, layer=layer, rows=2 + step)
             meter._layers[-1].end = gate + 0.001
             meter.cpu_done(end_s=gate + 0.001, start_s=gate)
-    assert [shift for shift, _ in periods] == [0, 1, 0, 1]
-    assert all(period == pytest.approx(0.002) for _, period in periods)
+    assert [(shift, rows) for shift, _, rows in periods] == [(0, 2), (1, 2), (0, 3), (1, 3)]
+    assert all(period == pytest.approx(0.002) for _, period, _ in periods)
+
+
+def test_another_batch_size_forgets_the_period_readings() -> None:
+    """Periods of two batch sizes say nothing about two shifts: a change of the layers' token rows
+    drops the readings, and the rule waits for new ones."""
+    feedback = _with_period_rule()
+    periods = {0: 1.40e-3, 1: 1.50e-3}
+    _measure_periods(feedback, _imbalance_between_0_and_1, periods.__getitem__, windows=4)
+    assert set(feedback.readings) == {0, 1} and feedback.shift == 0
+    feedback.add_period(feedback.shift, 3e-3, rows=4)  # four sequences decode from here on
+    assert feedback.readings == {}
+    feedback.add_period(feedback.shift, 3e-3, rows=4)
+    assert len(feedback._periods) == 2 and feedback.readings == {}  # both at rows 4
