@@ -3,7 +3,7 @@
 # and the rotary tables): the GPU tests, then the period rule A/B on Phi-3.5-MoE at 24 GiB in one
 # process (each policy re-plans, so the feedback starts afresh), then Mixtral if time is left.
 #
-#   OUT=results_dir benchmarks/pending_ab.sh            # on the GPU machine, ~5-8 min
+#   OUT=results_dir [BUDGET_S=560] benchmarks/pending_ab.sh     # on the GPU machine, ~5-9 min
 #
 # Each step writes under $OUT as it ends (partition_bench prints each policy's JSON line as it
 # finishes), so a call cut short keeps what it finished.
@@ -11,14 +11,16 @@ set -uo pipefail
 OUT=${OUT:?set OUT to a results directory}
 export PYTHONPATH=${PYTHONPATH:-.} PYTHONUNBUFFERED=1
 mkdir -p "$OUT"
+BUDGET_S=${BUDGET_S:-560}  # the whole script ends by then (a device call is cut at 600 s)
+left() { local cap=$1 rest=$((BUDGET_S - SECONDS)); echo $((rest < cap ? (rest > 1 ? rest : 1) : cap)); }
 nvidia-smi --query-gpu=name --format=csv,noheader
-timeout 200 python3 -m pytest -q -p no:cacheprovider -m gpu tests/engine > "$OUT/gpu_tests.txt" 2>&1
-timeout 60 python3 -m pytest -q -p no:cacheprovider tests/engine/model/test_rotary.py \
+timeout "$(left 200)" python3 -m pytest -q -p no:cacheprovider -m gpu tests/engine > "$OUT/gpu_tests.txt" 2>&1
+timeout "$(left 60)" python3 -m pytest -q -p no:cacheprovider tests/engine/model/test_rotary.py \
   tests/engine/executor/test_decode_feedback.py >> "$OUT/gpu_tests.txt" 2>&1
 grep -E "passed|failed|error" "$OUT/gpu_tests.txt" | tail -3
 for model in phi-3.5-moe mixtral-8x7b; do
   echo "== $model: period rule A/B"
-  timeout 240 python3 benchmarks/partition_bench.py --model "$model" --budget 24GiB --build-policy adaptive \
+  timeout "$(left 240)" python3 benchmarks/partition_bench.py --model "$model" --budget 24GiB --build-policy adaptive \
     --policies adaptive~period,adaptive,adaptive~period,adaptive --prompt-len 512 --new-tokens 64 --sweep "" \
     --final-tokens 0 --out "$OUT/period_rule_ab_$model.json" > "$OUT/period_rule_ab_$model.txt" 2>&1
   python3 - "$OUT/period_rule_ab_$model.txt" <<'PY'
