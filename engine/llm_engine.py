@@ -131,9 +131,14 @@ class LLMEngine:
         busy: dict[str, float] = {}
         if self.partition is not None:
             executor, ring = self.partition.executor, self.partition.executor.ring
+            feedback = executor.feedback
+            reading = feedback.readings.get(feedback.shift)
             busy = {"cpu_busy_s": executor.cpu_pool.busy_s, "gpu_busy_s": executor.gpu_busy.collect(),
                     "bytes_streamed": ring.bytes_streamed if ring else 0,
-                    "pcie_busy_s": ring.busy.collect() if ring else 0.0}
+                    "pcie_busy_s": ring.busy.collect() if ring else 0.0,
+                    "decode_shift": feedback.shift, "decode_moves": feedback.moves,
+                    "decode_imbalance_s": feedback.imbalance_s,
+                    "decode_layer_period_s": reading.period_s if reading is not None else 0.0}
         return EngineStats(len(self.scheduler.running), len(self.scheduler.waiting), bm.usage,
                            bm.num_free_blocks, bm.num_blocks, self._num_preemptions, self._last_step, **busy)
 

@@ -43,3 +43,10 @@ class EngineStats:
     bytes_streamed: int = 0  # weight bytes streamed to the GPU (CG pieces)
     pcie_busy_s: float = 0.0  # seconds the copy stream spent streaming weights
     gpu_busy_s: float = 0.0  # seconds the compute stream spent on FFN pieces
+    # the decode feedback (engine/executor/decode_feedback.py): host pieces per layer moved from
+    # PCIe to the CPU against the plan, its moves so far, and its last window's medians: the
+    # imbalance (last copy's end minus the CPU job's) and a decode layer's gate-to-gate period
+    decode_shift: int = 0
+    decode_moves: int = 0
+    decode_imbalance_s: float = 0.0
+    decode_layer_period_s: float = 0.0

@@ -24,6 +24,16 @@ _BUSY_COUNTERS: dict[str, tuple[str, str]] = {
     "gpu_busy_s": ("scheinfer:gpu_busy_seconds", "seconds the GPU computed"),
     "pcie_busy_s": ("scheinfer:pcie_busy_seconds", "seconds the CPU->GPU copy stream was busy"),
     "bytes_streamed": ("scheinfer:streamed_bytes", "weight bytes streamed CPU->GPU"),
+    "decode_moves": ("scheinfer:decode_feedback_moves", "moves of the decode feedback (host pieces between PCIe and CPU)"),
+}
+# Engine-stats attributes exported as gauges of their last value (the decode feedback's state).
+_DECODE_GAUGES: dict[str, tuple[str, str]] = {
+    "decode_shift": ("scheinfer:decode_feedback_shift",
+                     "host pieces per decode layer moved from PCIe to the CPU against the plan (negative: the other way)"),
+    "decode_imbalance_s": ("scheinfer:decode_imbalance_seconds",
+                           "decode layers' median imbalance, last copy's end minus the CPU job's (last window)"),
+    "decode_layer_period_s": ("scheinfer:decode_layer_period_seconds",
+                              "decode layers' median gate-to-gate period (last window; 0: not measured)"),
 }
 
 
@@ -64,6 +74,7 @@ class ServerMetrics:
             stat: Counter(name, doc, registry=r) for stat, (name, doc) in _BUSY_COUNTERS.items()
         }
         self._last_busy: dict[str, float] = {}
+        self.decode = {stat: Gauge(name, doc, registry=r) for stat, (name, doc) in _DECODE_GAUGES.items()}
         self._last_step_seen: Any = None
         self.plan = Info("scheinfer:plan", "placement plan in force", registry=r)
 
@@ -90,6 +101,10 @@ class ServerMetrics:
             if increase > 0:
                 counter.inc(increase)
             self._last_busy[stat] = float(value)
+        for stat, gauge in self.decode.items():
+            value = getattr(stats, stat, None)
+            if value is not None:
+                gauge.set(float(value))
 
     def refresh_engine_gauges(self, engine_stats: Any, num_waiting_first_output: int) -> None:
         """Set the running/waiting/KV gauges from the latest LLMEngine.stats()."""

@@ -124,6 +124,9 @@ def test_decode_steps_measure_the_imbalance_and_keep_results(uniform: bool, tiny
     assert executor.feedback.piece_effect_s > 0 and executor.feedback.layers > 0
     shown = llm.engine.plan_info()["decode_feedback"]  # GET /v1/engine/plan shows it
     assert shown["layers"] == executor.feedback.layers and "shift" in shown
+    stats = llm.engine.stats()  # /metrics exports it
+    assert (stats.decode_shift, stats.decode_moves, stats.decode_imbalance_s) == (
+        executor.feedback.shift, executor.feedback.moves, executor.feedback.imbalance_s)
 
 
 def test_reset_returns_to_the_plans_split() -> None:
