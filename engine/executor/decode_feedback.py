@@ -132,7 +132,9 @@ class DecodeFeedback:
     def add_period(self, shift: int, period_s: float, rows: int = 1) -> None:
         """One decode layer's gate-to-gate period (its gate to the next layer's), run at `shift` over
         `rows` (the layer's token rows, all items: another batch size takes another time, so the
-        readings of the last one are forgotten)."""
+        readings of the last one are forgotten). Only gated layers have periods, and today only
+        one-token layers are gated (routed jobs), so in the engine `rows` is top_k; a batch of
+        several sequences gives no periods and no readings, and the rule leaves it to the imbalance."""
         if rows != self._period_rows:
             self._period_rows = rows
             self.readings.clear()
@@ -167,7 +169,9 @@ class DecodeFeedback:
             self.piece_effect_s = 0.5 * (self.piece_effect_s + observed)
             self._before = None
         step = self._imbalance_step()
-        by_period = self._by_period()
+        # the period rule decides between neighbours only: an imbalance of more than a piece and a
+        # half says the machine changed since the readings, and the imbalance moves it
+        by_period = self._by_period() if abs(step) <= 1 else None
         if by_period:
             self.period_moves += 1
             self._move(1 if self.imbalance_s > 0 else -1)
@@ -245,7 +249,7 @@ class DecodeMeter:
         self.feedback = feedback
         self._layers: deque[_Layer] = deque()
         self._last_gate_s: float | None = None  # the previous gated layer's gate (host clock)
-        self._last_gated: _Layer | None = None  # that layer (its period goes to its shift)
+        self._last_gated: tuple[int | None, int, int] | None = None  # its (index, shift, rows): its period's owner
 
     def enter(self, piece_effect_s: float, shift: int | None = None, gate: Mark = None, layer: int | None = None,
               rows: int = 1) -> None:
@@ -276,13 +280,14 @@ class DecodeMeter:
             layer.entered_s = start_s
             if self._last_gate_s is not None and start_s > self._last_gate_s:
                 self.feedback.anatomy.period_s.append(start_s - self._last_gate_s)
-                before = self._last_gated
                 # the period rule takes a layer's period only up to the next layer of the same step
                 # (the last layer's runs into the LM head, sampling and the next step's start)
-                if before is not None and before.index is not None and layer.index == before.index + 1:
-                    self.feedback.add_period(before.shift, start_s - self._last_gate_s, before.rows)
+                if self._last_gated is not None:
+                    index, shift, rows = self._last_gated
+                    if index is not None and layer.index == index + 1:
+                        self.feedback.add_period(shift, start_s - self._last_gate_s, rows)
             self._last_gate_s = start_s
-            self._last_gated = layer
+            self._last_gated = (layer.index, layer.shift, layer.rows)
 
     def _resolve(self) -> None:
         while self._layers:

@@ -114,13 +114,29 @@ class RotaryEmbedding:
         key = (positions.device, dtype, long)
         table = self._tables.get(key)
         if table is None or table[0].shape[0] <= max_position:
-            size = max(MIN_TABLE_POSITIONS, 1 << max_position.bit_length())
-            size = max(min(size, self.max_position_embeddings), max_position + 1)  # no rows past the model's context
-            every = torch.arange(size, dtype=positions.dtype, device=positions.device)
-            inv_freq, scaling = (self.long_inv_freq, self.long_scaling) if long else (self.inv_freq, self.scaling)
-            cos, sin = self._cos_sin(every, inv_freq, scaling)
-            table = self._tables[key] = (cos.to(dtype), sin.to(dtype))
+            table = self._tables[key] = self._table(self._table_rows(max_position), positions, dtype, long)
         return table[0].index_select(0, positions), table[1].index_select(0, positions)
+
+    def _table_rows(self, max_position: int) -> int:
+        """A power of two of rows (at least MIN_TABLE_POSITIONS), not past the model's context
+        unless a position is; past it, whole MIN_TABLE_POSITIONS (not a rebuild every step)."""
+        rows = min(max(MIN_TABLE_POSITIONS, 1 << max_position.bit_length()), self.max_position_embeddings)
+        return max(rows, -(-(max_position + 1) // MIN_TABLE_POSITIONS) * MIN_TABLE_POSITIONS)
+
+    def _table(self, rows: int, like: torch.Tensor, dtype: torch.dtype,
+               long: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos, sin of positions [0, rows) in `dtype`, built MIN_TABLE_POSITIONS rows at a time (the
+        fp32 temporaries stay small: the table may grow while serving, under the GPU budget)."""
+        inv_freq, scaling = (self.long_inv_freq, self.long_scaling) if long else (self.inv_freq, self.scaling)
+        cos = torch.empty((rows, self.head_dim), dtype=dtype, device=like.device)
+        sin = torch.empty_like(cos)
+        for start in range(0, rows, MIN_TABLE_POSITIONS):
+            end = min(start + MIN_TABLE_POSITIONS, rows)
+            part_cos, part_sin = self._cos_sin(torch.arange(start, end, dtype=like.dtype, device=like.device),
+                                               inv_freq, scaling)
+            cos[start:end] = part_cos
+            sin[start:end] = part_sin
+        return cos, sin
 
     @staticmethod
     def _cos_sin(

@@ -272,6 +272,17 @@ def test_the_period_rule_ends_the_flip_between_two_shifts_around_balance() -> No
     assert feedback.moves <= 3 and shifts.count(1) >= 36 and shifts[-1] == 1 and feedback.holds > 0
 
 
+def test_a_large_imbalance_overrules_the_period_rule() -> None:
+    """Held at the faster shift, the machine changes: PCIe now ends 3.7 pieces late. The readings
+    say nothing about that, so the imbalance moves the split at once."""
+    periods = {0: 1.40e-3, 1: 1.50e-3}
+    feedback = _with_period_rule()
+    _measure_periods(feedback, _imbalance_between_0_and_1, lambda s: periods.get(s, 2e-3), windows=6)
+    assert feedback.shift == 0 and feedback.holds > 0
+    shifts = _measure_periods(feedback, lambda s: (3.7 - s) * EFFECT_S, lambda s: periods.get(s, 2e-3), windows=6)
+    assert shifts[1] >= 3 and shifts[-1] in (3, 4)
+
+
 def test_an_old_reading_is_measured_again() -> None:
     """After PERIOD_MEMORY windows the neighbour's reading is stale: the imbalance moves the split
     there once, and the period rule brings it back."""

@@ -9,25 +9,31 @@ from engine.model.config import RopeConfig
 from engine.model.rotary import MIN_TABLE_POSITIONS, RotaryEmbedding
 
 HEAD_DIM = 64
-LONGROPE = RopeConfig("longrope", 10000.0, (
-    ("short_factor", tuple(1.0 + 0.05 * i for i in range(HEAD_DIM // 2))),
-    ("long_factor", tuple(1.5 + 0.1 * i for i in range(HEAD_DIM // 2))),
-    ("original_max_position_embeddings", 4096), ("short_mscale", 1.2), ("long_mscale", 1.3)))
+
+
+def _longrope(head_dim: int) -> RopeConfig:
+    return RopeConfig("longrope", 10000.0, (
+        ("short_factor", tuple(1.0 + 0.05 * i for i in range(head_dim // 2))),
+        ("long_factor", tuple(1.5 + 0.1 * i for i in range(head_dim // 2))),
+        ("original_max_position_embeddings", 4096), ("short_mscale", 1.2), ("long_mscale", 1.3)))
+
+
+LONGROPE = _longrope(HEAD_DIM)
 ROPES = {
-    "default": RopeConfig(),
-    "linear": RopeConfig("linear", 500000.0, (("factor", 4.0),)),
-    "llama3": RopeConfig("llama3", 500000.0, (("factor", 8.0), ("low_freq_factor", 1.0), ("high_freq_factor", 4.0),
-                                              ("original_max_position_embeddings", 8192))),
-    "longrope": LONGROPE,
+    "default": lambda head_dim: RopeConfig(),
+    "linear": lambda head_dim: RopeConfig("linear", 500000.0, (("factor", 4.0),)),
+    "llama3": lambda head_dim: RopeConfig("llama3", 500000.0, (
+        ("factor", 8.0), ("low_freq_factor", 1.0), ("high_freq_factor", 4.0), ("original_max_position_embeddings", 8192))),
+    "longrope": _longrope,
 }
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 
 
 @pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize(("dtype", "head_dim"), [(torch.float32, 64), (torch.bfloat16, 128), (torch.float16, 96)])
 @pytest.mark.parametrize("rope", list(ROPES))
-def test_gathered_cos_sin_are_the_computed_bits(rope: str, dtype: torch.dtype, device: str) -> None:
-    rotary = RotaryEmbedding(ROPES[rope], HEAD_DIM, 131072)
+def test_gathered_cos_sin_are_the_computed_bits(rope: str, dtype: torch.dtype, head_dim: int, device: str) -> None:
+    rotary = RotaryEmbedding(ROPES[rope](head_dim), head_dim, 131072)
     generator = torch.Generator().manual_seed(3)
     for largest in (7, 1500, 70000):  # the table grows past its first size twice
         positions = torch.randint(0, largest, (37,), generator=generator)
@@ -36,7 +42,7 @@ def test_gathered_cos_sin_are_the_computed_bits(rope: str, dtype: torch.dtype, d
         computed = rotary.cos_sin(positions, dtype)
         gathered = rotary.cos_sin(positions, dtype, max_position=largest)
         for a, b in zip(computed, gathered, strict=True):
-            assert a.dtype == b.dtype == dtype and a.shape == b.shape == (37, HEAD_DIM)
+            assert a.dtype == b.dtype == dtype and a.shape == b.shape == (37, head_dim)
             assert torch.equal(a, b)
     table_rows = rotary._tables[(positions.device, dtype, False)][0].shape[0]
     assert table_rows == 131072  # 70000 rounds up to 2**17, the model's context
@@ -53,7 +59,12 @@ def test_longrope_mixes_long_and_short_tokens_as_computed() -> None:
     assert not torch.equal(gathered[0][2:4], short[0][2:4]) and torch.equal(gathered[0][:2], short[0][:2])
 
 
-def test_a_table_covers_small_contexts_with_one_first_size() -> None:
-    rotary = RotaryEmbedding(RopeConfig(), HEAD_DIM, 2048)
-    rotary.cos_sin(torch.tensor([0, 1, 2]), torch.float32, max_position=2)
-    assert rotary._tables[(torch.device("cpu"), torch.float32, False)][0].shape[0] == MIN_TABLE_POSITIONS
+def test_table_sizes() -> None:
+    """One first size for small contexts; powers of two up to the model's context; past it (direct
+    use of the model), whole MIN_TABLE_POSITIONS, so that the next steps reuse it."""
+    rotary = RotaryEmbedding(RopeConfig(), HEAD_DIM, 3000)
+    rows = {}
+    for largest in (2, 1024, 2500, 3000, 3001, 3002):
+        rotary.cos_sin(torch.tensor([0, largest]), torch.float32, max_position=largest)
+        rows[largest] = rotary._tables[(torch.device("cpu"), torch.float32, False)][0].shape[0]
+    assert rows == {2: MIN_TABLE_POSITIONS, 1024: 2048, 2500: 3072, 3000: 3072, 3001: 3072, 3002: 3072}
