@@ -42,20 +42,32 @@ EFFECT_RANGE = 2.0  # a learned piece effect stays within this factor of the pro
 # The period rule (DecodeFeedback.by_period): a shift's reading (its window's median imbalance and
 # gate-to-gate period) decides against a neighbour's for PERIOD_MEMORY windows (then the neighbour is
 # measured again: the machine may have changed); periods closer than PERIOD_MARGIN of the current
-# one leave the decision to the imbalance; a window needs MIN_PERIODS periods to have a reading.
+# one leave the decision to the imbalance; a window needs MIN_PERIODS periods to have a reading; a
+# reading's period is the median of the shift's last READING_WINDOWS windows within PERIOD_MEMORY.
 PERIOD_MEMORY = 32
 PERIOD_MARGIN = 0.02
 MIN_PERIODS = WINDOW // 2
+READING_WINDOWS = 3
 
 
 @dataclass(frozen=True)
 class ShiftReading:
-    """What one window measured at a shift: median imbalance and gate-to-gate period (seconds), and
-    the window's number (DecodeFeedback.windows) to tell its age."""
+    """What a shift's last window measured: median imbalance and the window's number
+    (DecodeFeedback.windows, to tell its age); `periods_s`: the median gate-to-gate period of each
+    of its last windows (seconds, oldest first)."""
 
     imbalance_s: float
-    period_s: float
+    periods_s: tuple[float, ...]
     window: int
+
+    @property
+    def period_s(self) -> float:
+        return statistics.median(self.periods_s)
+
+    def then(self, imbalance_s: float, period_s: float, window: int) -> ShiftReading:
+        """This reading followed by a newer window's (older windows past PERIOD_MEMORY dropped)."""
+        kept = self.periods_s if window - self.window <= PERIOD_MEMORY else ()
+        return ShiftReading(imbalance_s, (*kept, period_s)[-READING_WINDOWS:], window)
 
 
 @dataclass
@@ -157,7 +169,9 @@ class DecodeFeedback:
         self._window.clear()
         self.windows += 1
         if len(self._periods) >= MIN_PERIODS:
-            self.readings[self.shift] = ShiftReading(self.imbalance_s, statistics.median(self._periods), self.windows)
+            period_s, last = statistics.median(self._periods), self.readings.get(self.shift)
+            self.readings[self.shift] = (ShiftReading(self.imbalance_s, (period_s,), self.windows) if last is None
+                                         else last.then(self.imbalance_s, period_s, self.windows))
         self._periods.clear()
         if self.frozen:
             return

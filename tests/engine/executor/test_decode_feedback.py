@@ -283,6 +283,16 @@ def test_a_large_imbalance_overrules_the_period_rule() -> None:
     assert shifts[1] >= 3 and shifts[-1] in (3, 4)
 
 
+def test_one_slow_window_does_not_undo_a_hold() -> None:
+    """A shift's reading keeps the median period of its last windows: one window slowed by noise
+    (1.60 ms at the faster shift, whose others ran 1.40) does not send the split to the slower one."""
+    feedback = _with_period_rule()
+    _measure_periods(feedback, _imbalance_between_0_and_1, {0: 1.40e-3, 1: 1.50e-3}.__getitem__, windows=6)
+    assert feedback.shift == 0 and len(feedback.readings[0].periods_s) == 3
+    shifts = _measure_periods(feedback, _imbalance_between_0_and_1, {0: 1.60e-3, 1: 1.50e-3}.__getitem__, windows=1)
+    assert shifts == [0] and feedback.shift == 0 and feedback.readings[0].period_s == pytest.approx(1.40e-3)
+
+
 def test_an_old_reading_is_measured_again() -> None:
     """After PERIOD_MEMORY windows the neighbour's reading is stale: the imbalance moves the split
     there once, and the period rule brings it back."""
