@@ -213,7 +213,8 @@ class PartitionedExecutor:
             # gate, the mark the driver recorded first)
             gate = routed.copies.starts if routed is not None and routed.copies is not None else None
             if measured:
-                self._enter_meter(items, streamed or on_cpu, shift, gate[0] if gate is not None else None, layer)
+                self._enter_meter(items, streamed or on_cpu, shift, gate[0] if gate is not None else None, layer,
+                                  offsets[-1])
             elif gate is not None:
                 self.accelerator.release(gate[0])
             if gate is not None and self.ring is not None:
@@ -379,13 +380,14 @@ class PartitionedExecutor:
             self._gate_copies.discard(routed.copies)
 
     def _enter_meter(self, items: list[tuple[FFNUnit, torch.Tensor]], host: list[tuple[int, UnitSlice]],
-                     shift: int, gate: torch.cuda.Event | None = None, layer: int | None = None) -> None:
+                     shift: int, gate: torch.cuda.Event | None = None, layer: int | None = None,
+                     rows: int = 1) -> None:
         """Starts measuring a decode layer (before its first copy is enqueued; `gate`: the mark the
         driver recorded at the gate, before copies it enqueued); a host piece's effect by the
         profile: its CPU work (the job's own overhead is paid once) plus its transfer."""
         item, piece = host[0]
         self._meter.enter(self.rates.cpu_work_s(piece, items[item][1].shape[0]) + self.rates.stream_s(piece), shift,
-                          gate, layer, sum(x.shape[0] for _, x in items))
+                          gate, layer, rows)
 
     def _partial(self, x: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor) -> torch.Tensor:
         gate, up = F.linear(x, gate_up).chunk(2, dim=-1)

@@ -94,20 +94,26 @@ class RotaryEmbedding:
         context: those use the long factors and scale. `max_position`: the largest of `positions`
         (from the host): then cos/sin are gathered from tables (the same bits) instead of computed.
         """
-        long = self.long_inv_freq is not None and long_mask is not None
-        if max_position is not None:
-            cos, sin = self._gather(positions, dtype, False, max_position)
-            if long:
-                long_cos, long_sin = self._gather(positions, dtype, True, max_position)
-                cos = torch.where(long_mask[:, None], long_cos, cos)
-                sin = torch.where(long_mask[:, None], long_sin, sin)
-            return cos, sin
-        cos, sin = self._cos_sin(positions, self.inv_freq, self.scaling)
-        if long and bool(long_mask.any()):
-            long_cos, long_sin = self._cos_sin(positions, self.long_inv_freq, self.long_scaling)
+        cos, sin = self._values(positions, dtype, False, max_position)
+        # with a table the mask's host flags said some token is long; computed, ask the mask (a sync)
+        if self.long_inv_freq is not None and long_mask is not None and (max_position is not None or bool(long_mask.any())):
+            long_cos, long_sin = self._values(positions, dtype, True, max_position)
             cos = torch.where(long_mask[:, None], long_cos, cos)
             sin = torch.where(long_mask[:, None], long_sin, sin)
+        return cos, sin
+
+    def _values(self, positions: torch.Tensor, dtype: torch.dtype, long: bool,
+                max_position: int | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos, sin of the short (or long) factors in `dtype`: from the tables given `max_position`,
+        else computed (cast before cos_sin's selection: the same bits as after it)."""
+        if max_position is not None:
+            return self._gather(positions, dtype, long, max_position)
+        cos, sin = self._cos_sin(positions, *self._frequencies(long))
         return cos.to(dtype), sin.to(dtype)
+
+    def _frequencies(self, long: bool) -> tuple[torch.Tensor, float]:
+        """inv_freq and the scale of the short (or longrope's long) factors."""
+        return (self.long_inv_freq, self.long_scaling) if long else (self.inv_freq, self.scaling)
 
     def _gather(self, positions: torch.Tensor, dtype: torch.dtype, long: bool,
                 max_position: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -127,7 +133,7 @@ class RotaryEmbedding:
                long: bool) -> tuple[torch.Tensor, torch.Tensor]:
         """cos, sin of positions [0, rows) in `dtype`, built MIN_TABLE_POSITIONS rows at a time (the
         fp32 temporaries stay small: the table may grow while serving, under the GPU budget)."""
-        inv_freq, scaling = (self.long_inv_freq, self.long_scaling) if long else (self.inv_freq, self.scaling)
+        inv_freq, scaling = self._frequencies(long)
         cos = torch.empty((rows, self.head_dim), dtype=dtype, device=like.device)
         sin = torch.empty_like(cos)
         for start in range(0, rows, MIN_TABLE_POSITIONS):
