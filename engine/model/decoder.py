@@ -133,11 +133,15 @@ class DecoderModel:
                     x = self.decode_graphs.forward_layers(batch, cache, cos_sin, decode)
                 else:
                     x = self._forward_layers(batch, cache, cos_sin, decode)
+                # enqueued before the last CPU job is collected: where the GPU stream waits for
+                # that job itself (stream_signal.py) the head runs the moment its outputs land,
+                # not after this thread woke and launched it
+                x = self.final_norm(x[batch.logits_indices])
+                logits = F.linear(x, self.lm_head, self.lm_head_bias).float()
             finally:
                 if self.unit_executor is not None:
                     self.unit_executor.flush()
-        x = self.final_norm(x[batch.logits_indices])
-        return F.linear(x, self.lm_head, self.lm_head_bias).float()
+        return logits
 
     def _forward_layers(self, batch: ForwardBatch, cache: PagedKVCache, cos_sin: tuple[torch.Tensor, torch.Tensor],
                         decode: DecodeKeys | None = None) -> torch.Tensor:
