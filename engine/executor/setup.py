@@ -28,6 +28,7 @@ from engine.placement.memory import (
     decode_graph_bytes,
     kv_bytes_per_token,
     parse_bytes,
+    rotary_table_bytes,
 )
 from engine.placement.plan import PartitionPlan
 from engine.placement.policies import (
@@ -162,6 +163,7 @@ def build_partitioned(model: str, model_config: ModelConfig, device: str, dtype:
     budget = parse_bytes(options.gpu_memory_budget) if options.gpu_memory_budget is not None else None
     activations = activation_bytes(model_config, itemsize, max_num_tokens, max_num_seqs)
     activations += decode_graph_bytes(model_config, itemsize, graph_tokens, num_key_bounds(kv_cache_tokens))
+    activations += rotary_table_bytes(model_config, itemsize, kv_cache_tokens)
     compact_host = _use_compact_host(options.compact_host_weights, dtype)
     request = PlanRequest(model_config, itemsize, budget, kv_cache_tokens * kv_bytes_per_token(model_config, itemsize),
                           activations, options.staging_slots, options.host_chunk_rows, compact_host)

@@ -19,6 +19,30 @@ SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3", "longrope")
 MIN_TABLE_POSITIONS = 1024  # a table covers at least this many positions, then the next power of two
 
 
+def table_rows(max_position: int, max_position_embeddings: int) -> int:
+    """Rows of a table that holds `max_position`: a power of two (at least MIN_TABLE_POSITIONS), not
+    past the model's context unless a position is (the engine's never are); past it, whole
+    MIN_TABLE_POSITIONS (not a rebuild every step)."""
+    rows = min(max(MIN_TABLE_POSITIONS, 1 << max_position.bit_length()), max_position_embeddings)
+    return rows if max_position < rows else -(-(max_position + 1) // MIN_TABLE_POSITIONS) * MIN_TABLE_POSITIONS
+
+
+def table_bytes(rope: RopeConfig, head_dim: int, itemsize: int, max_positions: int,
+                max_position_embeddings: int) -> int:
+    """The most the tables take for sequences of up to `max_positions` tokens: cos and sin (for
+    longrope past its original context, a pair for each factor set), and while a table grows, its
+    old pair beside the new one (half its rows among powers of two; past the model's context, or
+    where the context caps a power of two, nearly all of them)."""
+    if max_positions <= 0:
+        return 0
+    rows = table_rows(max_positions - 1, max_position_embeddings)
+    power_of_two = rows & (rows - 1) == 0 and rows <= max_position_embeddings
+    old_rows = rows // 2 if power_of_two else rows
+    original = rope.get("original_max_position_embeddings") or max_position_embeddings
+    long = rope.rope_type == "longrope" and max_positions > original
+    return (2 if long else 1) * 2 * (rows + old_rows) * head_dim * itemsize
+
+
 def _base_inv_freq(theta: float, dim: int) -> torch.Tensor:
     return 1.0 / (theta ** (torch.arange(0, dim, 2, dtype=torch.int64).float() / dim))
 
@@ -120,14 +144,9 @@ class RotaryEmbedding:
         key = (positions.device, dtype, long)
         table = self._tables.get(key)
         if table is None or table[0].shape[0] <= max_position:
-            table = self._tables[key] = self._table(self._table_rows(max_position), positions, dtype, long)
+            rows = table_rows(max_position, self.max_position_embeddings)
+            table = self._tables[key] = self._table(rows, positions, dtype, long)
         return table[0].index_select(0, positions), table[1].index_select(0, positions)
-
-    def _table_rows(self, max_position: int) -> int:
-        """A power of two of rows (at least MIN_TABLE_POSITIONS), not past the model's context
-        unless a position is; past it, whole MIN_TABLE_POSITIONS (not a rebuild every step)."""
-        rows = min(max(MIN_TABLE_POSITIONS, 1 << max_position.bit_length()), self.max_position_embeddings)
-        return max(rows, -(-(max_position + 1) // MIN_TABLE_POSITIONS) * MIN_TABLE_POSITIONS)
 
     def _table(self, rows: int, like: torch.Tensor, dtype: torch.dtype,
                long: bool) -> tuple[torch.Tensor, torch.Tensor]:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
+from engine.model import rotary
 from engine.model.config import ModelConfig
 from engine.model.weights import DENSE_MLP, SHARED_EXPERT
 
@@ -81,6 +82,13 @@ def activation_bytes(config: ModelConfig, itemsize: int, max_num_tokens: int, ma
     per_token = (16 * config.hidden_size + 4 * widest) * itemsize
     logits = 2 * max_num_seqs * config.vocab_size * 4
     return (max_num_tokens * per_token + logits) * 3 // 2  # room for the allocator's fragmentation
+
+
+def rotary_table_bytes(config: ModelConfig, itemsize: int, max_positions: int) -> int:
+    """The rotary cos/sin tables (engine/model/rotary.py) for sequences of up to `max_positions`
+    tokens (the KV cache's), no longer than the model's context (the engine's limit)."""
+    return rotary.table_bytes(config.rope, config.head_dim, itemsize,
+                              min(max_positions, config.max_position_embeddings), config.max_position_embeddings)
 
 
 def decode_graph_bytes(config: ModelConfig, itemsize: int, max_tokens: int, num_key_bounds: int = 0) -> int:

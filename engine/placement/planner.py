@@ -42,6 +42,7 @@ from engine.placement.memory import (
     ffn_units,
     kv_bytes_per_token,
     non_ffn_bytes,
+    rotary_table_bytes,
 )
 from engine.placement.plan import PartitionPlan, UnitKey, UnitSplit
 from engine.placement.policies import PlanRequest, plan_memory, staging_slot_bytes
@@ -135,6 +136,7 @@ def build_plan_request(config: ModelConfig, budget_bytes: int | None, itemsize: 
     graph_tokens = min(MAX_GRAPH_TOKENS, max_num_seqs) if decode_graphs else 0
     activations = activation_bytes(config, itemsize, max_num_batched_tokens, max_num_seqs)
     activations += decode_graph_bytes(config, itemsize, graph_tokens, num_key_bounds(kv_cache_tokens))
+    activations += rotary_table_bytes(config, itemsize, kv_cache_tokens)
     return PlanRequest(config, itemsize, budget_bytes, kv_cache_tokens * kv_bytes_per_token(config, itemsize),
                        activations, staging_slots, host_chunk_rows, compact_host and itemsize == 2)
 

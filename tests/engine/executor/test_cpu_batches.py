@@ -33,7 +33,7 @@ def test_decode_reuses_kept_records_and_keeps_results(tiny_checkpoints: dict[str
     greedy = SamplingParams(max_tokens=24, temperature=0.0, ignore_eos=True)
 
     def run() -> tuple[list[list[int]], DecodeCpuBuffers, int]:
-        llm = LLM(path, dtype="bfloat16", show_progress=False, gpu_memory_budget="0.5MB", policy="cpu-experts",
+        llm = LLM(path, dtype="bfloat16", show_progress=False, gpu_memory_budget="0.6MB", policy="cpu-experts",
                   kv_cache_tokens=256, max_num_batched_tokens=64, max_num_seqs=4, host_chunk_rows=16)
         outputs = llm.generate(prompt_token_ids=prompts, params=greedy)
         executor = llm.engine.runner.executor

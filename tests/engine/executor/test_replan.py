@@ -12,7 +12,7 @@ from tests.engine.placement.conftest import synthetic_profile
 
 PROMPTS = [[5, 9, 13, 22, 40, 41, 42, 7, 8, 100, 3], [3, 4, 250, 17]]
 GREEDY = SamplingParams(max_tokens=16, temperature=0.0, ignore_eos=True)
-SMALL = dict(dtype="float32", show_progress=False, gpu_memory_budget="1.1MB", kv_cache_tokens=256,
+SMALL = dict(dtype="float32", show_progress=False, gpu_memory_budget="1.2MB", kv_cache_tokens=256,
              max_num_batched_tokens=64, max_num_seqs=4, host_chunk_rows=16)
 
 

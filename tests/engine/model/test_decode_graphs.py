@@ -13,7 +13,7 @@ from engine import LLM, SamplingParams
 from engine.model.decode_attention import num_key_bounds
 from engine.model.decode_graphs import MAX_GRAPH_TOKENS, DecodeGraphs
 from engine.model.factory import resolve_model_config
-from engine.placement.memory import decode_graph_bytes
+from engine.placement.memory import decode_graph_bytes, rotary_table_bytes
 from engine.placement.planner import build_plan_request
 from engine.tools.tiny_checkpoint import write_tiny_checkpoint
 from tests.conftest import ARCHS
@@ -140,6 +140,18 @@ def test_decode_graph_memory_is_reserved_in_the_budget() -> None:
     assert 85e6 < extra < 110e6 and extra % (2 << 20) == 0
     assert decode_graph_bytes(config, 2, MAX_GRAPH_TOKENS) < 40e6
     assert decode_graph_bytes(config, 2, 0) == 0
+
+
+def test_rotary_tables_are_reserved_in_the_budget() -> None:
+    """Counted for the KV cache's longest sequence: Mixtral (32k context) at 16384 KV tokens keeps
+    cos/sin tables of 16384 positions, and 8192 beside them while they grow."""
+    config, _ = resolve_model_config("mixtral-8x7b")
+    short = build_plan_request(config, 24 << 30, kv_cache_tokens=1024).activation_bytes
+    longer = build_plan_request(config, 24 << 30, kv_cache_tokens=16384).activation_bytes
+    graphs = decode_graph_bytes(config, 2, MAX_GRAPH_TOKENS, num_key_bounds(16384)) - decode_graph_bytes(
+        config, 2, MAX_GRAPH_TOKENS, num_key_bounds(1024))
+    assert longer - short - graphs == rotary_table_bytes(config, 2, 16384) - rotary_table_bytes(config, 2, 1024)
+    assert rotary_table_bytes(config, 2, 16384) == 2 * (16384 + 8192) * 128 * 2
 
 
 @pytest.mark.parametrize("seed", [0, 1])

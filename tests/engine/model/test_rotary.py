@@ -60,11 +60,45 @@ def test_longrope_mixes_long_and_short_tokens_as_computed() -> None:
 
 
 def test_table_sizes() -> None:
-    """One first size for small contexts; powers of two up to the model's context; past it (direct
-    use of the model), whole MIN_TABLE_POSITIONS, so that the next steps reuse it."""
+    """One first size for small contexts; powers of two up to the model's context, then the context;
+    past it (direct use of the model), whole MIN_TABLE_POSITIONS, so that the next steps reuse it."""
     rotary = RotaryEmbedding(RopeConfig(), HEAD_DIM, 3000)
     rows = {}
     for largest in (2, 1024, 2500, 3000, 3001, 3002):
         rotary.cos_sin(torch.tensor([0, largest]), torch.float32, max_position=largest)
         rows[largest] = rotary._tables[(torch.device("cpu"), torch.float32, False)][0].shape[0]
-    assert rows == {2: MIN_TABLE_POSITIONS, 1024: 2048, 2500: 3072, 3000: 3072, 3001: 3072, 3002: 3072}
+    assert rows == {2: MIN_TABLE_POSITIONS, 1024: 2048, 2500: 3000, 3000: 3072, 3001: 3072, 3002: 3072}
+
+
+
+def _table_bytes(rotary: RotaryEmbedding) -> dict[tuple, int]:
+    return {key: sum(t.numel() * t.element_size() for t in pair) for key, pair in rotary._tables.items()}
+
+
+@pytest.mark.parametrize("max_positions", [100, 5000, 16384, 20000])
+@pytest.mark.parametrize("rope", list(ROPES))
+def test_the_plan_counts_the_tables_at_their_peak(rope: str, max_positions: int) -> None:
+    """A context growing to the KV cache's length or the model's context (longrope: long tokens past
+    its original context):
+    the tables never take more than the plan counts (memory.rotary_table_bytes), a growing table's
+    old pair included, and the count is not more than twice their peak."""
+    from engine.model.config import ModelConfig
+    from engine.placement.memory import rotary_table_bytes
+
+    config = ModelConfig(architecture="LlamaForCausalLM", model_type="llama", vocab_size=100, hidden_size=1024,
+                         num_layers=2, num_heads=8, num_kv_heads=8, head_dim=128, intermediate_size=2048,
+                         max_position_embeddings=16384, norm_eps=1e-5, rope=ROPES[rope](128))
+    rotary = RotaryEmbedding(config.rope, config.head_dim, config.max_position_embeddings)
+    original = config.rope.get("original_max_position_embeddings", config.max_position_embeddings)
+    peak = 0
+    longest = min(max_positions, config.max_position_embeddings)  # the engine's sequences end there
+    for largest in sorted({*range(0, longest, 997), longest - 1}):
+        long = rope == "longrope" and largest >= original
+        before = _table_bytes(rotary)
+        rotary.cos_sin(torch.tensor([0, largest]), torch.bfloat16, torch.tensor([False, True]) if long else None,
+                       max_position=largest)
+        after = _table_bytes(rotary)
+        replaced = sum(before[key] for key in before if after[key] != before[key])  # alive while the new one was built
+        peak = max(peak, sum(after.values()) + replaced)
+    counted = rotary_table_bytes(config, 2, max_positions)
+    assert peak <= counted <= 2 * peak
