@@ -13,7 +13,7 @@ import os
 import threading
 import time
 from array import array
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
 from engine.cpu_kernels.build import BuiltLibrary, KernelBuildError, build_library
@@ -135,6 +135,32 @@ def active_path() -> str:
     return _cached_active()[0]
 
 
+TORCH_TOKENS_ENV = "SCHEINFER_CPU_TORCH_TOKENS"
+# Without AMX, torch's oneDNN GEMMs beat the kernels' vector paths from about this many tokens a
+# job (docs/CPU_KERNELS.md "Without AMX": AMD EPYC, AVX512-BF16: 1.6x at 16 tokens, 2.8x at 256)
+DEFAULT_TORCH_TOKENS = 16
+
+
+def torch_from_tokens() -> int:
+    """Batches whose largest job has this many tokens or more run torch's path instead of the
+    kernels (0: never). Default: never where AMX is in force or a kernel path was asked for by
+    name (SCHEINFER_CPU_KERNEL: tests and benchmarks of that path); else DEFAULT_TORCH_TOKENS.
+    SCHEINFER_CPU_TORCH_TOKENS sets it (0 turns it off)."""
+    value = os.environ.get(TORCH_TOKENS_ENV, "").strip()
+    if value:
+        if not value.isdigit():
+            raise ValueError(f"{TORCH_TOKENS_ENV}={value!r}: expected a token count (0: never)")
+        return int(value)
+    path, cap, _ = _cached_active()
+    return 0 if cap == 0 or path == "amx" or requested_path() != "auto" else DEFAULT_TORCH_TOKENS
+
+
+def torch_takes(token_counts: Iterable[int]) -> bool:
+    """Whether a batch of jobs with these token counts runs torch's path (torch_from_tokens)."""
+    threshold = torch_from_tokens()
+    return threshold > 0 and max(token_counts, default=0) >= threshold
+
+
 def _why_missing(path: str) -> str:
     flags = cpu_info().missing(path)
     if flags:
@@ -160,6 +186,7 @@ def kernel_info() -> dict:
         "library": str(built.path) if built else None,
         "build_s": round(built.seconds, 3) if built else None,
     }
+    info["torch_from_tokens"] = torch_from_tokens()
     if path == "amx":
         amx_min = get_tuning("amx_min_tokens")
         info["amx_min_tokens"] = amx_min
@@ -204,7 +231,7 @@ def prepare_slice_jobs(jobs: list[SliceJob], activation: str = "silu", check: bo
             check_shapes(job)
     path, cap, reason = _cached_active()
     _log_choice(path, reason)
-    if cap == 0 or activation not in KERNEL_ACTIVATIONS:
+    if cap == 0 or activation not in KERNEL_ACTIVATIONS or torch_takes(job.x.shape[0] for job in jobs):
         return lambda: run_torch_jobs(jobs, activation)
     native, others = [], []
     for job in jobs:
@@ -319,7 +346,7 @@ def submit_routed_records(records: array, choice_offsets: array, where: RoutedGa
 def job_path(job: SliceJob) -> str:
     """The path this job would take now (for tests and benchmarks)."""
     _, cap, _ = _active(requested_path())
-    if cap == 0 or not kernel_ready(job):
+    if cap == 0 or not kernel_ready(job) or torch_takes([job.x.shape[0]]):
         return "torch"
     records = array("q", describe(job))
     buffer = (ctypes.c_int64 * len(records)).from_buffer(records)

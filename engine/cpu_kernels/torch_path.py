@@ -3,10 +3,14 @@
 Used when the C++ kernels are unavailable (no compiler, build failure, SCHEINFER_CPU_KERNEL=torch),
 for activations other than silu, and for jobs that are not bf16 (computed in their own dtype). Compact weights are decoded first.
 For bf16 it rounds like the model's bf16 GPU path: gate and up outputs in bf16, h in bf16.
+Also where torch's GEMMs are faster than the kernels (large token blocks on CPUs without AMX:
+runner.torch_from_tokens); compact weights are then decoded by the kernels' own decoder, ~100x
+faster than the torch reference decoder.
 """
 
 from __future__ import annotations
 
+import torch
 import torch.nn.functional as F
 
 from engine.cpu_kernels.slice_job import SliceJob
@@ -18,7 +22,21 @@ def run_torch_jobs(jobs: list[SliceJob], activation: str) -> None:
     for job in jobs:
         if job.x.shape[0] == 0:
             continue
-        gate_up, down = job.weights()
+        gate_up, down = _bf16_weights(job)
         gate, up = F.linear(job.x, gate_up).chunk(2, dim=-1)
         h = (act(gate.float()) * up.float()).to(job.x.dtype)
         job.out.copy_(F.linear(h, down))
+
+
+def _bf16_weights(job: SliceJob) -> tuple[torch.Tensor, torch.Tensor]:
+    """(gate_up, down) in bf16: compact ones decoded by the C++ decoder where it is built (the same
+    bits as the reference decoder), else by job.weights()."""
+    piece = job.compact
+    if piece is None:
+        return job.gate_up, job.down
+    from engine.cpu_kernels import compact
+
+    if not compact.available():
+        return job.weights()
+    return (compact.unpack_rows(piece.gate_up, 0, piece.gate_up.shape[0]),
+            compact.unpack_rows(piece.down, 0, piece.down.shape[0]))

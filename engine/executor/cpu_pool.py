@@ -20,7 +20,7 @@ import torch.nn.functional as F
 
 from engine.cpu_kernels import SliceJob, prepare_slice_jobs, set_num_threads
 from engine.cpu_kernels.cpu_info import default_num_threads
-from engine.cpu_kernels.runner import PendingJobs, submit_records
+from engine.cpu_kernels.runner import PendingJobs, submit_records, torch_takes
 from engine.cpu_kernels.slice_job import (
     WeightFields,
     activation_fields,
@@ -99,12 +99,13 @@ class _Kernels:
         return self._weights[key]
 
     def start(self, batch: CpuBatch, signal: tuple[int, int] | None = None) -> PendingJobs | None:
-        """The submitted batch, or None when some job needs torch. The records are built from the
+        """The submitted batch, or None when some job needs torch (or the batch is large enough that
+        torch's GEMMs are faster here: runner.torch_takes). The records are built from the
         pieces' kept fields and pointer arithmetic on the batch's output (this runs every layer);
         a kept batch's jobs (the same buffers every decode layer) find their records kept.
         `signal`: (address, value) stored once the jobs are over (runner.submit_records)."""
         out = batch.out
-        if out.dtype != torch.float32 or not out.is_contiguous():
+        if out.dtype != torch.float32 or not out.is_contiguous() or torch_takes(j.x.shape[0] for j in batch.jobs):
             return None
         row_bytes = out.element_size() * out.shape[1]
         out_ptr, hidden = out.data_ptr(), out.shape[1]

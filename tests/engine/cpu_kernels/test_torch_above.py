@@ -1,0 +1,112 @@
+"""Large token blocks on CPUs without AMX run torch's GEMMs (runner.torch_from_tokens): the batch
+takes the torch path whole, compact weights decoded by the kernels' decoder, the same bits as the
+forced torch path; smaller batches keep the kernels' bits."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from engine.cpu_kernels import job_path, run_slice_jobs, runner
+from engine.cpu_kernels.runner import DEFAULT_TORCH_TOKENS, TORCH_TOKENS_ENV, torch_from_tokens, torch_takes
+
+from .helpers import KERNEL_PATHS, make_job
+
+pytestmark = pytest.mark.skipif(not runner.available_paths(), reason="the C++ cpu kernels did not build here")
+
+SHAPES = [(1, 128, 64), (3, 256, 96), (20, 128, 64)]
+
+
+def _outputs(shapes: list[tuple[int, int, int]], seed: int = 11) -> list[torch.Tensor]:
+    jobs = [make_job(*shape, seed=seed + i) for i, shape in enumerate(shapes)]
+    run_slice_jobs(jobs)
+    return [job.out for job in jobs]
+
+
+def test_default_threshold_by_path(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv(TORCH_TOKENS_ENV, raising=False)
+    monkeypatch.setenv("SCHEINFER_CPU_KERNEL", "auto")
+    expected = 0 if runner.active_path() == "amx" else DEFAULT_TORCH_TOKENS
+    assert torch_from_tokens() == expected
+    for path in KERNEL_PATHS:  # a path asked for by name runs its kernels at every size
+        monkeypatch.setenv("SCHEINFER_CPU_KERNEL", path)
+        assert torch_from_tokens() == 0 and not torch_takes([4096])
+    monkeypatch.setenv("SCHEINFER_CPU_KERNEL", "auto")
+    monkeypatch.setattr(runner, "_cached_active", lambda: ("amx", 4, "AMX"))
+    assert torch_from_tokens() == 0  # AMX beats oneDNN from 4 tokens on (docs/CPU_KERNELS.md)
+    monkeypatch.setattr(runner, "_cached_active", lambda: ("avx512_bf16", 3, "no AMX"))
+    assert torch_from_tokens() == DEFAULT_TORCH_TOKENS
+    assert torch_takes([1, DEFAULT_TORCH_TOKENS]) and not torch_takes([DEFAULT_TORCH_TOKENS - 1, 2]) and not torch_takes([])
+    monkeypatch.setenv(TORCH_TOKENS_ENV, "0")
+    assert torch_from_tokens() == 0
+    monkeypatch.setenv(TORCH_TOKENS_ENV, "many")
+    with pytest.raises(ValueError, match=TORCH_TOKENS_ENV):
+        torch_from_tokens()
+
+
+def test_a_batch_with_a_large_job_runs_torch_whole(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("SCHEINFER_CPU_KERNEL", "torch")
+    forced_torch = _outputs(SHAPES)
+    monkeypatch.setenv("SCHEINFER_CPU_KERNEL", "auto")
+    monkeypatch.setenv(TORCH_TOKENS_ENV, "0")
+    kernels = _outputs(SHAPES)
+    monkeypatch.setenv(TORCH_TOKENS_ENV, "20")  # the largest job has 20 tokens
+    routed = _outputs(SHAPES)
+    assert job_path(make_job(20, 128, 64, seed=1)) == "torch"
+    assert job_path(make_job(19, 128, 64, seed=1)) != "torch"
+    assert all(torch.equal(a, b) for a, b in zip(routed, forced_torch, strict=True))
+    assert not all(torch.equal(a, b) for a, b in zip(routed, kernels, strict=True))  # other rounding
+    monkeypatch.setenv(TORCH_TOKENS_ENV, "21")
+    assert all(torch.equal(a, b) for a, b in zip(_outputs(SHAPES), kernels, strict=True))
+
+
+def test_compact_weights_on_the_torch_path_use_the_kernels_decoder(monkeypatch: pytest.MonkeyPatch) -> None:
+    from engine.cpu_kernels import compact
+
+    from .test_compact_jobs import compact_twin
+
+    monkeypatch.setenv("SCHEINFER_CPU_KERNEL", "auto")
+    monkeypatch.setenv(TORCH_TOKENS_ENV, "1")
+    plain = [make_job(24, 128, 64, seed=s) for s in range(2)]
+    plain[1].gate_up[5, 7] = 0.0  # an exception to decode
+    twins = [compact_twin(job) for job in plain]
+    run_slice_jobs(plain)
+    run_slice_jobs(twins)
+    assert job_path(twins[0]) == "torch"
+    assert all(torch.equal(a.out, b.out) for a, b in zip(plain, twins, strict=True))
+    decoded: list[int] = []
+    real_unpack = compact.unpack_rows
+
+    def counted(matrix, r0: int, r1: int) -> torch.Tensor:
+        decoded.append(r1 - r0)
+        return real_unpack(matrix, r0, r1)
+
+    monkeypatch.setattr(compact, "unpack_rows", counted)
+    run_slice_jobs([compact_twin(plain[0])])
+    assert decoded == [128, 128]  # gate_up's 2n rows, down's hidden rows
+
+
+def test_the_cpu_pool_sends_large_batches_to_torch(monkeypatch: pytest.MonkeyPatch) -> None:
+    from engine.executor.cpu_pool import CpuBatch, CpuJob, CpuPool
+    from engine.model.ffn import UnitSlice
+
+    monkeypatch.setenv("SCHEINFER_CPU_KERNEL", "auto")
+    pool = CpuPool(torch.nn.functional.silu, "silu", num_threads=2)
+    try:
+        job = make_job(24, 128, 64, seed=3)
+        piece = UnitSlice.__new__(UnitSlice)
+        piece.gate_up, piece.down, piece.compact = job.gate_up, job.down, None
+        for threshold, submitted in (("0", True), ("24", False)):
+            monkeypatch.setenv(TORCH_TOKENS_ENV, threshold)
+            batch = CpuBatch([CpuJob(0, job.x, piece, 0)], torch.full((24, 128), float("nan")), torch.arange(24))
+            result = pool.submit(batch, None)
+            assert (type(result).__name__ == "_Submitted") is submitted
+            out = result.result().out
+            expected = make_job(24, 128, 64, seed=3)
+            monkeypatch.setenv("SCHEINFER_CPU_KERNEL", "auto" if submitted else "torch")
+            monkeypatch.setenv(TORCH_TOKENS_ENV, "0")
+            run_slice_jobs([expected])
+            monkeypatch.setenv("SCHEINFER_CPU_KERNEL", "auto")
+            assert torch.equal(out, expected.out)
+    finally:
+        pool.shutdown()
