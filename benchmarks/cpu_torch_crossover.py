@@ -5,6 +5,7 @@ decoded by the kernels' decoder), and what the default routing gives.
 
     PYTHONPATH=. python3 benchmarks/cpu_torch_crossover.py [--hidden 4096 --rows 1024] [--out FILE]
 
+Both paths get the same threads (the engine's CPU pool sets torch's to the kernels' count).
 GFLOP/s, best of 3 after a warm-up; the weights stay in cache on small machines (a compute
 comparison: decode-sized rows here say nothing about DRAM rates, see cpu_kernel_bench.py).
 """
@@ -22,7 +23,7 @@ import torch
 
 from engine.cpu_kernels import SliceJob, kernel_info, run_slice_jobs
 from engine.cpu_kernels.compact import compact_piece
-from engine.cpu_kernels.runner import TORCH_TOKENS_ENV, submit_records
+from engine.cpu_kernels.runner import TORCH_TOKENS_ENV, num_threads, set_num_threads, submit_records
 from engine.cpu_kernels.slice_job import activation_fields, compact_weight_fields, record, weight_fields
 from engine.cpu_kernels.torch_path import run_torch_jobs
 from engine.model.compact_weights import max_region_bytes
@@ -44,7 +45,12 @@ def main() -> None:
     parser.add_argument("--rows", type=int, default=1024, help="intermediate rows of the piece (a host chunk)")
     parser.add_argument("--tokens", default="1,4,8,16,32,64,128,256")
     parser.add_argument("--out", default=None)
+    parser.add_argument("--threads", type=int, default=None,
+                        help="threads of both paths (default: the kernels' pool size, as the engine's CPU pool sets torch's)")
     args = parser.parse_args()
+    if args.threads:
+        set_num_threads(args.threads)
+    torch.set_num_threads(num_threads())  # the engine's CPU pool gives torch the kernels' thread count
     h, n = args.hidden, args.rows
     gen = torch.Generator().manual_seed(0)
     gate_up = (torch.randn(2 * n, h, generator=gen) * 0.02).bfloat16()

@@ -137,8 +137,10 @@ def active_path() -> str:
 
 TORCH_TOKENS_ENV = "SCHEINFER_CPU_TORCH_TOKENS"
 # Without AMX, torch's oneDNN GEMMs beat the kernels' vector paths from about this many tokens a
-# job (docs/CPU_KERNELS.md "Without AMX": AMD EPYC, AVX512-BF16: 1.6x at 16 tokens, 2.8x at 256)
-DEFAULT_TORCH_TOKENS = 16
+# job, compact pieces included (docs/CPU_KERNELS.md "Large blocks without AMX": AMD EPYC with
+# AVX512-BF16, the same threads for both: 1.2-1.5x at 128 tokens, 1.4-1.7x at 256; below 64
+# tokens the kernels are as fast or faster, much faster on compact pieces)
+DEFAULT_TORCH_TOKENS = 128
 
 
 def torch_from_tokens() -> int:
