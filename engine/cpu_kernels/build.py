@@ -94,7 +94,7 @@ def _declare(lib: ctypes.CDLL) -> None:
     lib.scheinfer_pack_exponents.restype = None
     lib.scheinfer_pack_exceptions.argtypes = [ptr, i64, i64, i64, i64, ptr, ptr, ptr, i32]
     lib.scheinfer_pack_exceptions.restype = None
-    lib.scheinfer_unpack_rows.argtypes = [ptr, i64, ptr, i64, ptr, ptr, ptr, i64, i64, i64, ptr]
+    lib.scheinfer_unpack_rows.argtypes = [ptr, i64, ptr, i64, ptr, ptr, ptr, i64, i64, i64, ptr, i32]
     lib.scheinfer_unpack_rows.restype = None
 
 

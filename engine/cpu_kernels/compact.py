@@ -119,11 +119,16 @@ def compact_piece(gate_up: torch.Tensor, down: torch.Tensor, region: torch.Tenso
     return CompactPiece(region[: region_bytes(values, num_exceptions)], gu, dn)
 
 
-def unpack_rows(matrix: CompactMatrix, r0: int, r1: int) -> torch.Tensor:
-    """Rows [r0, r1) decoded by the kernels' decoder (bf16 [r1 - r0, K])."""
+def unpack_rows(matrix: CompactMatrix, r0: int, r1: int, threads: int = 1,
+                out: torch.Tensor | None = None) -> torch.Tensor:
+    """Rows [r0, r1) decoded by the kernels' decoder (bf16 [r1 - r0, K]), on `threads` threads;
+    into `out` (contiguous bf16 of that shape) when given."""
     _, k = matrix.shape
-    out = torch.empty(r1 - r0, k, dtype=torch.bfloat16)
+    if out is None:
+        out = torch.empty(r1 - r0, k, dtype=torch.bfloat16)
+    elif out.shape != (r1 - r0, k) or out.dtype != torch.bfloat16 or not out.is_contiguous():
+        raise ValueError(f"out must be contiguous bf16 {(r1 - r0, k)}, got {out.dtype} {tuple(out.shape)}")
     _lib().scheinfer_unpack_rows(matrix.low.data_ptr(), matrix.low.stride(0), matrix.codes.data_ptr(), matrix.base,
                                  matrix.exc_row_ptr.data_ptr(), matrix.exc_cols.data_ptr(),
-                                 matrix.exc_values.data_ptr(), k, r0, r1, out.data_ptr())
+                                 matrix.exc_values.data_ptr(), k, r0, r1, out.data_ptr(), threads)
     return out

@@ -36,6 +36,7 @@ class _State:
     num_threads: int | None = None
     logged_path: str | None = None
     active: dict = field(default_factory=dict)  # (requested path, build state) -> _active's answer
+    torch_tokens: dict = field(default_factory=dict)  # (settings, build state) -> torch_from_tokens
 
 
 _state = _State()
@@ -137,29 +138,45 @@ def active_path() -> str:
 
 TORCH_TOKENS_ENV = "SCHEINFER_CPU_TORCH_TOKENS"
 # Without AMX, torch's oneDNN GEMMs beat the kernels' vector paths from about this many tokens a
-# job, compact pieces included (docs/CPU_KERNELS.md "Large blocks without AMX": AMD EPYC with
-# AVX512-BF16, the same threads for both: 1.2-1.5x at 128 tokens, 1.4-1.7x at 256; below 64
-# tokens the kernels are as fast or faster, much faster on compact pieces)
+# job (docs/CPU_KERNELS.md "Large blocks without AMX": AMD EPYC with AVX512-BF16, the same threads
+# for both: bf16 pieces 1.3-2.5x from 128 tokens; compact pieces, decoded first, about even at 128
+# and 1.4-1.9x at 256; below 64 tokens the kernels are as fast or faster)
 DEFAULT_TORCH_TOKENS = 128
+DEFAULT_TORCH_TOKENS_COMPACT = 256
 
 
-def torch_from_tokens() -> int:
+def torch_from_tokens(compact: bool = False) -> int:
     """Batches whose largest job has this many tokens or more run torch's path instead of the
-    kernels (0: never). Default: never where AMX is in force or a kernel path was asked for by
-    name (SCHEINFER_CPU_KERNEL: tests and benchmarks of that path); else DEFAULT_TORCH_TOKENS.
-    SCHEINFER_CPU_TORCH_TOKENS sets it (0 turns it off)."""
+    kernels (0: never); `compact`: for pieces stored compact (decoded before torch's GEMMs).
+    Default: DEFAULT_TORCH_TOKENS(_COMPACT) where AVX512-BF16 is the best path in force (torch's
+    oneDNN has bf16 GEMMs there); never with AMX (faster than oneDNN), on AVX2 alone (torch's bf16
+    GEMMs fall back to a slow generic routine) or where a kernel path was asked for by name
+    (SCHEINFER_CPU_KERNEL: tests and benchmarks of that path). SCHEINFER_CPU_TORCH_TOKENS sets it
+    for both kinds (0 turns it off). Kept per setting: this runs for every CPU batch."""
+    key = (os.environ.get(TORCH_TOKENS_ENV), os.environ.get("SCHEINFER_CPU_KERNEL"), _state.built is not None,
+           _state.build_error, compact)
+    threshold = _state.torch_tokens.get(key)
+    if threshold is None:
+        threshold = _state.torch_tokens[key] = _torch_from_tokens(compact)
+    return threshold
+
+
+def _torch_from_tokens(compact: bool) -> int:
     value = os.environ.get(TORCH_TOKENS_ENV, "").strip()
     if value:
         if not value.isdigit():
             raise ValueError(f"{TORCH_TOKENS_ENV}={value!r}: expected a token count (0: never)")
         return int(value)
-    path, cap, _ = _cached_active()
-    return 0 if cap == 0 or path == "amx" or requested_path() != "auto" else DEFAULT_TORCH_TOKENS
+    path, _, _ = _cached_active()
+    if path != "avx512_bf16" or requested_path() != "auto":
+        return 0
+    return DEFAULT_TORCH_TOKENS_COMPACT if compact else DEFAULT_TORCH_TOKENS
 
 
-def torch_takes(token_counts: Iterable[int]) -> bool:
-    """Whether a batch of jobs with these token counts runs torch's path (torch_from_tokens)."""
-    threshold = torch_from_tokens()
+def torch_takes(token_counts: Iterable[int], compact: bool = False) -> bool:
+    """Whether a batch of jobs with these token counts runs torch's path (torch_from_tokens);
+    `compact`: some of its pieces are stored compact."""
+    threshold = torch_from_tokens(compact)
     return threshold > 0 and max(token_counts, default=0) >= threshold
 
 
@@ -188,7 +205,7 @@ def kernel_info() -> dict:
         "library": str(built.path) if built else None,
         "build_s": round(built.seconds, 3) if built else None,
     }
-    info["torch_from_tokens"] = torch_from_tokens()
+    info["torch_from_tokens"] = {"bf16": torch_from_tokens(), "compact": torch_from_tokens(compact=True)}
     if path == "amx":
         amx_min = get_tuning("amx_min_tokens")
         info["amx_min_tokens"] = amx_min
@@ -233,7 +250,8 @@ def prepare_slice_jobs(jobs: list[SliceJob], activation: str = "silu", check: bo
             check_shapes(job)
     path, cap, reason = _cached_active()
     _log_choice(path, reason)
-    if cap == 0 or activation not in KERNEL_ACTIVATIONS or torch_takes(job.x.shape[0] for job in jobs):
+    if (cap == 0 or activation not in KERNEL_ACTIVATIONS
+            or torch_takes((job.x.shape[0] for job in jobs), any(job.compact is not None for job in jobs))):
         return lambda: run_torch_jobs(jobs, activation)
     native, others = [], []
     for job in jobs:
@@ -348,7 +366,7 @@ def submit_routed_records(records: array, choice_offsets: array, where: RoutedGa
 def job_path(job: SliceJob) -> str:
     """The path this job would take now (for tests and benchmarks)."""
     _, cap, _ = _active(requested_path())
-    if cap == 0 or not kernel_ready(job) or torch_takes([job.x.shape[0]]):
+    if cap == 0 or not kernel_ready(job) or torch_takes([job.x.shape[0]], job.compact is not None):
         return "torch"
     records = array("q", describe(job))
     buffer = (ctypes.c_int64 * len(records)).from_buffer(records)

@@ -10,6 +10,8 @@ faster than the torch reference decoder.
 
 from __future__ import annotations
 
+import threading
+
 import torch
 import torch.nn.functional as F
 
@@ -38,5 +40,23 @@ def _bf16_weights(job: SliceJob) -> tuple[torch.Tensor, torch.Tensor]:
 
     if not compact.available():
         return job.weights()
-    return (compact.unpack_rows(piece.gate_up, 0, piece.gate_up.shape[0]),
-            compact.unpack_rows(piece.down, 0, piece.down.shape[0]))
+    threads = torch.get_num_threads()  # the CPU pool's (it sets torch's to the kernels' count)
+    gate_up_shape, down_shape = tuple(piece.gate_up.shape), tuple(piece.down.shape)
+    gate_up_numel = gate_up_shape[0] * gate_up_shape[1]
+    buffer = _decode_buffer(gate_up_numel + down_shape[0] * down_shape[1])
+    gate_up = compact.unpack_rows(piece.gate_up, 0, gate_up_shape[0], threads,
+                                  out=buffer[:gate_up_numel].view(gate_up_shape))
+    down = compact.unpack_rows(piece.down, 0, down_shape[0], threads, out=buffer[gate_up_numel:].view(down_shape))
+    return gate_up, down
+
+
+_decoded = threading.local()  # each thread's decode buffer (the torch path runs on the CPU pool's worker)
+
+
+def _decode_buffer(numel: int) -> torch.Tensor:
+    """This thread's bf16 buffer of at least `numel` values, kept: a fresh one each job would
+    fault in its pages again (tens of MB a piece, several ms)."""
+    buffer = getattr(_decoded, "buffer", None)
+    if buffer is None or buffer.numel() < numel:
+        buffer = _decoded.buffer = torch.empty(numel, dtype=torch.bfloat16)
+    return buffer[:numel]

@@ -161,7 +161,7 @@ void scheinfer_pack_exceptions(const bf16_t* src, int64_t rows, int64_t K, int64
 // Decodes rows [r0, r1) of a compact matrix (test and benchmark entry for unpack_rows).
 void scheinfer_unpack_rows(const uint8_t* low, int64_t low_stride, const uint8_t* codes, int64_t base,
                            const int32_t* exc_row_ptr, const int32_t* exc_cols, const bf16_t* exc_vals, int64_t K,
-                           int64_t r0, int64_t r1, bf16_t* out) {
+                           int64_t r0, int64_t r1, bf16_t* out, int num_threads) {
   CompactMatrix m;
   m.low = low;
   m.low_stride = low_stride;
@@ -170,7 +170,7 @@ void scheinfer_unpack_rows(const uint8_t* low, int64_t low_stride, const uint8_t
   m.exc_row_ptr = exc_row_ptr;
   m.exc_cols = exc_cols;
   m.exc_vals = exc_vals;
-  unpack_rows(m, K, r0, r1, out);
+  parallel_rows(r1 - r0, num_threads, [&](int64_t b, int64_t e) { unpack_rows(m, K, r0 + b, r0 + e, out + b * K); });
 }
 
 }  // extern "C"

@@ -8,7 +8,13 @@ import pytest
 import torch
 
 from engine.cpu_kernels import job_path, run_slice_jobs, runner
-from engine.cpu_kernels.runner import DEFAULT_TORCH_TOKENS, TORCH_TOKENS_ENV, torch_from_tokens, torch_takes
+from engine.cpu_kernels.runner import (
+    DEFAULT_TORCH_TOKENS,
+    DEFAULT_TORCH_TOKENS_COMPACT,
+    TORCH_TOKENS_ENV,
+    torch_from_tokens,
+    torch_takes,
+)
 
 from .helpers import KERNEL_PATHS, make_job
 
@@ -23,19 +29,29 @@ def _outputs(shapes: list[tuple[int, int, int]], seed: int = 11) -> list[torch.T
     return [job.out for job in jobs]
 
 
+def _active_path(monkeypatch: pytest.MonkeyPatch, path: str) -> None:
+    """Pretends `path` is the best path in force (the kept thresholds forgotten)."""
+    monkeypatch.setattr(runner, "_cached_active", lambda: (path, 1 + ("avx2", "avx512_bf16", "amx").index(path), path))
+    monkeypatch.setattr(runner._state, "torch_tokens", {})
+
+
 def test_default_threshold_by_path(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv(TORCH_TOKENS_ENV, raising=False)
     monkeypatch.setenv("SCHEINFER_CPU_KERNEL", "auto")
-    expected = 0 if runner.active_path() == "amx" else DEFAULT_TORCH_TOKENS
+    expected = DEFAULT_TORCH_TOKENS if runner.active_path() == "avx512_bf16" else 0
     assert torch_from_tokens() == expected
     for path in KERNEL_PATHS:  # a path asked for by name runs its kernels at every size
         monkeypatch.setenv("SCHEINFER_CPU_KERNEL", path)
         assert torch_from_tokens() == 0 and not torch_takes([4096])
     monkeypatch.setenv("SCHEINFER_CPU_KERNEL", "auto")
-    monkeypatch.setattr(runner, "_cached_active", lambda: ("amx", 4, "AMX"))
+    _active_path(monkeypatch, "amx")
     assert torch_from_tokens() == 0  # AMX beats oneDNN from 4 tokens on (docs/CPU_KERNELS.md)
-    monkeypatch.setattr(runner, "_cached_active", lambda: ("avx512_bf16", 3, "no AMX"))
+    _active_path(monkeypatch, "avx2")
+    assert torch_from_tokens() == 0  # torch's bf16 GEMMs are slow without AVX512-BF16
+    _active_path(monkeypatch, "avx512_bf16")
     assert torch_from_tokens() == DEFAULT_TORCH_TOKENS
+    assert torch_from_tokens(compact=True) == DEFAULT_TORCH_TOKENS_COMPACT > DEFAULT_TORCH_TOKENS  # decoded first
+    assert torch_takes([DEFAULT_TORCH_TOKENS]) and not torch_takes([DEFAULT_TORCH_TOKENS], compact=True)
     assert torch_takes([1, DEFAULT_TORCH_TOKENS]) and not torch_takes([DEFAULT_TORCH_TOKENS - 1, 2]) and not torch_takes([])
     monkeypatch.setenv(TORCH_TOKENS_ENV, "0")
     assert torch_from_tokens() == 0
@@ -77,9 +93,9 @@ def test_compact_weights_on_the_torch_path_use_the_kernels_decoder(monkeypatch: 
     decoded: list[int] = []
     real_unpack = compact.unpack_rows
 
-    def counted(matrix, r0: int, r1: int) -> torch.Tensor:
+    def counted(matrix, r0: int, r1: int, threads: int = 1, out: torch.Tensor | None = None) -> torch.Tensor:
         decoded.append(r1 - r0)
-        return real_unpack(matrix, r0, r1)
+        return real_unpack(matrix, r0, r1, threads, out)
 
     monkeypatch.setattr(compact, "unpack_rows", counted)
     run_slice_jobs([compact_twin(plain[0])])

@@ -79,6 +79,7 @@ def test_native_encoder_writes_the_reference_bytes_and_decodes_exactly(shape: tu
         assert torch.equal(getattr(native, name), getattr(ref, name)), name
     assert same_bits(cpu_compact.unpack_rows(native, 0, shape[0]), w)
     assert same_bits(cpu_compact.unpack_rows(native, shape[0] // 2, shape[0]), w[shape[0] // 2 :])
+    assert same_bits(cpu_compact.unpack_rows(native, 1, shape[0], threads=3), w[1:])  # rows split over threads
 
 
 @needs_native
