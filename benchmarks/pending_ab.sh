@@ -14,13 +14,17 @@ mkdir -p "$OUT"
 BUDGET_S=${BUDGET_S:-560}  # the whole script ends by then (a device call is cut at 600 s)
 left() { local cap=$1 rest=$((BUDGET_S - SECONDS)); echo $((rest < cap ? (rest > 1 ? rest : 1) : cap)); }
 nvidia-smi --query-gpu=name --format=csv,noheader
-timeout "$(left 200)" python3 -m pytest -q -p no:cacheprovider -m gpu tests/engine > "$OUT/gpu_tests.txt" 2>&1
-timeout "$(left 60)" python3 -m pytest -q -p no:cacheprovider tests/engine/model/test_rotary.py \
-  tests/engine/executor/test_decode_feedback.py >> "$OUT/gpu_tests.txt" 2>&1
-grep -E "passed|failed|error" "$OUT/gpu_tests.txt" | tail -3
-for model in phi-3.5-moe mixtral-8x7b; do
+# 1. the GPU tests of sessions 18-19's changes (rotary tables on CUDA, the head before the last
+#    collection with signalled jobs, the feedback), 2. the period-rule A/B on Phi-3.5-MoE, 3. the
+#    whole GPU suite, 4. the A/B on Mixtral: the most valuable first, each within what is left
+timeout "$(left 150)" python3 -m pytest -q -p no:cacheprovider tests/engine/model/test_rotary.py \
+  tests/engine/model/test_forward_order.py tests/engine/executor/test_stream_signal.py \
+  tests/engine/executor/test_decode_feedback.py tests/engine/model/test_decode_graphs.py > "$OUT/gpu_tests_first.txt" 2>&1
+tail -1 "$OUT/gpu_tests_first.txt"
+ab() {
+  local model=$1 cap=$2
   echo "== $model: period rule A/B"
-  timeout "$(left 240)" python3 benchmarks/partition_bench.py --model "$model" --budget 24GiB --build-policy adaptive \
+  timeout "$(left "$cap")" python3 benchmarks/partition_bench.py --model "$model" --budget 24GiB --build-policy adaptive \
     --policies adaptive~period,adaptive,adaptive~period,adaptive --prompt-len 512 --new-tokens 64 --sweep "" \
     --final-tokens 0 --out "$OUT/period_rule_ab_$model.json" > "$OUT/period_rule_ab_$model.txt" 2>&1
   python3 - "$OUT/period_rule_ab_$model.txt" <<'PY'
@@ -32,4 +36,10 @@ for line in open(sys.argv[1]):
         print(f"{name:24} decode {r['decode_tok_s']:6.2f} tok/s  prefill {r['prefill_tok_s']:7.1f}  shift {f['shift']}"
               f"  moves {f['moves']} (period {f.get('period_moves', 0)}, holds {f.get('holds', 0)})  period {f['period_ms']:.3f} ms")
 PY
-done
+}
+ab phi-3.5-moe 260
+if [ $((BUDGET_S - SECONDS)) -gt 120 ]; then
+  timeout "$(left 200)" python3 -m pytest -q -p no:cacheprovider -m gpu tests/engine > "$OUT/gpu_tests.txt" 2>&1
+  grep -E "passed|failed|error" "$OUT/gpu_tests.txt" | tail -3
+fi
+if [ $((BUDGET_S - SECONDS)) -gt 200 ]; then ab mixtral-8x7b 240; fi
