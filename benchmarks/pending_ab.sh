@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
-# One device call for what a session left unmeasured (session 18: the decode feedback's period rule
-# and the rotary tables): the GPU tests, then the period rule A/B on Phi-3.5-MoE at 24 GiB in one
-# process (each policy re-plans, so the feedback starts afresh), then Mixtral if time is left.
+# One device call for what a session left unmeasured (sessions 18-19: the decode feedback's period
+# rule, the rotary tables, the head before the last collection): the GPU tests, then the period
+# rule A/B on Phi-3.5-MoE at 24 GiB in one process (each policy re-plans, so the feedback starts
+# afresh), then Mixtral if time is left. Run in session 19 (benchmarks/README.md "Session 19").
 #
 #   OUT=results_dir [BUDGET_S=560] benchmarks/pending_ab.sh     # on the GPU machine, ~5-9 min
 #
