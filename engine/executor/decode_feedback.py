@@ -14,7 +14,7 @@ The imbalance says which way balance lies, not which split is faster: a piece mo
 by about as much as the band is wide, so the two shifts around balance both sit near its edges and
 noise flips between them. Once both neighbours around balance have been measured (their imbalances
 on either side of zero), the period rule keeps the one whose layers ran gate to gate in less time
-(off by default until measured on the GPU machine: DecodeFeedback.by_period).
+(off by default: DecodeFeedback.by_period; session 19 measured no gain, benchmarks/README.md).
 """
 
 from __future__ import annotations
