@@ -102,18 +102,6 @@ def _cpu_path() -> tuple[str, int, Callable[[list[Job]], None]]:
     return "torch", default_num_threads(), run_torch
 
 
-@contextmanager
-def _torch_threads(count: int) -> Iterator[None]:
-    """torch's intra-op threads as the executor's CPU pool sets them (the kernels' count), for the
-    jobs that run torch's path (large blocks without AMX, no kernels)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(count)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
-
-
 def llc_bytes() -> int:
     """Size of the largest CPU cache (Linux sysfs; 32 MiB when unknown)."""
     sizes = []
@@ -171,7 +159,7 @@ class CpuSlices:
 
         def call(i: int) -> int:
             first = (i % self.num_calls) * self.per_call
-            with torch.inference_mode(), _torch_threads(self.num_threads):
+            with torch.inference_mode():
                 run(x, outs, first)
             return self.per_call * self.slice_bytes
 
