@@ -192,7 +192,9 @@ def main() -> None:
                              "the CPU's output rows to the GPU (default: read in place); a '~perplan' suffix (after all: "
                              "'~copied~perplan') splits decode layers by each expert's plan kinds, not alike for all "
                              "(engine/executor/token_assignment.py); a '~period' suffix (after all, '~perplan' too) "
-                             "turns on the decode feedback's period rule (engine/executor/decode_feedback.py); a last '^N' suffix copies N pieces of the "
+                             "turns on the decode feedback's period rule (engine/executor/decode_feedback.py); then '~headlate' "
+                             "enqueues the model's head after the last CPU job is collected and '~rotarycomputed' computes "
+                             "rotary cos/sin each step (both A/B switches of session 19); a last '^N' suffix copies N pieces of the "
                              "next layer's likely experts ahead (0: no look-ahead)")
     parser.add_argument("--build-policy", default="manual:cg=0",
                         help="plan the model is built with (sets the resident share every policy shares)")
@@ -250,6 +252,13 @@ def main() -> None:
         llm.engine.runner.executor.lookahead_pieces = pieces
         # adaptive%150: prefill's balance counts 150 us of the driving thread's work a streamed piece
         core, _, stream_host_us = core.partition("%")
+        # adaptive~headlate / ~rotarycomputed (the last suffixes, in this order): the model's head
+        # enqueued after the last CPU job is collected; rotary cos/sin computed each step, no tables
+        model = llm.engine.runner.model
+        model.rotary_tables = not core.endswith("~rotarycomputed")
+        core = core.removesuffix("~rotarycomputed")
+        model.head_before_collect = not core.endswith("~headlate")
+        core = core.removesuffix("~headlate")
         # adaptive~period: the decode feedback's period rule on (engine/executor/decode_feedback.py)
         llm.engine.runner.executor.feedback.by_period = core.endswith("~period")
         core = core.removesuffix("~period")

@@ -60,6 +60,10 @@ class DecoderModel:
     unit_executor: UnitExecutor | None = field(default=None, repr=False)
     attention_kernels: str = "flash"  # engine/model/attention_kernels.py
     decode_graphs: DecodeGraphs | None = field(default=None, repr=False)  # engine/model/decode_graphs.py
+    # A/B switches of benchmarks (the same results either way): rotary cos/sin gathered from tables
+    # (else computed each step), the head enqueued before the last CPU job is collected (else after)
+    rotary_tables: bool = True
+    head_before_collect: bool = True
 
     def __post_init__(self) -> None:
         c = self.config
@@ -123,7 +127,7 @@ class DecoderModel:
     @torch.inference_mode()
     def forward(self, batch: ForwardBatch, cache: PagedKVCache) -> torch.Tensor:
         """Runs the batch, fills the KV cache, returns fp32 logits [len(logits_indices), vocab]."""
-        max_position = max((span.context_len for span in batch.spans), default=1) - 1
+        max_position = max((span.context_len for span in batch.spans), default=1) - 1 if self.rotary_tables else None
         cos_sin = self.rotary.cos_sin(batch.positions, self.dtype, self._long_context_mask(batch), max_position)
         c = self.config
         decode = decode_keys(batch, c.head_dim, c.sliding_window, self.dtype, self.device, self.attention_kernels)
@@ -136,12 +140,16 @@ class DecoderModel:
                 # enqueued before the last CPU job is collected: where the GPU stream waits for
                 # that job itself (stream_signal.py) the head runs the moment its outputs land,
                 # not after this thread woke and launched it
-                x = self.final_norm(x[batch.logits_indices])
-                logits = F.linear(x, self.lm_head, self.lm_head_bias).float()
+                logits = self._head(x, batch) if self.head_before_collect else None
             finally:
                 if self.unit_executor is not None:
                     self.unit_executor.flush()
-        return logits
+        return logits if logits is not None else self._head(x, batch)
+
+    def _head(self, x: torch.Tensor, batch: ForwardBatch) -> torch.Tensor:
+        """fp32 logits of the tokens that need them, from the last layer's residual stream."""
+        x = self.final_norm(x[batch.logits_indices])
+        return F.linear(x, self.lm_head, self.lm_head_bias).float()
 
     def _forward_layers(self, batch: ForwardBatch, cache: PagedKVCache, cos_sin: tuple[torch.Tensor, torch.Tensor],
                         decode: DecodeKeys | None = None) -> torch.Tensor:
