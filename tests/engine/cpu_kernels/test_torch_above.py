@@ -126,3 +126,36 @@ def test_the_cpu_pool_sends_large_batches_to_torch(monkeypatch: pytest.MonkeyPat
             assert torch.equal(out, expected.out)
     finally:
         pool.shutdown()
+
+
+def test_an_engine_prefill_with_large_cpu_batches_keeps_its_logits(tiny_checkpoints, monkeypatch: pytest.MonkeyPatch) -> None:
+    """End to end, bf16 CC pieces in the kernels: a 200-token prompt in one prefill step gives CPU
+    jobs of up to 200 tokens; with the rule at 1 token they all run torch's GEMMs, with it off
+    the kernels; the prompt's logits agree within bf16 rounding (torch rounds gate and up too)."""
+    from engine import LLM
+    from engine.cpu_kernels import torch_path
+    from tests.engine.executor.test_partition_exactness import random_plan
+
+    monkeypatch.setenv("SCHEINFER_CPU_KERNEL", "auto")
+    prompt = [(7 * i + 3) % 300 + 1 for i in range(200)]
+
+    def logits(threshold: str) -> tuple[torch.Tensor, int]:
+        monkeypatch.setenv(TORCH_TOKENS_ENV, threshold)
+        calls = {"n": 0}
+        real = torch_path.run_torch_jobs
+
+        def counted(jobs, activation):
+            calls["n"] += 1
+            return real(jobs, activation)
+
+        monkeypatch.setattr(torch_path, "run_torch_jobs", counted)
+        monkeypatch.setattr(runner, "run_torch_jobs", counted)
+        path = tiny_checkpoints["mixtral"]
+        llm = LLM(str(path), dtype="bfloat16", show_progress=False, policy=random_plan(path, 3), kv_cache_tokens=256,
+                  max_num_batched_tokens=256)
+        return llm.engine.prompt_logits(prompt).float(), calls["n"]
+
+    kernels, kernel_torch_calls = logits("0")
+    routed, routed_torch_calls = logits("1")
+    assert kernel_torch_calls == 0 and routed_torch_calls > 0
+    assert (routed - kernels).abs().max().item() <= 0.02 * kernels.abs().max().item()  # 0.8% here
