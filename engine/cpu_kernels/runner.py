@@ -36,7 +36,7 @@ class _State:
     num_threads: int | None = None
     logged_path: str | None = None
     active: dict = field(default_factory=dict)  # (requested path, build state) -> _active's answer
-    torch_tokens: dict = field(default_factory=dict)  # (settings, build state) -> torch_from_tokens
+    torch_tokens: dict = field(default_factory=dict)  # (settings, build state) -> torch_from_tokens (bf16, compact)
 
 
 _state = _State()
@@ -153,30 +153,39 @@ def torch_from_tokens(compact: bool = False) -> int:
     GEMMs fall back to a slow generic routine) or where a kernel path was asked for by name
     (SCHEINFER_CPU_KERNEL: tests and benchmarks of that path). SCHEINFER_CPU_TORCH_TOKENS sets it
     for both kinds (0 turns it off). Kept per setting: this runs for every CPU batch."""
+    return _torch_thresholds()[compact]
+
+
+def _torch_thresholds() -> tuple[int, int]:
+    """(bf16, compact) thresholds of torch_from_tokens, kept per setting."""
     key = (os.environ.get(TORCH_TOKENS_ENV), os.environ.get("SCHEINFER_CPU_KERNEL"), _state.built is not None,
-           _state.build_error, compact)
-    threshold = _state.torch_tokens.get(key)
-    if threshold is None:
-        threshold = _state.torch_tokens[key] = _torch_from_tokens(compact)
-    return threshold
+           _state.build_error)
+    thresholds = _state.torch_tokens.get(key)
+    if thresholds is None:
+        thresholds = _state.torch_tokens[key] = _default_thresholds()
+    return thresholds
 
 
-def _torch_from_tokens(compact: bool) -> int:
+def _default_thresholds() -> tuple[int, int]:
     value = os.environ.get(TORCH_TOKENS_ENV, "").strip()
     if value:
         if not value.isdigit():
             raise ValueError(f"{TORCH_TOKENS_ENV}={value!r}: expected a token count (0: never)")
-        return int(value)
+        return int(value), int(value)
     path, _, _ = _cached_active()
     if path != "avx512_bf16" or requested_path() != "auto":
-        return 0
-    return DEFAULT_TORCH_TOKENS_COMPACT if compact else DEFAULT_TORCH_TOKENS
+        return 0, 0
+    return DEFAULT_TORCH_TOKENS, DEFAULT_TORCH_TOKENS_COMPACT
 
 
-def torch_takes(token_counts: Iterable[int], compact: bool = False) -> bool:
+def torch_takes(token_counts: Iterable[int], compact: Iterable[bool] = ()) -> bool:
     """Whether a batch of jobs with these token counts runs torch's path (torch_from_tokens);
-    `compact`: some of its pieces are stored compact."""
-    threshold = torch_from_tokens(compact)
+    `compact`: whether each job's piece is stored compact. Both are read only where the rule is on
+    (this runs for every CPU batch; on AMX machines it never is)."""
+    bf16, packed = _torch_thresholds()
+    if not bf16 and not packed:
+        return False
+    threshold = packed if any(compact) else bf16
     return threshold > 0 and max(token_counts, default=0) >= threshold
 
 
@@ -251,7 +260,7 @@ def prepare_slice_jobs(jobs: list[SliceJob], activation: str = "silu", check: bo
     path, cap, reason = _cached_active()
     _log_choice(path, reason)
     if (cap == 0 or activation not in KERNEL_ACTIVATIONS
-            or torch_takes((job.x.shape[0] for job in jobs), any(job.compact is not None for job in jobs))):
+            or torch_takes((job.x.shape[0] for job in jobs), (job.compact is not None for job in jobs))):
         return lambda: run_torch_jobs(jobs, activation)
     native, others = [], []
     for job in jobs:
@@ -366,7 +375,7 @@ def submit_routed_records(records: array, choice_offsets: array, where: RoutedGa
 def job_path(job: SliceJob) -> str:
     """The path this job would take now (for tests and benchmarks)."""
     _, cap, _ = _active(requested_path())
-    if cap == 0 or not kernel_ready(job) or torch_takes([job.x.shape[0]], job.compact is not None):
+    if cap == 0 or not kernel_ready(job) or torch_takes([job.x.shape[0]], [job.compact is not None]):
         return "torch"
     records = array("q", describe(job))
     buffer = (ctypes.c_int64 * len(records)).from_buffer(records)

@@ -106,7 +106,7 @@ class _Kernels:
         `signal`: (address, value) stored once the jobs are over (runner.submit_records)."""
         out = batch.out
         if out.dtype != torch.float32 or not out.is_contiguous() or torch_takes(
-                (j.x.shape[0] for j in batch.jobs), any(j.piece.compact is not None for j in batch.jobs)):
+                (j.x.shape[0] for j in batch.jobs), (j.piece.compact is not None for j in batch.jobs)):
             return None
         row_bytes = out.element_size() * out.shape[1]
         out_ptr, hidden = out.data_ptr(), out.shape[1]

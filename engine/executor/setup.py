@@ -18,17 +18,13 @@ from engine.executor.token_assignment import DispatchRates
 from engine.executor.weight_store import WeightStore
 from engine.model.compact_weights import max_region_bytes
 from engine.model.config import ModelConfig
-from engine.model.decode_attention import num_key_bounds
 from engine.model.decoder import DecoderModel
 from engine.model.factory import load_model
 from engine.placement.hardware import HardwareProfile
 from engine.placement.memory import (
     GpuMemoryBreakdown,
-    activation_bytes,
-    decode_graph_bytes,
     kv_bytes_per_token,
     parse_bytes,
-    rotary_table_bytes,
 )
 from engine.placement.plan import PartitionPlan
 from engine.placement.policies import (
@@ -161,9 +157,10 @@ def build_partitioned(model: str, model_config: ModelConfig, device: str, dtype:
     reserved in the budget)."""
     itemsize = torch.empty((), dtype=dtype).element_size()
     budget = parse_bytes(options.gpu_memory_budget) if options.gpu_memory_budget is not None else None
-    activations = activation_bytes(model_config, itemsize, max_num_tokens, max_num_seqs)
-    activations += decode_graph_bytes(model_config, itemsize, graph_tokens, num_key_bounds(kv_cache_tokens))
-    activations += rotary_table_bytes(model_config, itemsize, kv_cache_tokens)
+    from engine.placement.planner import engine_activation_bytes
+
+    activations = engine_activation_bytes(model_config, itemsize, max_num_tokens, max_num_seqs, graph_tokens,
+                                          kv_cache_tokens)
     compact_host = _use_compact_host(options.compact_host_weights, dtype)
     request = PlanRequest(model_config, itemsize, budget, kv_cache_tokens * kv_bytes_per_token(model_config, itemsize),
                           activations, options.staging_slots, options.host_chunk_rows, compact_host)

@@ -126,6 +126,15 @@ def compact_by_default(profile: HardwareProfile) -> bool:
     return profile.cpu_path in REGISTER_DECODE_PATHS
 
 
+def engine_activation_bytes(config: ModelConfig, itemsize: int, max_num_tokens: int, max_num_seqs: int,
+                            graph_tokens: int, kv_cache_tokens: int) -> int:
+    """What the engine reserves on the GPU besides weights, staging and KV cache: one step's
+    temporaries, the decode graphs for up to `graph_tokens` sequences, the rotary tables."""
+    return (activation_bytes(config, itemsize, max_num_tokens, max_num_seqs)
+            + decode_graph_bytes(config, itemsize, graph_tokens, num_key_bounds(kv_cache_tokens))
+            + rotary_table_bytes(config, itemsize, kv_cache_tokens))
+
+
 def build_plan_request(config: ModelConfig, budget_bytes: int | None, itemsize: int = 2,
                        kv_cache_tokens: int = 16384, max_num_batched_tokens: int = 2048, max_num_seqs: int = 64,
                        staging_slots: int = 8, host_chunk_rows: int = 1024,
@@ -134,9 +143,8 @@ def build_plan_request(config: ModelConfig, budget_bytes: int | None, itemsize: 
     weights. `compact_host`: host pieces stored compact (bf16 only; the engine's default where its C++
     kernels decode compact rows in registers: `compact_by_default(profile)`)."""
     graph_tokens = min(MAX_GRAPH_TOKENS, max_num_seqs) if decode_graphs else 0
-    activations = activation_bytes(config, itemsize, max_num_batched_tokens, max_num_seqs)
-    activations += decode_graph_bytes(config, itemsize, graph_tokens, num_key_bounds(kv_cache_tokens))
-    activations += rotary_table_bytes(config, itemsize, kv_cache_tokens)
+    activations = engine_activation_bytes(config, itemsize, max_num_batched_tokens, max_num_seqs, graph_tokens,
+                                          kv_cache_tokens)
     return PlanRequest(config, itemsize, budget_bytes, kv_cache_tokens * kv_bytes_per_token(config, itemsize),
                        activations, staging_slots, host_chunk_rows, compact_host and itemsize == 2)
 

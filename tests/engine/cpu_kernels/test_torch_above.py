@@ -51,7 +51,7 @@ def test_default_threshold_by_path(monkeypatch: pytest.MonkeyPatch) -> None:
     _active_path(monkeypatch, "avx512_bf16")
     assert torch_from_tokens() == DEFAULT_TORCH_TOKENS
     assert torch_from_tokens(compact=True) == DEFAULT_TORCH_TOKENS_COMPACT > DEFAULT_TORCH_TOKENS  # decoded first
-    assert torch_takes([DEFAULT_TORCH_TOKENS]) and not torch_takes([DEFAULT_TORCH_TOKENS], compact=True)
+    assert torch_takes([DEFAULT_TORCH_TOKENS]) and not torch_takes([DEFAULT_TORCH_TOKENS], compact=[False, True])
     assert torch_takes([1, DEFAULT_TORCH_TOKENS]) and not torch_takes([DEFAULT_TORCH_TOKENS - 1, 2]) and not torch_takes([])
     monkeypatch.setenv(TORCH_TOKENS_ENV, "0")
     assert torch_from_tokens() == 0
