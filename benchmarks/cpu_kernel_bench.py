@@ -224,7 +224,8 @@ def sweep(models: list[str], settings: list[tuple[str, dict[str, int]]], decode_
                 for name, values in settings:
                     apply(values)
                     kernel_runner.phase_seconds(reset=True)
-                    per_round[name].append(run_variant(jobs_of, "auto", warmup=count // EXPERTS_PER_CALL if r == 0 else 2,
+                    variant = "torch" if name == "torch" else "auto"  # a setting named torch: torch's path
+                    per_round[name].append(run_variant(jobs_of, variant, warmup=count // EXPERTS_PER_CALL if r == 0 else 2,
                                                        min_reps=8 if decode else 2, min_s=0.25 if decode else 0.2))
                     phases[name] = kernel_runner.phase_seconds(reset=True)
             apply({})
@@ -323,7 +324,8 @@ def main() -> None:
     parser.add_argument("--sweep", action="store_true", help="also sweep the tuning knobs (--setting, or a default set)")
     parser.add_argument("--sweep-only", action="store_true", help="only the sweep (no comparison with torch)")
     parser.add_argument("--setting", action="append", default=[],
-                        help="a sweep setting 'name:key=value,...' ('name:' = the defaults); repeatable")
+                        help="a sweep setting 'name:key=value,...' ('name:' = the defaults; 'torch:' = torch's path, "
+                             "for ratios taken side by side); repeatable")
     parser.add_argument("--tune", default="", help="tuning for the main comparison: key=value,... (see TUNING_KEYS)")
     parser.add_argument("--sweep-decode", default="4,8", help="token counts of the decode sweep")
     parser.add_argument("--sweep-prefill", default="128,256", help="token counts of the prefill sweep")
