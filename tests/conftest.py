@@ -26,3 +26,14 @@ def tiny_checkpoints(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path
     """arch -> directory of a tiny random checkpoint (fp32, single file)."""
     root = tmp_path_factory.mktemp("tiny")
     return {arch: write_tiny_checkpoint(root / arch, arch=arch, seed=1) for arch in ARCHS}
+
+
+@pytest.fixture(autouse=True)
+def _fresh_torch_crossover():
+    """An engine built in a test hands the CPU path its profile's torch crossover (a process-wide
+    setting, engine/placement/profiler.use_measured_crossover): forgotten after each test."""
+    yield
+    from engine.cpu_kernels import runner
+
+    if runner._state.measured_torch_tokens != (None, None):
+        runner.set_measured_torch_tokens(None, None)

@@ -13,7 +13,8 @@ import os
 import threading
 import time
 from array import array
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 from engine.cpu_kernels.build import BuiltLibrary, KernelBuildError, build_library
@@ -37,6 +38,8 @@ class _State:
     logged_path: str | None = None
     active: dict = field(default_factory=dict)  # (requested path, build state) -> _active's answer
     torch_tokens: dict = field(default_factory=dict)  # (settings, build state) -> torch_from_tokens (bf16, compact)
+    # the crossovers this machine's profile measured (bf16, compact; None: the defaults)
+    measured_torch_tokens: tuple[int | None, int | None] = (None, None)
 
 
 _state = _State()
@@ -151,9 +154,41 @@ def torch_from_tokens(compact: bool = False) -> int:
     Default: DEFAULT_TORCH_TOKENS(_COMPACT) where AVX512-BF16 is the best path in force (torch's
     oneDNN has bf16 GEMMs there); never with AMX (faster than oneDNN), on AVX2 alone (torch's bf16
     GEMMs fall back to a slow generic routine) or where a kernel path was asked for by name
-    (SCHEINFER_CPU_KERNEL: tests and benchmarks of that path). SCHEINFER_CPU_TORCH_TOKENS sets it
-    for both kinds (0 turns it off). Kept per setting: this runs for every CPU batch."""
+    (SCHEINFER_CPU_KERNEL: tests and benchmarks of that path). Where the hardware profile measured
+    the crossover on this machine (set_measured_torch_tokens), that replaces the default.
+    SCHEINFER_CPU_TORCH_TOKENS sets it for both kinds (0 turns it off) and wins over both. Kept per
+    setting: this runs for every CPU batch."""
     return _torch_thresholds()[compact]
+
+
+def torch_route_applies() -> bool:
+    """Whether the rule's thresholds come from the default or a measurement here: the best path in
+    force is AVX512-BF16 (no AMX), no kernel path was named and SCHEINFER_CPU_TORCH_TOKENS is unset."""
+    if os.environ.get(TORCH_TOKENS_ENV, "").strip():
+        return False
+    path, _, _ = _cached_active()
+    return path == "avx512_bf16" and requested_path() == "auto"
+
+
+def set_measured_torch_tokens(bf16: int | None, compact: int | None) -> None:
+    """The token counts from which torch's GEMMs beat the kernels, as this machine's profile measured
+    them (engine/placement/profiler.py; 0: never, None: keep the default). Used where
+    torch_route_applies()."""
+    with _state.lock:
+        _state.measured_torch_tokens = (bf16, compact)
+        _state.torch_tokens.clear()
+
+
+@contextmanager
+def measured_torch_tokens(bf16: int | None, compact: int | None) -> Iterator[None]:
+    """set_measured_torch_tokens inside the block, the previous values restored after (the profiler
+    times each path alone this way: 0 = the kernels only, 1 = torch for every batch)."""
+    previous = _state.measured_torch_tokens
+    set_measured_torch_tokens(bf16, compact)
+    try:
+        yield
+    finally:
+        set_measured_torch_tokens(*previous)
 
 
 def _torch_thresholds() -> tuple[int, int]:
@@ -175,7 +210,9 @@ def _default_thresholds() -> tuple[int, int]:
     path, _, _ = _cached_active()
     if path != "avx512_bf16" or requested_path() != "auto":
         return 0, 0
-    return DEFAULT_TORCH_TOKENS, DEFAULT_TORCH_TOKENS_COMPACT
+    bf16, compact = _state.measured_torch_tokens
+    return (DEFAULT_TORCH_TOKENS if bf16 is None else bf16,
+            DEFAULT_TORCH_TOKENS_COMPACT if compact is None else compact)
 
 
 def torch_takes(token_counts: Iterable[int], compact: Iterable[bool] = ()) -> bool:

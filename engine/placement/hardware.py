@@ -21,9 +21,10 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 logger = logging.getLogger(__name__)
-# What the profiler measures: 2 since session 14 (the CPU on compact slices, `cpu_ffn_compact`).
+# What the profiler measures: 2 since session 14 (the CPU on compact slices, `cpu_ffn_compact`), 3
+# since session 20 (where torch's GEMMs beat the kernels without AMX, `cpu_torch_from_tokens`).
 # A cached profile of an older format is measured again; files given by path are read as they are.
-PROFILE_FORMAT = 2
+PROFILE_FORMAT = 3
 
 PROFILE_DIR_ENV = "SCHEINFER_PROFILE_DIR"
 
@@ -115,6 +116,11 @@ class HardwareProfile:
     # seconds per bf16 byte of the same weights (None: not measured; then compact is costed as its
     # bytes at `cpu_ffn`'s rate). In prefill the kernels decode compact rows into scratch first.
     cpu_ffn_compact: LinearTimeTable | None = None
+    # Where the CPU path sends a batch to torch's GEMMs (engine/cpu_kernels/runner.torch_from_tokens:
+    # CPUs whose best path is AVX512-BF16, no AMX): the token count of its largest job from which
+    # torch was faster here, for bf16 and compact pieces (0: never; None: not measured, the default)
+    cpu_torch_from_tokens: int | None = None
+    cpu_torch_from_tokens_compact: int | None = None
     gpu_total_bytes: int | None = None
     gpu_free_bytes: int | None = None  # free when profiled (nothing of the engine allocated yet)
     cpu_with_pcie_bytes_s: float | None = None  # CPU FFN rate at 1 token while PCIe streams
@@ -186,6 +192,12 @@ class HardwareProfile:
         lines.append("CPU FFN  " + _table_text(self.cpu_ffn))
         if self.cpu_ffn_compact is not None:
             lines.append("CPU FFN, compact (per bf16 byte)  " + _table_text(self.cpu_ffn_compact))
+        if self.cpu_torch_from_tokens is not None:
+            def since(n: int | None) -> str:
+                return "never" if n == 0 else ("not measured" if n is None else f"from {n} tokens")
+
+            lines.append(f"torch's GEMMs instead of the kernels: bf16 {since(self.cpu_torch_from_tokens)}, "
+                         f"compact {since(self.cpu_torch_from_tokens_compact)}")
         if self.gpu_ffn is not None:
             lines.append("GPU FFN  " + _table_text(self.gpu_ffn))
         if self.pcie_h2d_bytes_s is not None:

@@ -13,6 +13,7 @@ available, else torch), with all the CC slices of a "layer" handed over in one c
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 import statistics
 import sys
@@ -38,6 +39,7 @@ from engine.placement.hardware import (
     load_cached,
 )
 
+logger = logging.getLogger(__name__)
 MIB = 1 << 20
 HARDWARE_CONFIGS_DIR = Path(__file__).resolve().parents[2] / "configs" / "hardware"
 
@@ -217,21 +219,69 @@ def _reading_s_per_byte(call: Callable[[int], int], sizes: ProfileSizes) -> floa
     return statistics.median(readings)
 
 
-def measure_cpu_ffn(sizes: ProfileSizes, slices: CpuSlices, bar: tqdm) -> LinearTimeTable:
+@dataclass(frozen=True)
+class CpuReading:
+    """CPU slice time vs tokens through the CPU path, and where that path sends large batches to
+    torch's GEMMs (`torch_from_tokens`, measured here: None where the rule does not apply)."""
+
+    table: LinearTimeTable
+    torch_from_tokens: int | None = None
+    kernels_s_per_byte: tuple[float, ...] = ()  # both paths, where the crossover was measured
+    torch_s_per_byte: tuple[float, ...] = ()  # (torch at the candidate token counts only)
+
+
+TORCH_CANDIDATE_MIN_TOKENS = 16  # below this the kernels' vector paths win (decode sizes: one pass over the weights)
+TORCH_WIN_MARGIN = 0.95  # torch takes a token count where it needs at most this share of the kernels' time
+
+
+def torch_crossover(num_tokens: tuple[int, ...], kernels: list[float], torch_s: dict[int, float]) -> int:
+    """The smallest token count from which torch's time is at most TORCH_WIN_MARGIN of the kernels'
+    at that count and at every larger one measured (0: none). `kernels`: seconds per byte at each
+    of `num_tokens`; `torch_s`: the same for torch at some of them."""
+    crossover = 0
+    for n, kernel_s in sorted(zip(num_tokens, kernels, strict=True), reverse=True):
+        if n not in torch_s:
+            break
+        if torch_s[n] > TORCH_WIN_MARGIN * kernel_s:
+            break
+        crossover = n
+    return crossover
+
+
+def measure_cpu_ffn(sizes: ProfileSizes, slices: CpuSlices, bar: tqdm) -> CpuReading:
     """CPU slice time vs tokens, rotating over the slices call after call.
 
     One untimed pass over the whole buffer comes first (kernel threads started, pages mapped: a
     1-token reading taken cold was seen at 40% of the 2-token rate on the H100 machine). Time per
     byte cannot fall as tokens are added (t tokens do the work of t - 1 and more), so a reading
-    below a later one is noise and takes the later one's value."""
+    below a later one is noise and takes the later one's value.
+
+    Where the kernels send large batches to torch's GEMMs (runner.torch_route_applies: AVX512-BF16
+    without AMX), both paths are timed from TORCH_CANDIDATE_MIN_TOKENS on and the crossover is
+    this machine's (`torch_from_tokens`); the table is then what that rule gives."""
+    from engine.cpu_kernels.runner import measured_torch_tokens, torch_route_applies
+
     warm = slices.caller(sizes.cpu_tokens[0])
     for i in range(slices.num_calls):
         warm(i)
-    rates = []
-    for num_tokens in sizes.cpu_tokens:
-        rates.append(_reading_s_per_byte(slices.caller(num_tokens), sizes))
-        bar.update(1)
-    return LinearTimeTable(tuple(sizes.cpu_tokens), tuple(non_decreasing_from_right(rates)))
+    tokens = tuple(sizes.cpu_tokens)
+    if slices.path == "torch" or not torch_route_applies():
+        rates = []
+        for num_tokens in tokens:
+            rates.append(_reading_s_per_byte(slices.caller(num_tokens), sizes))
+            bar.update(1)
+        return CpuReading(LinearTimeTable(tokens, tuple(non_decreasing_from_right(rates))))
+    with measured_torch_tokens(0, 0):  # the kernels alone
+        kernels = []
+        for num_tokens in tokens:
+            kernels.append(_reading_s_per_byte(slices.caller(num_tokens), sizes))
+            bar.update(1)
+    with measured_torch_tokens(1, 1):  # torch's GEMMs for every batch
+        torch_s = {n: _reading_s_per_byte(slices.caller(n), sizes) for n in tokens if n >= TORCH_CANDIDATE_MIN_TOKENS}
+    crossover = torch_crossover(tokens, kernels, torch_s)
+    rates = [torch_s[n] if crossover and n >= crossover else k for n, k in zip(tokens, kernels, strict=True)]
+    return CpuReading(LinearTimeTable(tokens, tuple(non_decreasing_from_right(rates))), crossover,
+                      tuple(kernels), tuple(torch_s.get(n, 0.0) for n in tokens))
 
 
 def non_decreasing_from_right(values: list[float]) -> list[float]:
@@ -434,7 +484,7 @@ def measure_profile(sizes: ProfileSizes | None = None, progress: bool = True, so
         bar.update(1)
         slices = CpuSlices(sizes, buffer)
         with torch_threads(slices.num_threads):  # the torch path runs with the CPU pool's threads
-            cpu_ffn = measure_cpu_ffn(sizes, slices, bar)
+            cpu = measure_cpu_ffn(sizes, slices, bar)
             sync_s = measure_handover_s()
             job_s = measure_cpu_job_latency_s(slices, has_gpu)
             bar.update(1)
@@ -451,11 +501,13 @@ def measure_profile(sizes: ProfileSizes | None = None, progress: bool = True, so
                 bar.update(1)
                 torch.cuda.empty_cache()
             # last: it overwrites the bf16 slices
-            cpu_ffn_compact = measure_cpu_ffn(sizes, slices, bar) if compact_slices(slices) else None
+            compact = measure_cpu_ffn(sizes, slices, bar) if compact_slices(slices) else None
         slices_path, slices_threads = slices.path, slices.num_threads
         del slices, buffer
     return HardwareProfile(
-        fingerprint=fingerprint, cpu_ffn=cpu_ffn, cpu_ffn_compact=cpu_ffn_compact, cpu_threads=slices_threads,
+        fingerprint=fingerprint, cpu_ffn=cpu.table, cpu_ffn_compact=compact.table if compact else None,
+        cpu_torch_from_tokens=cpu.torch_from_tokens,
+        cpu_torch_from_tokens_compact=compact.torch_from_tokens if compact else None, cpu_threads=slices_threads,
         cpu_path=slices_path, dram_read_bytes_s=dram_bytes_s, sync_s=sync_s, cpu_job_latency_s=job_s, slice_hidden=sizes.hidden,
         slice_rows=sizes.slice_rows,
         created=time.strftime("%Y-%m-%dT%H:%M:%S"), measure_s=time.perf_counter() - start_s,
@@ -470,15 +522,18 @@ def remeasure_cpu(profile: HardwareProfile, sizes: ProfileSizes, source: str) ->
     buffer = torch.empty(cpu_buffer_bytes(sizes) // 2, dtype=torch.bfloat16).fill_(0.01)
     slices = CpuSlices(sizes, buffer)
     with torch_threads(slices.num_threads):
-        cpu_ffn = measure_cpu_ffn(sizes, slices, tqdm(disable=True))
+        cpu = measure_cpu_ffn(sizes, slices, tqdm(disable=True))
         has_gpu = profile.pcie_h2d_bytes_s is not None and torch.cuda.is_available()
         job_s = measure_cpu_job_latency_s(slices, has_gpu)
         gpu = {}
         if has_gpu:
             cpu_with_pcie, pcie_with_cpu = measure_cpu_with_pcie(replace(sizes, pcie_bytes=32 * MIB), slices)
             gpu = {"cpu_with_pcie_bytes_s": cpu_with_pcie, "pcie_with_cpu_bytes_s": pcie_with_cpu}
-        cpu_ffn_compact = measure_cpu_ffn(sizes, slices, tqdm(disable=True)) if compact_slices(slices) else None
-    return replace(profile, cpu_ffn=cpu_ffn, cpu_ffn_compact=cpu_ffn_compact, profile_format=PROFILE_FORMAT,
+        compact = measure_cpu_ffn(sizes, slices, tqdm(disable=True)) if compact_slices(slices) else None
+    return replace(profile, cpu_ffn=cpu.table, cpu_ffn_compact=compact.table if compact else None,
+                   cpu_torch_from_tokens=cpu.torch_from_tokens,
+                   cpu_torch_from_tokens_compact=compact.torch_from_tokens if compact else None,
+                   profile_format=PROFILE_FORMAT,
                    cpu_threads=slices.num_threads, cpu_path=slices.path,
                    cpu_job_latency_s=job_s, source=source, created=time.strftime("%Y-%m-%dT%H:%M:%S"), **gpu)
 
@@ -515,13 +570,32 @@ def with_committed_calibration(profile: HardwareProfile, directory: Path = HARDW
     return profile
 
 
+def use_measured_crossover(profile: HardwareProfile) -> bool:
+    """Hands the CPU path the torch crossover `profile` measured (runner.set_measured_torch_tokens),
+    where it was measured on this machine's CPU; whether it did."""
+    if profile.cpu_torch_from_tokens is None:
+        return False
+    here, there = current_fingerprint(), profile.fingerprint
+    if (here.cpu_model, here.num_cpu_cores) != (there.cpu_model, there.num_cpu_cores):
+        return False
+    from engine.cpu_kernels.runner import set_measured_torch_tokens
+
+    set_measured_torch_tokens(profile.cpu_torch_from_tokens, profile.cpu_torch_from_tokens_compact)
+    logger.info("cpu kernels: torch's GEMMs from %s tokens (bf16) / %s (compact), as profiled here (0: never)",
+                profile.cpu_torch_from_tokens, profile.cpu_torch_from_tokens_compact)
+    return True
+
+
 def engine_profile(config: ModelConfig, host_chunk_rows: int = 1024, reprofile: bool = False,
                    profile_path: str | Path | None = None) -> HardwareProfile:
     """The profile an engine plans with: `profile_path` if given, else this machine's cached
     profile, measured with the model's slice shapes when there is none (or on `reprofile`)."""
     if profile_path is not None:
-        return HardwareProfile.from_file(profile_path)
-    return load_or_profile(reprofile, sizes=ProfileSizes.for_model(config, host_chunk_rows), progress=False)
+        profile = HardwareProfile.from_file(profile_path)
+    else:
+        profile = load_or_profile(reprofile, sizes=ProfileSizes.for_model(config, host_chunk_rows), progress=False)
+    use_measured_crossover(profile)
+    return profile
 
 
 def main() -> None:  # pragma: no cover - for machines without typer (the GPU machine)
