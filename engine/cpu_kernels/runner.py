@@ -207,8 +207,7 @@ def _default_thresholds() -> tuple[int, int]:
         if not value.isdigit():
             raise ValueError(f"{TORCH_TOKENS_ENV}={value!r}: expected a token count (0: never)")
         return int(value), int(value)
-    path, _, _ = _cached_active()
-    if path != "avx512_bf16" or requested_path() != "auto":
+    if not torch_route_applies():
         return 0, 0
     bf16, compact = _state.measured_torch_tokens
     return (DEFAULT_TORCH_TOKENS if bf16 is None else bf16,

@@ -136,9 +136,9 @@ class DecodeFeedback:
     asymmetric = False
     # True: measures but never moves (benchmarks time one shift against another); not a field either
     frozen = False
-    # The period rule (module docstring); False: the imbalance alone moves the split. Off until the
-    # GPU machine measures it (session 18 got no device time): `partition_bench.py` policy suffix
-    # '~period', `decode_profile.py --period-rule-ab`; not a field either
+    # The period rule (module docstring); False: the imbalance alone moves the split. Off: session 19
+    # measured no gain on the GPU machine; `partition_bench.py` policy suffix '~period',
+    # `decode_profile.py --period-rule-ab` turn it on; not a field either
     by_period = False
 
     def add_period(self, shift: int, period_s: float, rows: int = 1) -> None:

@@ -23,6 +23,7 @@ from engine.model.factory import load_model
 from engine.placement.hardware import HardwareProfile
 from engine.placement.memory import (
     GpuMemoryBreakdown,
+    engine_activation_bytes,
     kv_bytes_per_token,
     parse_bytes,
 )
@@ -157,8 +158,6 @@ def build_partitioned(model: str, model_config: ModelConfig, device: str, dtype:
     reserved in the budget)."""
     itemsize = torch.empty((), dtype=dtype).element_size()
     budget = parse_bytes(options.gpu_memory_budget) if options.gpu_memory_budget is not None else None
-    from engine.placement.planner import engine_activation_bytes
-
     activations = engine_activation_bytes(model_config, itemsize, max_num_tokens, max_num_seqs, graph_tokens,
                                           kv_cache_tokens)
     compact_host = _use_compact_host(options.compact_host_weights, dtype)

@@ -7,6 +7,7 @@ from dataclasses import dataclass
 
 from engine.model import rotary
 from engine.model.config import ModelConfig
+from engine.model.decode_attention import num_key_bounds
 from engine.model.weights import DENSE_MLP, SHARED_EXPERT
 
 GIB = 1 << 30
@@ -136,3 +137,10 @@ class GpuMemoryBreakdown:
             raise PlanDoesNotFitError(
                 f"the plan needs {self.describe()} on the GPU, more than the budget of {format_bytes(budget_bytes)}"
             )
+def engine_activation_bytes(config: ModelConfig, itemsize: int, max_num_tokens: int, max_num_seqs: int,
+                            graph_tokens: int, kv_cache_tokens: int) -> int:
+    """What the engine reserves on the GPU besides weights, staging and KV cache: one step's
+    temporaries, the decode graphs for up to `graph_tokens` sequences, the rotary tables."""
+    return (activation_bytes(config, itemsize, max_num_tokens, max_num_seqs)
+            + decode_graph_bytes(config, itemsize, graph_tokens, num_key_bounds(kv_cache_tokens))
+            + rotary_table_bytes(config, itemsize, kv_cache_tokens))

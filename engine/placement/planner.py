@@ -23,7 +23,6 @@ from __future__ import annotations
 from dataclasses import dataclass, replace
 
 from engine.model.config import ModelConfig
-from engine.model.decode_attention import num_key_bounds
 from engine.model.decode_graphs import MAX_GRAPH_TOKENS
 from engine.placement.cost_model import (
     CostModel,
@@ -36,13 +35,11 @@ from engine.placement.cost_model import (
 from engine.placement.hardware import SERIAL_OVERHEAD_FIELDS, HardwareProfile
 from engine.placement.memory import (
     GpuMemoryBreakdown,
-    activation_bytes,
     bytes_per_row,
-    decode_graph_bytes,
+    engine_activation_bytes,
     ffn_units,
     kv_bytes_per_token,
     non_ffn_bytes,
-    rotary_table_bytes,
 )
 from engine.placement.plan import PartitionPlan, UnitKey, UnitSplit
 from engine.placement.policies import PlanRequest, plan_memory, staging_slot_bytes
@@ -124,15 +121,6 @@ def compact_by_default(profile: HardwareProfile) -> bool:
     from engine.cpu_kernels.compact import REGISTER_DECODE_PATHS
 
     return profile.cpu_path in REGISTER_DECODE_PATHS
-
-
-def engine_activation_bytes(config: ModelConfig, itemsize: int, max_num_tokens: int, max_num_seqs: int,
-                            graph_tokens: int, kv_cache_tokens: int) -> int:
-    """What the engine reserves on the GPU besides weights, staging and KV cache: one step's
-    temporaries, the decode graphs for up to `graph_tokens` sequences, the rotary tables."""
-    return (activation_bytes(config, itemsize, max_num_tokens, max_num_seqs)
-            + decode_graph_bytes(config, itemsize, graph_tokens, num_key_bounds(kv_cache_tokens))
-            + rotary_table_bytes(config, itemsize, kv_cache_tokens))
 
 
 def build_plan_request(config: ModelConfig, budget_bytes: int | None, itemsize: int = 2,

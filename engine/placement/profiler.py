@@ -265,23 +265,28 @@ def measure_cpu_ffn(sizes: ProfileSizes, slices: CpuSlices, bar: tqdm) -> CpuRea
     for i in range(slices.num_calls):
         warm(i)
     tokens = tuple(sizes.cpu_tokens)
+
+    def reading(num_tokens: int) -> float:
+        return _reading_s_per_byte(slices.caller(num_tokens), sizes)
+
     if slices.path == "torch" or not torch_route_applies():
-        rates = []
-        for num_tokens in tokens:
-            rates.append(_reading_s_per_byte(slices.caller(num_tokens), sizes))
-            bar.update(1)
+        rates = [reading(n) for n in bar_steps(tokens, bar)]
         return CpuReading(LinearTimeTable(tokens, tuple(non_decreasing_from_right(rates))))
     with measured_torch_tokens(0, 0):  # the kernels alone
-        kernels = []
-        for num_tokens in tokens:
-            kernels.append(_reading_s_per_byte(slices.caller(num_tokens), sizes))
-            bar.update(1)
+        kernels = [reading(n) for n in bar_steps(tokens, bar)]
     with measured_torch_tokens(1, 1):  # torch's GEMMs for every batch
-        torch_s = {n: _reading_s_per_byte(slices.caller(n), sizes) for n in tokens if n >= TORCH_CANDIDATE_MIN_TOKENS}
+        torch_s = {n: reading(n) for n in tokens if n >= TORCH_CANDIDATE_MIN_TOKENS}
     crossover = torch_crossover(tokens, kernels, torch_s)
     rates = [torch_s[n] if crossover and n >= crossover else k for n, k in zip(tokens, kernels, strict=True)]
     return CpuReading(LinearTimeTable(tokens, tuple(non_decreasing_from_right(rates))), crossover,
                       tuple(kernels), tuple(torch_s.get(n, 0.0) for n in tokens))
+
+
+def bar_steps(items: tuple[int, ...], bar: tqdm) -> Iterator[int]:
+    """`items`, the progress bar advanced after each one."""
+    for item in items:
+        yield item
+        bar.update(1)
 
 
 def non_decreasing_from_right(values: list[float]) -> list[float]:
